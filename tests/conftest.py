@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models (built once per session), engines on them, HF references."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TUNESERVE_QUIET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny  # noqa: E402
+
+from tuneserve import LLM  # noqa: E402
+
+TINY_KV_BYTES = 256 * 8192  # 256 blocks of 16 tokens for the tiny models (512 bytes per token)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny(root / arch, arch) for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dirs) -> Path:
+    return tiny_dirs["llama"]
+
+
+@pytest.fixture
+def make_llm(tiny_dirs):
+    """make_llm(arch="llama", **engine_args) -> LLM on a tiny model."""
+
+    def make(arch: str = "llama", **kw) -> LLM:
+        kw.setdefault("kv_cache_memory_bytes", TINY_KV_BYTES)
+        return LLM(str(tiny_dirs[arch]), **kw)
+
+    return make
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy continuations from an HF model, one prompt at a time, EOS ignored."""
+    outs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            out = model(x, use_cache=True)
+            toks = []
+            for _ in range(max_new):
+                t = int(out.logits[0, -1].argmax())
+                toks.append(t)
+                out = model(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+            outs.append(toks)
+    return outs
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    """Invariant: no request holds a block; every block is free (possibly cached) with ref count 0."""
+    kv = llm.llm_engine.kv
+    for pool in kv.pools:
+        assert pool.num_free_blocks == pool.num_blocks - 1
+        assert all(b.ref_cnt == 0 for b in pool.blocks[1:])
+    assert all(not d for d in kv.req_blocks)
+
+

@@ -1,0 +1,52 @@
+"""Tiny random-weight HF checkpoints built in memory, with a byte-level tokenizer, for fast exact tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+SPECIALS = ["<bos>", "<eos>", "<pad>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<bos>assistant: {% endif %}")
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: ids 0-2 special, 3..258 the 256 byte symbols, no merges."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2, std: float = 0.25) -> Path:
+    """Save a random tiny model of the given family (llama or qwen2) with its tokenizer to path."""
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    common = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                  initializer_range=std)
+    if arch == "llama":
+        cfg = LlamaConfig(tie_word_embeddings=True, **common)
+    else:
+        cfg = Qwen2Config(tie_word_embeddings=False, **common)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # make biases and norms non-trivial so loading them wrongly fails the tests
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, std)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path

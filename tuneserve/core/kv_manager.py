@@ -1,0 +1,185 @@
+"""KVManager: which KV blocks each request holds, prefix-cache lookups, and block allocation.
+
+Layers are split into KV groups (`KVGroupSpec`): layers of one group share block tables. A full-attention
+group keeps every block of a request; a sliding-window group frees the blocks that fell out of its
+window (their table entries become the null block), so a long request's KV stays bounded there.
+No torch here: the runner owns the tensors, this class owns the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuneserve.core.block_pool import NULL_BLOCK_ID, BlockPool, KVBlock, hash_block_tokens
+from tuneserve.request import Request
+
+
+@dataclass(frozen=True)
+class KVGroupSpec:
+    """Layers sharing block tables. window 0 = full attention."""
+
+    layers: tuple[int, ...]
+    window: int = 0
+    num_sink_tokens: int = 0  # tokens at the start a windowed group keeps (StreamingLLM sinks)
+
+
+class KVManager:
+    """Allocates and frees KV blocks per request across KV groups; serves prefix-cache hits."""
+
+    def __init__(
+        self,
+        groups: list[KVGroupSpec],
+        num_blocks: list[int],
+        block_size: int,
+        enable_caching: bool = True,
+    ) -> None:
+        assert len(groups) == len(num_blocks) and groups, "one block count per KV group"
+        self.groups = groups
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pools = [BlockPool(n, enable_caching) for n in num_blocks]
+        self.req_blocks: list[dict[str, list[KVBlock]]] = [{} for _ in groups]
+        self.num_cached_blocks: list[dict[str, int]] = [{} for _ in groups]
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
+
+    # ----- capacity -------------------------------------------------------------------------
+    def max_blocks_for(self, group: int, num_tokens: int) -> int:
+        """Most blocks a request of num_tokens ever holds at once in a group."""
+        n = -(-num_tokens // self.block_size)
+        spec = self.groups[group]
+        if spec.window:
+            keep = -(-spec.window // self.block_size) + 1 + -(-spec.num_sink_tokens // self.block_size)
+            n = min(n, keep + 1)  # +1: the block being written while the oldest is still in window
+        return n
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        """Whether a request of num_tokens fits in the cache when it runs alone."""
+        return all(self.max_blocks_for(g, num_tokens) <= p.num_blocks - 1 for g, p in enumerate(self.pools))
+
+    @property
+    def usage(self) -> float:
+        """Fraction of KV blocks in use (the most used group)."""
+        return max(p.usage for p in self.pools)
+
+    def num_free_blocks(self, group: int = 0) -> int:
+        return self.pools[group].num_free_blocks
+
+    # ----- prefix cache ---------------------------------------------------------------------
+    def update_block_hashes(self, req: Request) -> None:
+        """Extend req.block_hashes over every full block of known tokens."""
+        bs, toks, hashes = self.block_size, req.all_token_ids, req.block_hashes
+        while (len(hashes) + 1) * bs <= len(toks):
+            i = len(hashes)
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, toks[i * bs:(i + 1) * bs]))
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[list[KVBlock]], int]:
+        """Longest cached prefix of req's full blocks, per group, and its length in tokens.
+
+        The last token is never a hit: it must run to give the logits of the next token.
+        """
+        if not self.enable_caching or req.params.prompt_logprobs is not None:
+            return [[] for _ in self.groups], 0
+        self.update_block_hashes(req)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hit: list[KVBlock] = []
+        parent = 0
+        for i, block_hash in enumerate(req.block_hashes[:max_blocks]):
+            toks = tuple(req.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
+            blocks = [p.get_cached_block(block_hash, toks) for p in self.pools]
+            if any(b is None for b in blocks):
+                break
+            hit.append(blocks)  # type: ignore[arg-type]
+            parent = i + 1
+        per_group = [[row[g] for row in hit] for g in range(len(self.groups))]
+        return per_group, parent * self.block_size
+
+    def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
+        """Count one admitted request's lookup (queried and hit tokens)."""
+        if self.enable_caching:
+            self.prefix_queries += num_queried
+            self.prefix_hits += num_hit
+
+    # ----- allocation -----------------------------------------------------------------------
+    def allocate_slots(
+        self,
+        req: Request,
+        num_new_tokens: int,
+        computed_blocks: list[list[KVBlock]] | None = None,
+    ) -> bool:
+        """Give req the blocks to hold num_computed_tokens (+ prefix hits) + num_new_tokens.
+
+        Returns False and changes nothing when a group lacks free blocks.
+        """
+        computed_blocks = computed_blocks or [[] for _ in self.groups]
+        num_hit_tokens = len(computed_blocks[0]) * self.block_size
+        total = req.num_computed_tokens + num_hit_tokens + num_new_tokens
+        need = []
+        for g, pool in enumerate(self.pools):
+            held = self.req_blocks[g].get(req.request_id, [])
+            hits = computed_blocks[g]
+            n_new = max(0, -(-total // self.block_size) - len(held) - len(hits))
+            # hit blocks sitting in the free queue stop being free once touched
+            n_evictable_hits = sum(1 for b in hits if b.ref_cnt == 0)
+            if n_new + n_evictable_hits > pool.num_free_blocks:
+                return False
+            need.append(n_new)
+        for g, pool in enumerate(self.pools):
+            blocks = self.req_blocks[g].setdefault(req.request_id, [])
+            if computed_blocks[g]:
+                pool.touch(computed_blocks[g])
+                blocks.extend(computed_blocks[g])
+                self.num_cached_blocks[g][req.request_id] = len(blocks)
+            blocks.extend(pool.get_new_blocks(need[g]))
+        return True
+
+    def cache_blocks(self, req: Request) -> None:
+        """Register req's full, computed blocks in the prefix cache (after the step that wrote them)."""
+        if not self.enable_caching:
+            return
+        self.update_block_hashes(req)
+        num_full = min(req.num_computed_tokens // self.block_size, len(req.block_hashes))
+        for g, pool in enumerate(self.pools):
+            blocks = self.req_blocks[g].get(req.request_id)
+            if blocks is None:
+                continue
+            start = self.num_cached_blocks[g].get(req.request_id, 0)
+            for i in range(start, num_full):
+                if blocks[i].block_id != NULL_BLOCK_ID:
+                    toks = tuple(req.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
+                    pool.cache_block(blocks[i], req.block_hashes[i], toks)
+            self.num_cached_blocks[g][req.request_id] = max(start, num_full)
+
+    def remove_skipped_blocks(self, req: Request) -> None:
+        """Free blocks of windowed groups that no future query of req can attend to."""
+        for g, spec in enumerate(self.groups):
+            if not spec.window:
+                continue
+            blocks = self.req_blocks[g].get(req.request_id, [])
+            # the next query sits at position num_computed_tokens and sees (pos - window, pos]
+            first_needed = max(0, req.num_computed_tokens - spec.window + 1) // self.block_size
+            first_kept = -(-spec.num_sink_tokens // self.block_size)
+            dropped = []
+            for i in range(first_kept, min(first_needed, len(blocks))):
+                if blocks[i].block_id != NULL_BLOCK_ID:
+                    dropped.append(blocks[i])
+                    blocks[i] = self.pools[g].blocks[NULL_BLOCK_ID]
+            self.pools[g].free_blocks(reversed(dropped))  # type: ignore[arg-type]
+
+    def free(self, req: Request) -> None:
+        """Release every block req holds (tail first, so shared prefixes are evicted last)."""
+        for g, pool in enumerate(self.pools):
+            blocks = self.req_blocks[g].pop(req.request_id, [])
+            self.num_cached_blocks[g].pop(req.request_id, None)
+            pool.free_blocks(list(reversed(blocks)))
+
+    def block_ids(self, req: Request) -> tuple[list[int], ...]:
+        """req's block table per group."""
+        return tuple([b.block_id for b in d.get(req.request_id, [])] for d in self.req_blocks)
+
+    def num_held_blocks(self, req: Request, group: int = 0) -> int:
+        """Blocks req holds in a group, excluding null placeholders."""
+        return sum(b.block_id != NULL_BLOCK_ID for b in self.req_blocks[group].get(req.request_id, []))
+
+    def reset_prefix_cache(self) -> bool:
+        return all(p.reset_prefix_cache() for p in self.pools)

@@ -1,0 +1,179 @@
+"""Paged attention over a ragged batch, in portable PyTorch.
+
+A step's tokens are flattened into one (N, ...) batch. Each layer writes its new K/V into the paged cache
+through `slot_mapping`, then attends. Requests with short queries (decodes, speculative verification,
+the tail of a prompt) are attended together: their block tables are gathered into a padded
+(B, T, Hkv, D) view and one SDPA call covers them all, with the query heads of a KV group folded into
+the query axis so K/V are never repeated. Longer prompt chunks are attended one request at a time,
+where the matmul dwarfs the call overhead.
+
+Masks encode causality, the group's sliding window (`window` tokens back, 0 = none) and attention sinks
+(the first `sinks` tokens stay visible), so every layer type uses the same two code paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+SHORT_QUERY_MAX = 16  # queries up to this long go through the batched short-query path
+
+
+@dataclass
+class PrefillSeq:
+    """One long query chunk: rows q_start:q_end of the batch, positions start_pos..."""
+
+    q_start: int
+    q_end: int
+    start_pos: int
+    block_table: torch.Tensor  # (num_blocks,) long
+    positions: torch.Tensor  # (L,) long
+
+
+@dataclass
+class AttentionMetadata:
+    """What one KV group's layers need to attend, built once per step."""
+
+    block_size: int
+    slot_mapping: torch.Tensor  # (N,) long: where each new token's K/V goes
+    num_tokens: int
+    # short-query group, padded to (B, Qm)
+    short_rows: torch.Tensor | None = None  # (B*Qm,) rows of the batch, padding repeats a valid row
+    short_qpos: torch.Tensor | None = None  # (B, Qm) positions, -1 for padding
+    short_block_table: torch.Tensor | None = None  # (B, nb) long, padded with the null block
+    short_valid: torch.Tensor | None = None  # (B*Qm,) bool, None when nothing is padded
+    short_is_all: bool = False  # the short group is the whole batch, in order, unpadded
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    window: int = 0  # sliding window of this group's layers, 0 = full attention
+    sinks: int = 0
+    _short_mask: torch.Tensor | None = None
+
+    def short_mask(self) -> torch.Tensor:
+        """(B, 1, Qm, T) bool: which cached positions each padded query may see."""
+        if self._short_mask is None:
+            t = torch.arange(self.short_block_table.shape[1] * self.block_size, device=self.slot_mapping.device)
+            m = _allowed(self.short_qpos.unsqueeze(-1), t, self.window, self.sinks)
+            m[..., 0] |= self.short_qpos < 0  # padded queries see position 0 so softmax stays finite
+            self._short_mask = m.unsqueeze(1)
+        return self._short_mask
+
+
+def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    ok = kpos <= qpos
+    if window:
+        near = kpos > qpos - window
+        ok &= near | (kpos < sinks) if sinks else near
+    return ok
+
+
+def build_metadata(
+    seqs: list[tuple[int, int, list[int]]],
+    block_size: int,
+    device: torch.device,
+    window: int = 0,
+    sinks: int = 0,
+) -> AttentionMetadata:
+    """Metadata for a ragged batch of (start_pos, num_query_tokens, block_table) in batch order."""
+    slots, short, prefills = [], [], []
+    row = 0
+    for start, n, table in seqs:
+        pos = torch.arange(start, start + n)
+        bt = torch.tensor(table, dtype=torch.long)
+        slots.append(bt[pos // block_size] * block_size + pos % block_size)
+        if n <= SHORT_QUERY_MAX:
+            short.append((row, start, n, table))
+        else:
+            prefills.append(PrefillSeq(row, row + n, start, bt.to(device), pos.to(device)))
+        row += n
+    meta = AttentionMetadata(block_size, torch.cat(slots).to(device), row, prefills=prefills, window=window,
+                             sinks=sinks)
+    if short:
+        _build_short(meta, short, row, device)
+    return meta
+
+
+def _build_short(meta: AttentionMetadata, short: list, num_rows: int, device: torch.device) -> None:
+    b = len(short)
+    qm = max(n for _, _, n, _ in short)
+    nb = max(-(-(s + n) // meta.block_size) for _, s, n, _ in short)
+    rows = torch.zeros(b, qm, dtype=torch.long)
+    qpos = torch.full((b, qm), -1, dtype=torch.long)
+    table = torch.zeros(b, nb, dtype=torch.long)
+    for i, (r, s, n, bt) in enumerate(short):
+        rows[i, :n] = torch.arange(r, r + n)
+        rows[i, n:] = r
+        qpos[i, :n] = torch.arange(s, s + n)
+        table[i, :len(bt)] = torch.tensor(bt[:nb], dtype=torch.long)
+    valid = (qpos >= 0).flatten()
+    meta.short_rows = rows.flatten().to(device)
+    meta.short_qpos = qpos.to(device)
+    meta.short_block_table = table.to(device)
+    meta.short_valid = None if bool(valid.all()) else valid.to(device)
+    meta.short_is_all = meta.short_valid is None and b * qm == num_rows and bool(
+        (rows.flatten() == torch.arange(num_rows)).all())
+
+
+def paged_attention(
+    q: torch.Tensor,  # (N, H, D)
+    k: torch.Tensor,  # (N, Hkv, D)
+    v: torch.Tensor,  # (N, Hkv, D)
+    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend every query to its request's cache. -> (N, H, D)"""
+    hkv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+    if meta.short_is_all:
+        return _short_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if meta.short_rows is not None:
+        o = _short_attention(q, k_cache, v_cache, meta, scale)
+        rows = meta.short_rows
+        if meta.short_valid is not None:
+            o, rows = o[meta.short_valid], rows[meta.short_valid]
+        out.index_copy_(0, rows, o)
+    for p in meta.prefills:
+        out[p.q_start:p.q_end] = _prefill_attention(q[p.q_start:p.q_end], k[p.q_start:p.q_end],
+                                                    v[p.q_start:p.q_end], k_cache, v_cache, p, meta, scale)
+    return out
+
+
+def _short_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """All short queries in one SDPA call. Returns (B*Qm, H, D) in padded row order."""
+    b, qm = meta.short_qpos.shape
+    h, d = q.shape[1], q.shape[2]
+    hkv = k_cache.shape[2]
+    g = h // hkv
+    qs = q.index_select(0, meta.short_rows).view(b, qm, hkv, g, d)
+    qs = qs.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * qm, d)  # heads of a KV group folded into queries
+    keys = k_cache[meta.short_block_table].view(b, -1, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
+    vals = v_cache[meta.short_block_table].view(b, -1, hkv, d).transpose(1, 2)
+    mask = meta.short_mask()  # (B, 1, Qm, T)
+    if g > 1:
+        mask = mask.unsqueeze(2).expand(b, 1, g, qm, mask.shape[-1]).reshape(b, 1, g * qm, -1)
+    o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)  # (B, Hkv, G*Qm, D)
+    return o.view(b, hkv, g, qm, d).permute(0, 3, 1, 2, 4).reshape(b * qm, h, d)
+
+
+def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: AttentionMetadata,
+                       scale: float) -> torch.Tensor:
+    """One long query chunk against its request's cache. q: (L, H, D) -> (L, H, D)."""
+    hkv, d = k.shape[1], k.shape[2]
+    if p.start_pos == 0:
+        keys, vals = k, v  # a fresh prompt: this chunk is the whole context
+    else:
+        keys = k_cache[p.block_table].view(-1, hkv, d)[: p.q_end - p.q_start + p.start_pos]
+        vals = v_cache[p.block_table].view(-1, hkv, d)[: keys.shape[0]]
+    qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)  # (H, L, D), (Hkv, T, D)
+    if p.start_pos == 0 and not meta.window:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        kpos = torch.arange(kh.shape[1], device=q.device)
+        mask = _allowed(p.positions.unsqueeze(-1), kpos, meta.window, meta.sinks)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)

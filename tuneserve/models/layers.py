@@ -1,0 +1,116 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embedding, MLP, attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneserve.config import ArchConfig
+from tuneserve.kernels.attention import AttentionMetadata, paged_attention
+
+
+@dataclass
+class ForwardContext:
+    """Per-step state every layer reads: positions, attention metadata, KV caches, rope tables."""
+
+    positions: torch.Tensor  # (N,) long
+    attn: list[AttentionMetadata]  # per layer (layers of one KV group share one object)
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V as (num_blocks, block_size, Hkv, D)
+    rope_tables: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * w (gemma's +1 is already folded into w by the checkpoints we read)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotate-half rotary embedding; cos/sin for a step's positions are computed once, shared by layers."""
+
+    def __init__(self, head_dim: int, theta: float, max_pos: int) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.max_pos = head_dim, theta, max_pos
+        self.register_buffer("cos", torch.empty(max_pos, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_pos, head_dim // 2), persistent=False)
+        if not self.cos.is_meta:
+            self.init_tables()
+
+    def init_tables(self) -> None:
+        """Fill the cos/sin tables (again after the module moved off the meta device)."""
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        angles = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv_freq)  # (max_pos, D/2)
+        self.cos = angles.cos().float().to(self.cos.device)
+        self.sin = angles.sin().float().to(self.sin.device)
+
+    def tables(self, ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        t = ctx.rope_tables.get(self.theta)
+        if t is None:
+            p = ctx.positions
+            cos, sin = self.cos[p].unsqueeze(1).to(dtype), self.sin[p].unsqueeze(1).to(dtype)  # (N, 1, D/2)
+            t = ctx.rope_tables[self.theta] = (cos, sin)
+        return t
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (N, H, D) -> rotated (N, H, D)."""
+        cos, sin = self.tables(ctx, x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, hidden: int, inter: int, act: str = "silu") -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.inter = inter
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(gate * up)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads over the paged KV cache; q/k/v fused in one matmul."""
+
+    def __init__(self, arch: ArchConfig, layer: int, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.h, self.hkv, self.d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.window = arch.window_of(layer)
+        self.q_size, self.kv_size = self.h * self.d, self.hkv * self.d
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        theta = arch.rope_theta_local if (self.window and arch.rope_theta_local) else arch.rope_theta
+        self.rotary = Rotary(self.d, theta, arch.max_position_embeddings)
+        scalar = arch.query_pre_attn_scalar or self.d
+        self.scale = 1.0 / math.sqrt(scalar)
+        self.q_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (N, hidden) -> (N, hidden)."""
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = q.view(n, self.h, self.d), k.view(n, self.hkv, self.d), v.view(n, self.hkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, ctx), self.rotary(k, ctx)
+        k_cache, v_cache = ctx.kv_caches[self.layer]
+        o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn[self.layer], self.scale)  # (N, H, D)
+        return self.o_proj(o.reshape(n, self.q_size))

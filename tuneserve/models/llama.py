@@ -1,0 +1,119 @@
+"""The llama family: Llama, SmolLM2, Mistral, Qwen2 (q/k/v biases, untied output).
+
+Reads top to bottom like nanoGPT: embed -> N x (norm, attention, residual, norm, MLP, residual) -> norm.
+The forward pass runs on a flat ragged batch of tokens (N, hidden); logits are computed only for the
+rows that need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from tuneserve.config import ArchConfig
+from tuneserve.models.layers import Attention, ForwardContext, GatedMLP, RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch, layer)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer with RMSNorm, rotary attention and a SwiGLU MLP."""
+
+    layer_cls = DecoderLayer
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(self.layer_cls(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids: (N,) -> final hidden states (N, hidden)."""
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (R, hidden) -> fp32 logits (R, vocab)."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(hidden).float()  # a quantized head
+        return (hidden @ w.t()).float()
+
+    # ----- weights --------------------------------------------------------------------------
+    def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
+        """Checkpoint parameter suffix -> (our fused parameter suffix, row offset, rows)."""
+        a = self.arch
+        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        out = {}
+        for kind in ("weight", "bias"):
+            out[f"self_attn.q_proj.{kind}"] = (f"self_attn.qkv_proj.{kind}", 0, q)
+            out[f"self_attn.k_proj.{kind}"] = (f"self_attn.qkv_proj.{kind}", q, kv)
+            out[f"self_attn.v_proj.{kind}"] = (f"self_attn.qkv_proj.{kind}", q + kv, kv)
+        out["mlp.gate_proj.weight"] = ("mlp.gate_up_proj.weight", 0, inter)
+        out["mlp.up_proj.weight"] = ("mlp.gate_up_proj.weight", inter, inter)
+        return out
+
+    def load_weights(self, weights: Iterable[tuple[str, np.ndarray | torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into our parameters, fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+        fused = self._fused_slices()
+        loaded: set[str] = set()
+        for name, w in weights:
+            t = torch.as_tensor(w) if isinstance(w, np.ndarray) else w
+            name = name.removeprefix("model.")
+            if name.startswith("layers."):
+                _, idx, rest = name.split(".", 2)
+                if rest in fused:
+                    target, off, rows = fused[rest]
+                    key = f"layers.{idx}.{target}"
+                    params[key].data[off:off + rows].copy_(t)
+                    loaded.add(f"{key}:{off}")
+                    continue
+            key = name if name in params else None
+            if key is None:
+                if name in ("lm_head.weight",) and self.lm_head is None:
+                    continue
+                if "rotary_emb" in name:
+                    continue
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            if tuple(params[key].shape) != tuple(t.shape):
+                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[key].shape)}")
+            params[key].data.copy_(t)
+            loaded.add(key)
+        self._check_loaded(params, fused, loaded)
+
+    def _check_loaded(self, params: dict, fused: dict, loaded: set[str]) -> None:
+        missing = []
+        fused_targets = {(t, off) for t, off, _ in fused.values()}
+        for key in params:
+            if "qkv_proj" in key or "gate_up_proj" in key:
+                idx = key.split(".")[1]
+                suffix = key.split(".", 2)[2]
+                offs = {off for t, off in fused_targets if t == suffix}
+                if any(f"layers.{idx}.{suffix}:{o}" not in loaded for o in offs):
+                    missing.append(key)
+            elif key not in loaded:
+                missing.append(key)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:4]}")

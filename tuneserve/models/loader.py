@@ -1,0 +1,37 @@
+"""Build a model for a resolved checkpoint and load its weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tuneserve.config import ArchConfig
+from tuneserve.models.layers import Rotary
+from tuneserve.models.registry import model_class
+from tuneserve.weights import open_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(arch: ArchConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An uninitialised model (parameters allocated, not filled) on device."""
+    with torch.device("meta"):
+        model = model_class(arch)(arch)
+    model = model.to_empty(device=device)
+    for m in model.modules():
+        if isinstance(m, Rotary):
+            m.init_tables()
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "float32",
+               progress: bool = True) -> nn.Module:
+    """Build the model for arch and fill it from the checkpoint at path (dequantized to fp32 first)."""
+    model = build_model(arch, device)
+    model.load_weights(open_checkpoint(path).tensors(progress=progress))
+    if dtype != "float32":
+        model = model.to(DTYPES[dtype])
+        for m in model.modules():
+            if isinstance(m, Rotary):  # rope tables stay fp32: positions up to 32k need the precision
+                m.cos, m.sin = m.cos.float(), m.sin.float()
+    return model.eval()

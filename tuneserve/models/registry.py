@@ -1,0 +1,21 @@
+"""Architecture name -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tuneserve.config import ArchConfig
+from tuneserve.models.llama import LlamaForCausalLM
+
+_MODELS: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,  # llama with q/k/v biases (ArchConfig.attention_bias) and an untied head
+}
+
+
+def model_class(arch: ArchConfig) -> type[nn.Module]:
+    """The class that implements arch.architecture."""
+    cls = _MODELS.get(arch.architecture)
+    if cls is None:
+        raise ValueError(f"architecture {arch.architecture!r} is not supported; supported: {sorted(_MODELS)}")
+    return cls

@@ -1,0 +1,131 @@
+"""OutputProcessor: per user request, detokenize new tokens, catch stop strings, build RequestOutputs.
+
+A user request with n > 1 fans out into n scheduler requests ("children"); this class gathers them
+back into one RequestOutput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuneserve.core.outputs import TokenLogprobs
+from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tuneserve.request import FINISH_REASONS, Request
+from tuneserve.tokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class ChildState:
+    index: int
+    detok: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    req: Request | None = None
+
+
+@dataclass
+class ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: dict[str, ChildState]
+    arrival_time: float
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children.values())
+
+
+class OutputProcessor:
+    """Turns scheduler progress into RequestOutputs; reports stop-string hits back to the engine."""
+
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any HF tokenizer
+        self.tokenizer = tokenizer
+        self.parents: dict[str, ParentState] = {}
+        self.child_to_parent: dict[str, str] = {}
+
+    def add(self, parent: ParentState, child_reqs: list[Request]) -> None:
+        self.parents[parent.request_id] = parent
+        for i, req in enumerate(child_reqs):
+            p = req.params
+            detok = None
+            if p.detokenize and self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.stop_strings,
+                                               p.skip_special_tokens, p.include_stop_str_in_output)
+            parent.children[req.request_id] = ChildState(i, detok, logprobs=[] if p.logprobs is not None else None,
+                                                         req=req)
+            self.child_to_parent[req.request_id] = parent.request_id
+        if child_reqs[0].params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None]
+
+    def on_tokens(self, req: Request, new_tokens: list[int], logprobs: list[TokenLogprobs] | None) -> bool:
+        """Record a child's new tokens; returns True when a stop string ended it."""
+        parent = self.parents[self.child_to_parent[req.request_id]]
+        c = parent.children[req.request_id]
+        new_tokens = new_tokens[: max(0, req.num_output_tokens - len(c.token_ids))]
+        c.token_ids.extend(new_tokens)
+        if c.logprobs is not None and logprobs:
+            c.logprobs.extend(logprobs[: len(new_tokens)])
+        if c.detok is not None:
+            c.text += c.detok.add(new_tokens)
+            if c.detok.stopped is not None:
+                c.finish_reason, c.stop_reason = "stop", c.detok.stopped
+                return True
+        return False
+
+    def on_prompt_logprobs(self, req: Request, lps: list[TokenLogprobs]) -> None:
+        parent = self.parents[self.child_to_parent[req.request_id]]
+        if parent.prompt_logprobs is not None and len(parent.prompt_logprobs) < len(parent.prompt_token_ids):
+            room = len(parent.prompt_token_ids) - len(parent.prompt_logprobs)
+            parent.prompt_logprobs.extend(lps[:room])
+
+    def on_finished(self, req: Request) -> None:
+        parent = self.parents.get(self.child_to_parent.get(req.request_id, ""))
+        if parent is None:
+            return
+        c = parent.children[req.request_id]
+        if c.finish_reason is None:
+            c.finish_reason = FINISH_REASONS[req.status]
+            c.stop_reason = req.stop_reason
+        if c.detok is not None:
+            c.text += c.detok.flush()
+
+    def output(self, parent_id: str) -> RequestOutput:
+        """The current cumulative RequestOutput of a user request."""
+        p = self.parents[parent_id]
+        outs = [CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
+                                 list(c.logprobs) if c.logprobs is not None else None,
+                                 sum(t.logprob for t in c.logprobs) if c.logprobs else None)
+                for c in sorted(p.children.values(), key=lambda c: c.index)]
+        metrics = self._metrics(p)
+        return RequestOutput(parent_id, p.prompt, p.prompt_token_ids, outs, p.finished, metrics,
+                             p.prompt_logprobs, metrics.num_cached_tokens, dict(p.metadata))
+
+    @staticmethod
+    def _metrics(p: ParentState) -> RequestMetrics:
+        """Timings of the first sample (n > 1 samples run side by side); finish = the last one's."""
+        reqs = [c.req for c in sorted(p.children.values(), key=lambda c: c.index)]
+        first = reqs[0]
+        m = RequestMetrics(arrival_time=p.arrival_time, num_prompt_tokens=len(p.prompt_token_ids),
+                           first_scheduled_time=first.first_scheduled_time, first_token_time=first.first_token_time,
+                           last_token_time=first.token_times[-1] if first.token_times else None,
+                           num_generated_tokens=first.num_output_tokens,
+                           num_cached_tokens=max(0, first.num_cached_tokens),
+                           num_preemptions=sum(r.num_preemptions for r in reqs))
+        if p.finished:
+            m.finished_time = max((r.finished_time for r in reqs if r.finished_time is not None), default=None)
+        return m
+
+    def pop(self, parent_id: str) -> None:
+        p = self.parents.pop(parent_id, None)
+        if p is not None:
+            for cid in p.children:
+                self.child_to_parent.pop(cid, None)
+
+    def parent_of(self, child_id: str) -> str | None:
+        return self.child_to_parent.get(child_id)

@@ -1,0 +1,136 @@
+"""ModelRunner: turns a SchedulerOutput into one forward pass over a ragged batch, then samples.
+
+It owns the model, the paged KV cache tensors and the per-request random generators. Everything it
+knows about requests comes from the SchedulerOutput; everything it returns goes in a RunnerOutput.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneserve.config import EngineConfig
+from tuneserve.core.kv_manager import KVGroupSpec
+from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from tuneserve.kernels.attention import build_metadata
+from tuneserve.models.layers import ForwardContext
+from tuneserve.sample import SamplingRow, sample, token_logprobs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    """Runs the model for the scheduler's batches; holds the KV cache."""
+
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, groups: list[KVGroupSpec],
+                 num_blocks: list[int]) -> None:
+        self.config = config
+        self.model = model
+        self.device = torch.device(config.device)
+        self.groups = groups
+        self.block_size = config.cache.block_size
+        self.dtype = _DTYPES[config.model.dtype]
+        arch = config.model.arch
+        self.eos_ids = arch.eos_token_ids
+        self.layer_group = [0] * arch.num_layers
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [None] * arch.num_layers  # type: ignore[list-item]
+        for g, spec in enumerate(groups):
+            shape = (len(spec.layers), 2, num_blocks[g], self.block_size, arch.num_kv_heads, arch.head_dim)
+            # zeros, not empty: padded reads of never-written slots must be finite
+            cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for j, layer in enumerate(spec.layers):
+                self.kv_caches[layer] = (cache[j, 0], cache[j, 1])
+                self.layer_group[layer] = g
+        self.generators: dict[str, torch.Generator] = {}
+
+    # ----- one step -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run the scheduled tokens through the model and sample where the requests need it."""
+        for rid in sched.finished_req_ids:
+            self.generators.pop(rid, None)
+        reqs = sched.requests
+        if not reqs:
+            return RunnerOutput([], [], [])
+        ctx, input_ids = self._prepare(reqs)
+        hidden = self.model(input_ids, ctx)  # (N, hidden)
+        return self._sample(reqs, hidden)
+
+    def _prepare(self, reqs: list[ScheduledRequest]) -> tuple[ForwardContext, torch.Tensor]:
+        ids, positions = [], []
+        for r in reqs:
+            ids.extend(r.token_ids)
+            positions.extend(range(r.start_pos, r.start_pos + r.num_tokens))
+        metas = [
+            build_metadata([(r.start_pos, r.num_tokens, r.block_table[g]) for r in reqs], self.block_size,
+                           self.device, window=spec.window, sinks=spec.num_sink_tokens)
+            for g, spec in enumerate(self.groups)
+        ]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ctx = ForwardContext(pos, [metas[g] for g in self.layer_group], self.kv_caches)
+        return ctx, torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _sample(self, reqs: list[ScheduledRequest], hidden: torch.Tensor) -> RunnerOutput:
+        # Which hidden rows need logits: each sampling request's last 1 + num_draft rows, and every row
+        # of a chunk whose request wants prompt logprobs.
+        rows: list[int] = []
+        spans: list[tuple[int, int, int, int]] = []  # per request: (prompt rows start, end, sample start, end)
+        row = 0
+        for r in reqs:
+            p_start = len(rows)
+            if r.params.prompt_logprobs is not None and r.start_pos < r.prompt_len - 1:
+                n_prompt = min(r.num_tokens, r.prompt_len - 1 - r.start_pos)
+                rows.extend(range(row, row + n_prompt))
+            p_end = s_start = len(rows)
+            if r.sample:
+                rows.extend(range(row + r.num_tokens - 1 - r.num_draft_tokens, row + r.num_tokens))
+            spans.append((p_start, p_end, s_start, len(rows)))
+            row += r.num_tokens
+        if not rows:
+            n = len(reqs)
+            return RunnerOutput([[] for _ in reqs], [None] * n, [None] * n, [0] * n, [0] * n)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # (R, V) fp32
+        return self._pick_tokens(reqs, spans, logits)
+
+    def _pick_tokens(self, reqs: list[ScheduledRequest], spans: list, logits: torch.Tensor) -> RunnerOutput:
+        sample_rows, sample_idx = [], []
+        for r, (_, _, s0, s1) in zip(reqs, spans):
+            if s1 > s0:
+                sample_rows.append(self._sampling_row(r))
+                sample_idx.append(s1 - 1)
+        # TODO(spec): verification of draft tokens replaces this single-row sampling (spec/rejection.py)
+        chosen = sample(logits[sample_idx], sample_rows) if sample_idx else None
+        chosen_list = chosen.tolist() if chosen is not None else []
+        lp_needed = any(r.params.logprobs is not None for r in reqs)
+        lp_all = torch.log_softmax(logits, dim=-1) if (lp_needed or any(p1 > p0 for p0, p1, _, _ in spans)) else None
+        sampled, logprobs, prompt_lps = [], [], []
+        k = 0
+        for r, (p0, p1, s0, s1) in zip(reqs, spans):
+            toks: list[int] = []
+            lps: list[TokenLogprobs] | None = None
+            if s1 > s0:
+                toks = [chosen_list[k]]
+                if r.params.logprobs is not None:
+                    lps = token_logprobs(lp_all[s1 - 1:s1], chosen[k:k + 1], [r.params.logprobs])
+                k += 1
+            sampled.append(toks)
+            logprobs.append(lps)
+            prompt_lps.append(self._prompt_logprobs(r, lp_all[p0:p1]) if p1 > p0 else None)
+        n = len(reqs)
+        return RunnerOutput(sampled, logprobs, prompt_lps, [r.num_draft_tokens for r in reqs],
+                            [0] * n)
+
+    def _prompt_logprobs(self, r: ScheduledRequest, lp: torch.Tensor) -> list[TokenLogprobs]:
+        """Logprobs of the prompt tokens following each of this chunk's positions."""
+        nxt = r.all_token_ids[r.start_pos + 1:r.start_pos + 1 + lp.shape[0]]
+        chosen = torch.tensor(nxt, dtype=torch.long, device=lp.device)
+        return token_logprobs(lp, chosen, [r.params.prompt_logprobs] * lp.shape[0])
+
+    def _sampling_row(self, r: ScheduledRequest) -> SamplingRow:
+        gen = None
+        if r.params.seed is not None and not r.params.greedy:
+            gen = self.generators.get(r.req_id)
+            if gen is None:
+                gen = self.generators[r.req_id] = torch.Generator(device=self.device)
+                gen.manual_seed(r.params.seed)
+        outputs = r.all_token_ids[r.prompt_len:r.start_pos + r.num_tokens - r.num_draft_tokens]
+        return SamplingRow(r.params, gen, r.all_token_ids[:r.prompt_len], outputs, self.eos_ids)

@@ -1,0 +1,121 @@
+"""Batched sampler: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Order of operations (as vLLM): penalties and min_tokens act on the logits; greedy rows take the argmax;
+the others are divided by their temperature, truncated by top-k, top-p and min-p, and sampled with
+the exponential-race trick (argmax of p / E, E ~ Exp(1)), which equals sampling from p. A seeded
+request draws its E from its own generator, so its tokens do not depend on what else is in the batch.
+Logprobs are the model's raw log-softmax, before any processing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tuneserve.core.outputs import TokenLogprobs
+from tuneserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One position to sample: the request's parameters, its generator and its token history."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: list[int]
+    output_ids: list[int]  # tokens generated before this position
+    eos_ids: tuple[int, ...] = ()
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition (prompt + output), presence and frequency (output) penalties, and min_tokens, in place."""
+    vocab = logits.shape[1]
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.uses_penalties:
+            out = torch.tensor(r.output_ids, dtype=torch.long, device=logits.device)
+            counts = torch.zeros(vocab, device=logits.device).index_add_(0, out, torch.ones_like(out, dtype=torch.float))
+            if p.repetition_penalty != 1.0:
+                seen = counts > 0
+                seen[torch.tensor(r.prompt_ids, dtype=torch.long, device=logits.device)] = True
+                row = logits[i]
+                penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                logits[i] = torch.where(seen, penalized, row)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if len(r.output_ids) < p.min_tokens:
+            banned = [t for t in (*([] if p.ignore_eos else r.eos_ids), *p.stop_token_ids) if t < vocab]
+            logits[i, banned] = float("-inf")
+    return logits
+
+
+def processed_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p (rows with temperature 0 untouched)."""
+    temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
+    logits = logits / temps.unsqueeze(1)
+    need_sort = [i for i, r in enumerate(rows) if r.params.top_k > 0 or r.params.top_p < 1.0]
+    if need_sort:
+        sub = logits[need_sort]
+        sorted_l, order = sub.sort(dim=-1, descending=True)
+        keep = torch.ones_like(sorted_l, dtype=torch.bool)
+        ks = torch.tensor([rows[i].params.top_k or sub.shape[1] for i in need_sort], device=logits.device)
+        keep &= torch.arange(sub.shape[1], device=logits.device).unsqueeze(0) < ks.unsqueeze(1)
+        ps = torch.tensor([rows[i].params.top_p for i in need_sort], device=logits.device)
+        probs_sorted = sorted_l.masked_fill(~keep, float("-inf")).softmax(-1)
+        before = probs_sorted.cumsum(-1) - probs_sorted  # mass strictly above each token
+        keep &= before < ps.unsqueeze(1)
+        sorted_l = sorted_l.masked_fill(~keep, float("-inf"))
+        logits[need_sort] = torch.full_like(sub, float("-inf")).scatter(1, order, sorted_l)
+    probs = logits.softmax(-1)
+    min_ps = [r.params.min_p for r in rows]
+    if any(min_ps):
+        mp = torch.tensor(min_ps, device=logits.device).unsqueeze(1)
+        probs = probs.masked_fill(probs < mp * probs.max(-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def exponential_noise(shape: tuple[int, int], rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """Exp(1) noise per row, drawn from each row's own generator where it has one."""
+    noise = torch.empty(shape, device=device)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty((len(unseeded), shape[1]), device=device).exponential_()
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            noise[i].exponential_(generator=r.generator)
+    return noise
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logits: (R, V) fp32 -> sampled token ids (R,)."""
+    if any(r.params.uses_penalties or r.params.min_tokens for r in rows):
+        logits = apply_penalties(logits.clone(), rows)
+    greedy = [r.params.greedy for r in rows]
+    if all(greedy):
+        return logits.argmax(-1)
+    probs = processed_probs(logits, rows)
+    drawn = (probs / exponential_noise(probs.shape, rows, logits.device)).argmax(-1)
+    if any(greedy):
+        mask = torch.tensor(greedy, device=logits.device)
+        drawn = torch.where(mask, logits.argmax(-1), drawn)
+    return drawn
+
+
+def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
+    """Per row: the chosen token's raw logprob and rank, and the top-N alternatives.
+
+    logprobs: (R, V) log-softmax; chosen: (R,) token ids; num_top: N per row.
+    """
+    k = max(num_top, default=0)
+    top_v, top_i = (logprobs.topk(k, dim=-1) if k else (None, None))
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs > chosen_lp.unsqueeze(1)).sum(-1) + 1
+    out = []
+    cl, rk = chosen_lp.tolist(), ranks.tolist()
+    tv = top_v.tolist() if k else None
+    ti = top_i.tolist() if k else None
+    for r, n in enumerate(num_top):
+        top = list(zip(ti[r][:n], tv[r][:n])) if n else []
+        out.append(TokenLogprobs(int(chosen[r]), cl[r], rk[r], top))
+    return out

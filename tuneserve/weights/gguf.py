@@ -1,0 +1,132 @@
+"""Reading GGUF checkpoints: architecture metadata and tensors under HF-style names.
+
+Traps handled here (shared/MODELS.md): GGUF lists shapes (in, out), torch wants (out, in); llama-arch
+files store attn_q / attn_k rows permuted for interleaved rope, which we undo so every model uses
+rotate-half rope; gemma norm weights already include the +1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tuneserve.config import ArchConfig
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str, arch: str) -> str:
+    """HF-style parameter name for a GGUF tensor name."""
+    m = _BLK.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        if part == "ffn_norm":  # llama: the norm before the MLP; gemma3 has a separate post-attn norm
+            mapped = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
+        else:
+            mapped = _LAYER_NAMES.get(part, part)
+        return f"model.layers.{layer}.{mapped}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    return f"{_GLOBAL_NAMES.get(base, base)}.{kind}"
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: per head, rows (half, 2) -> (2, half)."""
+    out_dim = w.shape[0]
+    half = out_dim // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFCheckpoint:
+    """One GGUF file: its metadata, architecture, tokenizer fields and tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        self.reader = GGUFReader(str(self.path))
+        self.meta = {k: self._value(f) for k, f in self.reader.fields.items()
+                     if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
+        self.architecture = str(self.meta["general.architecture"])
+        self.tensor_names = [t.name for t in self.reader.tensors]
+
+    @staticmethod
+    def _value(field):  # noqa: ANN001, ANN205 - gguf's own field type
+        try:
+            return field.contents()
+        except Exception:  # noqa: BLE001 - some array fields cannot be decoded; we never need them
+            return None
+
+    def arch_config(self) -> ArchConfig:
+        """Architecture hyper-parameters from the metadata."""
+        a, m = self.architecture, self.meta
+        if a not in ("llama", "qwen2", "gemma3", "mistral"):
+            raise ValueError(f"{self.path.name}: architecture {a!r} is not supported (llama, qwen2, gemma3)")
+        hidden = int(m[f"{a}.embedding_length"])
+        heads = int(m[f"{a}.attention.head_count"])
+        head_dim = int(m.get(f"{a}.attention.key_length") or hidden // heads)
+        vocab = int(m.get(f"{a}.vocab_size") or self._vocab_size())
+        eos = [m.get("tokenizer.ggml.eos_token_id"), m.get("tokenizer.ggml.eot_token_id")]
+        layers = int(m[f"{a}.block_count"])
+        windows: tuple[int, ...] = ()
+        kw = {}
+        if a == "gemma3":
+            window = int(m.get("gemma3.attention.sliding_window") or 512)
+            # every 6th layer is global (5, 11, 17, ...); the pattern is not in the GGUF
+            windows = tuple(0 if (i + 1) % 6 == 0 else window for i in range(layers))
+            kw = dict(rope_theta_local=10000.0, hidden_act="gelu_tanh", query_pre_attn_scalar=float(head_dim))
+        return ArchConfig(
+            architecture="llama" if a == "mistral" else a,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(m[f"{a}.feed_forward_length"]),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(m.get(f"{a}.attention.head_count_kv") or heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(m[f"{a}.attention.layer_norm_rms_epsilon"]),
+            rope_theta=float(m.get(f"{a}.rope.freq_base") or 10000.0),
+            max_position_embeddings=int(m[f"{a}.context_length"]),
+            tie_word_embeddings="output.weight" not in self.tensor_names,
+            attention_bias="blk.0.attn_q.bias" in self.tensor_names,
+            layer_windows=windows,
+            bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
+            **kw,
+        )
+
+    def _vocab_size(self) -> int:
+        return len(self.reader.fields["tokenizer.ggml.tokens"].data)
+
+    def tensors(self, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF-style name, float32 array in torch layout) for every tensor, dequantized."""
+        from gguf.quants import dequantize
+
+        arch = self.arch_config()
+        for t in tqdm(self.reader.tensors, desc=f"loading {self.path.name}", unit="tensor",
+                      disable=not progress, leave=False):
+            w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+            name = hf_name(t.name, self.architecture)
+            if self.architecture in ("llama", "mistral") and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                n = arch.num_heads if "attn_q" in t.name else arch.num_kv_heads
+                w = unpermute_rope_rows(w, n)
+            yield name, w
