@@ -43,6 +43,9 @@ def make_llm(tiny_dirs):
 
 def hf_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """Greedy continuations from an HF model, one prompt at a time, EOS ignored."""
+    import inspect
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     outs = []
     with torch.inference_mode():
         for ids in prompts:
@@ -52,7 +55,7 @@ def hf_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
             for _ in range(max_new):
                 t = int(out.logits[0, -1].argmax())
                 toks.append(t)
-                out = model(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+                out = model(torch.tensor([[t]]), use_cache=True, **{cache_kw: out.past_key_values})
             outs.append(toks)
     return outs
 

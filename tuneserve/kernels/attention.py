@@ -13,6 +13,8 @@ Masks encode causality, the group's sliding window (`window` tokens back, 0 = no
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +47,10 @@ class AttentionMetadata:
     short_block_table: torch.Tensor | None = None  # (B, nb) long, padded with the null block
     short_valid: torch.Tensor | None = None  # (B*Qm,) bool, None when nothing is padded
     short_is_all: bool = False  # the short group is the whole batch, in order, unpadded
+    # the same rows unpadded, for the compiled kernel (CPU tensors)
+    flat_rows: torch.Tensor | None = None  # (R,) rows of the batch
+    flat_qpos: torch.Tensor | None = None  # (R,) their positions
+    flat_seq: torch.Tensor | None = None  # (R,) their index into short_block_table
     prefills: list[PrefillSeq] = field(default_factory=list)
     window: int = 0  # sliding window of this group's layers, 0 = full attention
     sinks: int = 0
@@ -76,19 +82,20 @@ def build_metadata(
     sinks: int = 0,
 ) -> AttentionMetadata:
     """Metadata for a ragged batch of (start_pos, num_query_tokens, block_table) in batch order."""
-    slots, short, prefills = [], [], []
+    slots: list[int] = []
+    short, prefills = [], []
     row = 0
     for start, n, table in seqs:
-        pos = torch.arange(start, start + n)
-        bt = torch.tensor(table, dtype=torch.long)
-        slots.append(bt[pos // block_size] * block_size + pos % block_size)
+        for p in range(start, start + n):
+            slots.append(table[p // block_size] * block_size + p % block_size)
         if n <= SHORT_QUERY_MAX:
             short.append((row, start, n, table))
         else:
-            prefills.append(PrefillSeq(row, row + n, start, bt.to(device), pos.to(device)))
+            pos = torch.arange(start, start + n, device=device)
+            prefills.append(PrefillSeq(row, row + n, start, torch.tensor(table, device=device), pos))
         row += n
-    meta = AttentionMetadata(block_size, torch.cat(slots).to(device), row, prefills=prefills, window=window,
-                             sinks=sinks)
+    meta = AttentionMetadata(block_size, torch.tensor(slots, dtype=torch.long, device=device), row,
+                             prefills=prefills, window=window, sinks=sinks)
     if short:
         _build_short(meta, short, row, device)
     return meta
@@ -98,21 +105,23 @@ def _build_short(meta: AttentionMetadata, short: list, num_rows: int, device: to
     b = len(short)
     qm = max(n for _, _, n, _ in short)
     nb = max(-(-(s + n) // meta.block_size) for _, s, n, _ in short)
-    rows = torch.zeros(b, qm, dtype=torch.long)
-    qpos = torch.full((b, qm), -1, dtype=torch.long)
-    table = torch.zeros(b, nb, dtype=torch.long)
+    rows, qpos, table, flat_rows, flat_pos, flat_seq = [], [], [], [], [], []
     for i, (r, s, n, bt) in enumerate(short):
-        rows[i, :n] = torch.arange(r, r + n)
-        rows[i, n:] = r
-        qpos[i, :n] = torch.arange(s, s + n)
-        table[i, :len(bt)] = torch.tensor(bt[:nb], dtype=torch.long)
-    valid = (qpos >= 0).flatten()
-    meta.short_rows = rows.flatten().to(device)
-    meta.short_qpos = qpos.to(device)
-    meta.short_block_table = table.to(device)
-    meta.short_valid = None if bool(valid.all()) else valid.to(device)
-    meta.short_is_all = meta.short_valid is None and b * qm == num_rows and bool(
-        (rows.flatten() == torch.arange(num_rows)).all())
+        rows += list(range(r, r + n)) + [r] * (qm - n)
+        qpos += list(range(s, s + n)) + [-1] * (qm - n)
+        table.append(bt[:nb] + [0] * (nb - min(nb, len(bt))))
+        flat_rows += range(r, r + n)
+        flat_pos += range(s, s + n)
+        flat_seq += [i] * n
+    meta.short_rows = torch.tensor(rows, dtype=torch.long, device=device)
+    meta.short_qpos = torch.tensor(qpos, dtype=torch.long, device=device).view(b, qm)
+    meta.short_block_table = torch.tensor(table, dtype=torch.long, device=device)
+    padded = len(flat_rows) != b * qm
+    meta.short_valid = (meta.short_qpos >= 0).flatten() if padded else None
+    meta.short_is_all = not padded and flat_rows == list(range(num_rows))
+    meta.flat_rows = torch.tensor(flat_rows, dtype=torch.long)
+    meta.flat_qpos = torch.tensor(flat_pos, dtype=torch.long)
+    meta.flat_seq = torch.tensor(flat_seq, dtype=torch.long)
 
 
 def paged_attention(
@@ -128,10 +137,13 @@ def paged_attention(
     hkv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
-    if meta.short_is_all:
+    use_c = meta.short_rows is not None and short_attention_c_ok(q, k_cache)
+    if meta.short_is_all and not use_c:
         return _short_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
-    if meta.short_rows is not None:
+    if use_c:
+        short_attention_c(q, out, k_cache, v_cache, meta, scale)
+    elif meta.short_rows is not None:
         o = _short_attention(q, k_cache, v_cache, meta, scale)
         rows = meta.short_rows
         if meta.short_valid is not None:
@@ -177,3 +189,33 @@ def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: Attention
         mask = _allowed(p.positions.unsqueeze(-1), kpos, meta.window, meta.sinks)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.transpose(0, 1)
+
+
+def short_attention_c_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernel can take this layer's short queries."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and q.shape[1] // k_cache.shape[2] <= 64 and q.is_contiguous() and _kernel() is not None)
+
+
+def short_attention_c(q, out, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
+    """The short-query group through the compiled kernel, written into out's rows."""
+    lib = _kernel()
+    bt = meta.short_block_table
+    h, d = q.shape[1], q.shape[2]
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    lib.paged_attention_f32(
+        q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.flat_rows.data_ptr(),
+        meta.flat_qpos.data_ptr(), meta.flat_seq.data_ptr(), bt.data_ptr(), bt.shape[1], meta.flat_rows.numel(),
+        h, hkv, d, bs, meta.window, meta.sinks, scale)
+
+
+@functools.cache
+def _kernel():
+    from tuneserve.kernels.cpu_build import load
+
+    lib = load("paged_attention")
+    if lib is not None:
+        c = ctypes
+        lib.paged_attention_f32.argtypes = [c.c_void_p] * 8 + [c.c_int64] * 8 + [c.c_float]
+        lib.paged_attention_f32.restype = None
+    return lib

@@ -80,7 +80,7 @@ class LlamaForCausalLM(nn.Module):
         fused = self._fused_slices()
         loaded: set[str] = set()
         for name, w in weights:
-            t = torch.as_tensor(w) if isinstance(w, np.ndarray) else w
+            t = torch.from_numpy(w if w.flags.writeable else w.copy()) if isinstance(w, np.ndarray) else w
             name = name.removeprefix("model.")
             if name.startswith("layers."):
                 _, idx, rest = name.split(".", 2)

@@ -1,0 +1,135 @@
+"""`tuneserve bench offline`: the engine's offline throughput and latency on a corpus workload.
+
+Default workload (the core issue's): 64 requests, prompts of 64-512 tokens cut from Wikipedia text,
+128 output tokens each, greedy, EOS ignored. `--ladder 1,8,32` adds fixed-batch runs (64-token prompts,
+64 new tokens), the shape of shared/ANCHORS.md's peer table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+from tuneserve.bench.report import table, write_json
+from tuneserve.engine_args import EngineArgs
+from tuneserve.sampling_params import SamplingParams
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_len: int
+    name: str
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def corpus_workload(tokenizer, corpus: str, n: int, min_in: int, max_in: int, output_len: int,  # noqa: ANN001
+                    seed: int = 0) -> Workload:
+    """n prompts cut from a corpus, uniform lengths in [min_in, max_in]."""
+    from tuneserve.bench.corpus import load_corpus, sample_prompts
+
+    prompts = sample_prompts(tokenizer, load_corpus(corpus), n, min_in, max_in, seed)
+    return Workload(prompts, output_len, f"{corpus}:{n}x[{min_in},{max_in}]->{output_len}")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_engine(llm, work: Workload, label: str = "tuneserve") -> dict:  # noqa: ANN001 - tuneserve.LLM
+    """Run a workload through an LLM; returns throughput and latency figures."""
+    params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)
+    eng = llm.llm_engine
+    preempt0, hits0, queries0 = eng.scheduler.num_preemptions, eng.kv.prefix_hits, eng.kv.prefix_queries
+    t0 = time.perf_counter()
+    outs = llm.generate(work.prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    out_tok = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttfts = [o.metrics.ttft for o in outs]
+    tpots = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
+    return {
+        "system": label,
+        "workload": work.name,
+        "num_requests": len(outs),
+        "prompt_tokens": work.prompt_tokens,
+        "output_tokens": out_tok,
+        "elapsed_s": elapsed,
+        "output_tok_s": out_tok / elapsed,
+        "total_tok_s": (out_tok + work.prompt_tokens) / elapsed,
+        "mean_ttft_s": sum(ttfts) / len(ttfts),
+        "mean_tpot_s": sum(tpots) / len(tpots) if tpots else None,
+        "decode_tok_s_per_seq": (len(tpots) / sum(tpots)) if tpots else None,
+        "preemptions": eng.scheduler.num_preemptions - preempt0,
+        "prefix_hit_rate": ((eng.kv.prefix_hits - hits0) / max(1, eng.kv.prefix_queries - queries0)),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def ladder_workload(tokenizer, batch: int, prompt_len: int = 64, output_len: int = 64) -> Workload:  # noqa: ANN001
+    """`batch` copies of one fixed prompt shape (distinct prompts, so prefix caching does not help)."""
+    from tuneserve.bench.corpus import load_corpus, sample_prompts
+
+    prompts = sample_prompts(tokenizer, load_corpus("wikipedia"), batch, prompt_len, prompt_len, seed=batch)
+    return Workload(prompts, output_len, f"ladder:{batch}x{prompt_len}->{output_len}")
+
+
+def run_ladder(llm, batches: list[int], label: str = "tuneserve") -> list[dict]:  # noqa: ANN001
+    """Fixed-batch runs: all requests start together, as the peers' batch numbers are measured."""
+    rows = []
+    for b in batches:
+        r = run_engine(llm, ladder_workload(llm.get_tokenizer(), b), label)
+        r["config"] = f"batch={b}"
+        rows.append(r)
+    return rows
+
+
+def warm_up(llm) -> None:  # noqa: ANN001
+    llm.generate([[1] * 64, [2] * 16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)
+    llm.llm_engine.kv.reset_prefix_cache()
+
+
+def main(ns: argparse.Namespace) -> int:
+    from tuneserve.engine import LLM
+
+    args = EngineArgs.from_cli_args(ns)
+    llm = LLM(**args.to_dict())
+    warm_up(llm)
+    work = corpus_workload(llm.get_tokenizer(), ns.corpus, ns.num_prompts, ns.min_input, ns.max_input,
+                           ns.output_len, ns.prompt_seed)
+    main_row = run_engine(llm, work)
+    main_row["config"] = f"max_num_seqs={args.max_num_seqs}"
+    rows = [main_row] + run_ladder(llm, [int(b) for b in ns.ladder.split(",")] if ns.ladder else [])
+    cols = ["system", "config", "workload", "output_tok_s", "total_tok_s", "mean_ttft_s", "mean_tpot_s",
+            "preemptions", "peak_rss_bytes"]
+    print(table(rows, cols, title=f"bench offline: {args.model} ({args.dtype}, quantization "
+                                  f"{args.quantization or 'none'})"))
+    write_json(ns.json, {"engine_args": args.to_dict(), "results": rows})
+    return 0
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--min-input", type=int, default=64)
+    p.add_argument("--max-input", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--corpus", default="wikipedia", help="built-in corpus name or a text file")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt sampling")
+    p.add_argument("--json", help="write results here")
+
+
+def add_parser(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser("offline", help="offline throughput/latency of the engine on a corpus workload")
+    p.add_argument("model", nargs="?", default=None)
+    add_workload_args(p)
+    p.add_argument("--ladder", default="", help="also run fixed batches, e.g. 1,8,32 (64 in, 64 out)")
+    EngineArgs.add_cli_args(p, with_model=False)
+    p.set_defaults(bench_main=main)
+
+

@@ -1,0 +1,69 @@
+"""Compiling the C kernels in kernels/csrc at first use, with the system C compiler.
+
+Each source builds into a shared library cached under $TUNESERVE_CACHE/kernels, keyed by the source,
+the flags and this CPU's feature flags (the code is built with -march=native). The library is linked
+with -fopenmp and loaded after torch, so it shares torch's OpenMP runtime and thread pool (the dynamic
+loader resolves libgomp.so.1 to the copy torch already loaded).
+
+When there is no compiler, the build fails, TUNESERVE_KERNELS=portable is set or the platform is not
+Linux/x86-64/aarch64, `load()` returns None and callers use their portable PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+CSRC = Path(__file__).parent / "csrc"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-shared", "-std=c11"]
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:12]
+
+
+def _cache_dir() -> Path:
+    from tuneserve.weights.sources import cache_dir
+
+    d = cache_dir() / "kernels"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def enabled() -> bool:
+    """Whether compiled CPU kernels may be used."""
+    return (os.environ.get("TUNESERVE_KERNELS", "auto") != "portable" and sys.platform == "linux"
+            and platform.machine() in ("x86_64", "aarch64") and shutil.which(os.environ.get("CC", "gcc")))
+
+
+@cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library for csrc/<name>.c, building it if needed; None when unavailable."""
+    if not enabled():
+        return None
+    import torch  # noqa: F401 - torch's libgomp must be loaded first so the kernels share it
+
+    src = CSRC / f"{name}.c"
+    cc = os.environ.get("CC", "gcc")
+    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode())
+    lib = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        res = subprocess.run([cc, *FLAGS, str(src), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"[tuneserve] building kernel {name} failed, using the portable path:\n{res.stderr[-1500:]}",
+                  file=sys.stderr)
+            return None
+        os.replace(tmp, lib)
+    return ctypes.CDLL(str(lib))
