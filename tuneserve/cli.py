@@ -86,8 +86,23 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     return run_chat(engine_args_from(ns), sampling_params_from(ns), ns.system)
 
 
-def cmd_bench(ns: argparse.Namespace) -> int:
-    return ns.bench_main(ns)
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from tuneserve.server.app import ServerSettings, build_app
+
+    settings = ServerSettings(served_model_name=ns.served_model_name,
+                              api_key=ns.api_key or os.environ.get("TUNESERVE_API_KEY") or None,
+                              max_waiting_requests=ns.max_waiting_requests, max_request_bytes=ns.max_request_bytes,
+                              drain_timeout=ns.drain_timeout)
+    app = build_app(engine_args_from(ns), settings)
+    print(f"[tuneserve] serving on http://{ns.host}:{ns.port} (OpenAI API at /v1, docs at /docs); "
+          "the model loads in the background, /health turns 200 when ready", file=sys.stderr)
+    uvicorn.run(app, host=ns.host, port=ns.port, timeout_graceful_shutdown=int(ns.drain_timeout),
+                log_level=ns.log_level)
+    return 0
 
 
 # ----- parser ------------------------------------------------------------------------------------
@@ -117,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, max_tokens=512)
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or TUNESERVE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    p.add_argument("--max-waiting-requests", type=int, default=256, help="queue limit before 503")
+    p.add_argument("--max-request-bytes", type=int, default=8 << 20, help="request body limit (413 above)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument("--log-level", default="info")
+    EngineArgs.add_cli_args(p, with_model=False)
+    p.set_defaults(func=cmd_serve)
 
     from tuneserve.bench.cli import add_bench_parser
 

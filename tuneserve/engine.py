@@ -37,6 +37,14 @@ def log(msg: str) -> None:
 
 
 @dataclass
+class PreparedRequest:
+    """A validated user request: its output state and its n scheduler requests."""
+
+    parent: ParentState
+    children: list[Request]
+
+
+@dataclass
 class EngineStats:
     """Counters and gauges for /metrics and benchmarks."""
 
@@ -50,6 +58,9 @@ class EngineStats:
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
     num_steps: int = 0
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 def kv_groups(config: EngineConfig) -> list[KVGroupSpec]:
@@ -129,32 +140,37 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> str:
         """Validate and queue a request (n samples fan out into n scheduler requests). Returns its id."""
+        return self.submit(self.prepare_request(request_id, prompt, params, arrival_time, priority))
+
+    def prepare_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
+                        arrival_time: float | None = None, priority: int = 0) -> PreparedRequest:
+        """Tokenize and validate a request without touching engine state (safe from any thread).
+
+        Raises ValueError, saying what to change, for anything that could never run."""
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.output.parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         params = self._resolve_max_tokens(ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        children = []
+        children: list[Request] = []
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(cid, ids, params.for_child(i), self.config.model.arch.eos_token_ids, arrival,
                                     priority, leader_id=None if i == 0 else children[0].request_id))
-        added = []  # all or nothing: a failed admission leaves no trace
-        try:
-            for req in children:
-                self.scheduler.add_request(req)
-                added.append(req)
-        except ValueError:
-            self.scheduler.abort([r.request_id for r in added])
-            self.scheduler.finished_ids -= {r.request_id for r in added}
-            raise
-        for req in children:
+        self.scheduler.check_admissible(children[0])
+        return PreparedRequest(ParentState(request_id, text, ids, {}, arrival), children)
+
+    def submit(self, prepared: PreparedRequest) -> str:
+        """Queue a prepared request (engine thread only)."""
+        parent = prepared.parent
+        if parent.request_id in self.output.parents:
+            raise ValueError(f"request id {parent.request_id!r} is already in use")
+        for req in prepared.children:
+            self.scheduler.add_request(req)
             self.requests[req.request_id] = req
-        self.output.add(ParentState(request_id, text, ids, {}, arrival), children)
-        self.stats.prompt_tokens += len(ids)
-        return request_id
+        self.output.add(parent, prepared.children)
+        self.stats.prompt_tokens += len(parent.prompt_token_ids)
+        return parent.request_id
 
     def _resolve_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         limit = self.config.model.max_model_len

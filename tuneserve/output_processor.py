@@ -119,6 +119,8 @@ class OutputProcessor:
                            num_preemptions=sum(r.num_preemptions for r in reqs))
         if p.finished:
             m.finished_time = max((r.finished_time for r in reqs if r.finished_time is not None), default=None)
+            t = first.token_times
+            m.inter_token_latencies = [b - a for a, b in zip(t, t[1:])]
         return m
 
     def pop(self, parent_id: str) -> None:

@@ -26,6 +26,7 @@ class RequestMetrics:
     num_preemptions: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    inter_token_latencies: list[float] = field(default_factory=list)  # filled when the request finishes
 
     @property
     def queue_time(self) -> float | None:
@@ -53,6 +54,7 @@ class RequestMetrics:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("inter_token_latencies")
         d.update(queue_time=self.queue_time, ttft=self.ttft, tpot=self.tpot, e2e=self.e2e,
                  spec_acceptance_rate=self.spec_acceptance_rate)
         return d

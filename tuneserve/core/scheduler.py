@@ -37,6 +37,16 @@ class Scheduler:
     # ----- admission ------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         """Queue a request; raise ValueError if it could never run."""
+        self.check_admissible(req)
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        priority = req.priority if self.config.policy == "priority" else 0
+        self._queue_key[req.request_id] = (priority, next(self._arrival_seq))
+        self.requests[req.request_id] = req
+        self._enqueue(req)
+
+    def check_admissible(self, req: Request) -> None:
+        """Raise ValueError, saying what to change, if req could never be scheduled."""
         total = req.num_prompt_tokens + req.max_tokens
         if total > self.config.max_model_len:
             raise ValueError(
@@ -51,12 +61,6 @@ class Scheduler:
             raise ValueError(
                 f"prompt ({req.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
                 f"({self.config.max_num_batched_tokens}) with chunked prefill off; enable it or raise the budget")
-        if req.request_id in self.requests:
-            raise ValueError(f"request id {req.request_id!r} is already in use")
-        priority = req.priority if self.config.policy == "priority" else 0
-        self._queue_key[req.request_id] = (priority, next(self._arrival_seq))
-        self.requests[req.request_id] = req
-        self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:
         bisect.insort(self.waiting, (self._queue_key[req.request_id], req), key=lambda e: e[0])

@@ -1,0 +1,58 @@
+"""`tuneserve serve` as a process: SIGTERM drains in-flight requests, then exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from server_utils import free_port
+
+
+@pytest.mark.model
+def test_sigterm_drains_in_flight_requests_then_exits():
+    port = free_port()
+    env = {**os.environ, "TUNESERVE_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneserve.cli", "serve", "smollm2-135m", "--port", str(port),
+                             "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
+                             "--drain-timeout", "60", "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert time.time() < deadline and proc.poll() is None, "server did not start"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        chunks: list[dict] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            body = {"prompt": "Once upon a time", "max_tokens": 60, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+                        first.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert first.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the in-flight request completed
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its clean shutdown
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

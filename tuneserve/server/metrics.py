@@ -1,0 +1,87 @@
+"""Prometheus metrics under vLLM's names with the `tuneserve:` prefix (shared/ANCHORS.md).
+
+Gauges and counters are read from the engine's own counters at scrape time (one source of truth);
+latency histograms are observed as requests finish.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tuneserve.outputs import RequestOutput
+
+P = "tuneserve:"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    10.0, 20.0, 40.0, 80.0)
+
+
+class _EngineCollector:
+    """Reads the engine's gauges and counters when /metrics is scraped."""
+
+    def __init__(self, engine, model_name: str) -> None:  # noqa: ANN001 - LLMEngine
+        self.engine, self.model = engine, model_name
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        s = self.engine.get_stats()
+        lbl = ["model_name"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(P + name, doc, labels=lbl)
+            g.add_metric([self.model], value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(P + name, doc, labels=lbl)
+            c.add_metric([self.model], value)
+            return c
+
+        yield gauge("num_requests_running", "Requests in the running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", s.kv_cache_usage)
+        yield counter("prompt_tokens", "Prompt tokens received.", s.prompt_tokens)
+        yield counter("generation_tokens", "Tokens generated.", s.generation_tokens)
+        yield counter("num_preemptions", "Requests preempted (recomputed later).", s.num_preemptions)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        ok = CounterMetricFamily(P + "request_success", "Finished requests by reason.",
+                                 labels=lbl + ["finished_reason"])
+        for reason, n in sorted(s.finished.items()):
+            ok.add_metric([self.model, reason], n)
+        yield ok
+        yield counter("spec_decode_num_drafts", "Speculative draft rounds.", s.spec_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens)
+
+
+class ServerMetrics:
+    """The registry behind /metrics."""
+
+    def __init__(self, engine, model_name: str) -> None:  # noqa: ANN001
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine, model_name))
+        self.model = model_name
+        lbl = ["model_name"]
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(P + name, doc, lbl, buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+        self.ttft = hist("time_to_first_token_seconds", "Arrival to first token.")
+        self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of a request.")
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.")
+        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.")
+
+    def observe(self, out: RequestOutput) -> None:
+        """Record a finished request's latencies."""
+        m = out.metrics
+        if m.ttft is not None:
+            self.ttft.labels(self.model).observe(m.ttft)
+        for gap in m.inter_token_latencies:
+            self.itl.labels(self.model).observe(gap)
+        if m.e2e is not None:
+            self.e2e.labels(self.model).observe(m.e2e)
+        if m.queue_time is not None:
+            self.queue.labels(self.model).observe(m.queue_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
