@@ -6,10 +6,11 @@ import argparse
 
 
 def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    from tuneserve.bench import offline
+    from tuneserve.bench import offline, peers
 
     p = sub.add_parser("bench", help="benchmarks: offline, peers")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     offline.add_parser(bsub)
+    peers.add_parser(bsub)
     p.set_defaults(func=lambda ns: (p.print_help() or 2) if not getattr(ns, "bench_main", None)
                    else ns.bench_main(ns))
