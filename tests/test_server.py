@@ -245,7 +245,11 @@ def test_body_limit_is_413(strict_server):
     assert r.status_code == 413 and "limit" in error_of(r)["message"]
 
 
-def test_queue_limit_is_503_with_retry_after(strict_server):
+def test_queue_limit_is_503_with_retry_after(strict_server, monkeypatch):
+    runner = engine_of(strict_server).runner
+    real = runner.execute
+    monkeypatch.setattr(runner, "execute", lambda sched: (time.sleep(0.01), real(sched))[1])
+
     async def fire():
         async with httpx.AsyncClient(timeout=60) as h:
             body = {"model": MODEL, "prompt": "busy", "max_tokens": 60, "ignore_eos": True}
