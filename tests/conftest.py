@@ -22,7 +22,11 @@ TINY_KV_BYTES = 256 * 8192  # 256 blocks of 16 tokens for the tiny models (512 b
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny(root / arch, arch) for arch in ("llama", "qwen2")}
+    dirs = {arch: build_tiny(root / arch, arch) for arch in ("llama", "qwen2")}
+    # a draft for the tiny llama: the same tokenizer and seed, weights scaled by 0.8, so its guesses are
+    # right about a third of the time
+    dirs["llama-draft"] = build_tiny(root / "llama-draft", "llama", seed=0, std=0.2)
+    return dirs
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }
                  "{% if add_generation_prompt %}<bos>assistant: {% endif %}")
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
+def byte_tokenizer(extra_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer: ids 0-2 special, 3..258 the 256 byte symbols, no merges."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {s: i for i, s in enumerate(SPECIALS)}
@@ -22,16 +22,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(SPECIALS + list(extra_tokens))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def build_tiny(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2, std: float = 0.25) -> Path:
+def build_tiny(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2, std: float = 0.25,
+               extra_tokens: tuple[str, ...] = ()) -> Path:
     """Save a random tiny model of the given family (llama or qwen2) with its tokenizer to path."""
     torch.manual_seed(seed)
-    tok = byte_tokenizer()
+    tok = byte_tokenizer(tuple(extra_tokens))
     common = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=2,

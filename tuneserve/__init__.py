@@ -7,10 +7,14 @@ __all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput", 
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: importing tuneserve should not import torch
-    if name in ("LLM", "LLMEngine"):
-        from tuneserve import engine
+    if name == "LLM":
+        from tuneserve.llm import LLM
 
-        return getattr(engine, name)
+        return LLM
+    if name == "LLMEngine":
+        from tuneserve.engine import LLMEngine
+
+        return LLMEngine
     if name == "EngineArgs":
         from tuneserve.engine_args import EngineArgs
 

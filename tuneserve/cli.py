@@ -56,7 +56,7 @@ def cmd_pull(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from tuneserve.engine import LLM
+    from tuneserve.llm import LLM
 
     prompts = list(ns.prompt or [])
     if ns.prompts_file:

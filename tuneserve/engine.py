@@ -6,17 +6,18 @@ One step: Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update() ->
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from tuneserve.config import EngineConfig
+from tuneserve.context_policy import fit_prompt
 from tuneserve.core.kv_manager import KVGroupSpec, KVManager
 from tuneserve.core.scheduler import Scheduler
 from tuneserve.engine_args import EngineArgs
@@ -26,7 +27,15 @@ from tuneserve.outputs import RequestOutput
 from tuneserve.request import Request, RequestStatus
 from tuneserve.runner import ModelRunner
 from tuneserve.sampling_params import SamplingParams
-from tuneserve.tokenizer import chat_prompt, load_tokenizer
+from tuneserve.summarize import (
+    SummaryJob,
+    aborted_output,
+    finish_summary,
+    is_summary,
+    parent_id_of_summary,
+    plan_summary,
+)
+from tuneserve.tokenizer import load_tokenizer
 
 PromptType = str | list[int] | dict
 
@@ -38,10 +47,14 @@ def log(msg: str) -> None:
 
 @dataclass
 class PreparedRequest:
-    """A validated user request: its output state and its n scheduler requests."""
+    """A validated user request: its output state, its n scheduler requests, and (overflow_policy
+    summarize) the summary job that must finish before they can be made."""
 
     parent: ParentState
     children: list[Request]
+    params: SamplingParams | None = None
+    priority: int = 0
+    summary: SummaryJob | None = None
 
 
 @dataclass
@@ -61,6 +74,7 @@ class EngineStats:
     spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts at position 0, 1, ...
 
 
 def kv_groups(config: EngineConfig) -> list[KVGroupSpec]:
@@ -94,10 +108,17 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(config, self.model, self.groups, [num_blocks] * len(self.groups))
         self.output = OutputProcessor(self.tokenizer)
+        self.spec = None
+        if config.spec is not None:
+            from tuneserve.spec.decoder import SpecDecoder
+
+            self.spec = SpecDecoder(config.spec, self)
         self.requests: dict[str, Request] = {}  # live child requests
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._pending_outputs: list[str] = []  # parents aborted outside step(), reported by the next step
+        self._summaries: dict[str, PreparedRequest] = {}  # requests waiting for their prompt's summary
+        self._aborted_before_start: list[PreparedRequest] = []  # aborted while summarizing: reported next step
         log(f"loaded {m.model} ({m.arch.architecture}, {m.arch.num_layers} layers) in "
             f"{time.perf_counter() - t0:.1f}s on {config.device}, dtype {m.dtype}")
 
@@ -150,21 +171,40 @@ class LLMEngine:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         text, ids = self.tokenize_prompt(prompt)
-        params = self._resolve_max_tokens(ids, params)
+        plan = fit_prompt(ids, params.max_tokens, self.config.model.max_model_len, self.config.overflow_policy)
+        params = dataclasses.replace(params, max_tokens=plan.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        children: list[Request] = []
+        parent = ParentState(request_id, text, plan.ids, {}, arrival, metadata=plan.metadata)
+        if plan.middle is not None:  # overflow_policy summarize: first the summary, then the request
+            job = plan_summary(self, parent, plan, params, priority)
+            self.scheduler.check_admissible(job.request)
+            return PreparedRequest(parent, [], params, priority, job)
+        prepared = PreparedRequest(parent, [], params, priority)
+        self.make_children(prepared)
+        self.scheduler.check_admissible(prepared.children[0])
+        return prepared
+
+    def make_children(self, prepared: PreparedRequest) -> None:
+        """The n scheduler requests of a user request (siblings share the leader's prompt blocks)."""
+        p, params = prepared.parent, prepared.params
+        kids: list[Request] = []
         for i in range(params.n):
-            cid = request_id if params.n == 1 else f"{request_id}#{i}"
-            children.append(Request(cid, ids, params.for_child(i), self.config.model.arch.eos_token_ids, arrival,
-                                    priority, leader_id=None if i == 0 else children[0].request_id))
-        self.scheduler.check_admissible(children[0])
-        return PreparedRequest(ParentState(request_id, text, ids, {}, arrival), children)
+            cid = p.request_id if params.n == 1 else f"{p.request_id}#{i}"
+            kids.append(Request(cid, p.prompt_token_ids, params.for_child(i), self.config.model.arch.eos_token_ids,
+                                p.arrival_time, prepared.priority, leader_id=kids[0].request_id if kids else None))
+        prepared.children = kids
 
     def submit(self, prepared: PreparedRequest) -> str:
         """Queue a prepared request (engine thread only)."""
         parent = prepared.parent
-        if parent.request_id in self.output.parents:
+        if parent.request_id in self.output.parents or parent.request_id in self._summaries:
             raise ValueError(f"request id {parent.request_id!r} is already in use")
+        if prepared.summary is not None:
+            job = prepared.summary
+            self.scheduler.add_request(job.request)
+            self.requests[job.request.request_id] = job.request
+            self._summaries[parent.request_id] = prepared
+            return parent.request_id
         for req in prepared.children:
             self.scheduler.add_request(req)
             self.requests[req.request_id] = req
@@ -172,27 +212,15 @@ class LLMEngine:
         self.stats.prompt_tokens += len(parent.prompt_token_ids)
         return parent.request_id
 
-    def _resolve_max_tokens(self, ids: list[int], params: SamplingParams) -> SamplingParams:
-        limit = self.config.model.max_model_len
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        room = limit - len(ids)
-        if params.max_tokens is None:
-            if room < 1:
-                raise ValueError(f"prompt ({len(ids)} tokens) leaves no room to generate within the model's "
-                                 f"context length ({limit}); shorten the prompt")
-            import dataclasses
-
-            return dataclasses.replace(params, max_tokens=room)
-        if len(ids) + params.max_tokens > limit:
-            raise ValueError(f"this model's context length is {limit} tokens, but the prompt has {len(ids)} "
-                             f"tokens and max_tokens is {params.max_tokens} ({len(ids) + params.max_tokens} in "
-                             f"all); shorten the prompt or lower max_tokens")
-        return params
-
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Abort user requests (all their samples); their KV blocks are free on return."""
         for pid in [request_ids] if isinstance(request_ids, str) else list(request_ids):
+            waiting_summary = self._summaries.pop(pid, None)
+            if waiting_summary is not None:
+                self.scheduler.abort([waiting_summary.summary.request.request_id])
+                self.requests.pop(waiting_summary.summary.request.request_id, None)
+                self._aborted_before_start.append(waiting_summary)
+                continue
             parent = self.output.parents.get(pid)
             if parent is None:
                 continue
@@ -208,14 +236,23 @@ class LLMEngine:
         """Run one scheduler step; returns the outputs of user requests that changed."""
         touched: dict[str, None] = dict.fromkeys(self._pending_outputs)
         self._pending_outputs = []
+        early = [aborted_output(p) for p in self._aborted_before_start]
+        self._aborted_before_start = []
         sched = self.scheduler.schedule()
         if sched.requests:
+            t0 = time.perf_counter()
             out = self.runner.execute(sched)
             self.scheduler.update(sched, out)
             self.stats.num_steps += 1
+            self._count_spec(out)
+            if self.spec is not None:
+                self.spec.observe(sched, out, time.perf_counter() - t0)
             for i, sr in enumerate(sched.requests):
                 req = self.requests.get(sr.req_id)
                 if req is None:
+                    continue
+                if is_summary(req):
+                    self._on_summary_progress(req)
                     continue
                 if out.prompt_logprobs[i]:
                     self.output.on_prompt_logprobs(req, out.prompt_logprobs[i])
@@ -230,7 +267,9 @@ class LLMEngine:
                 touched[self.output.parent_of(req.request_id)] = None
         elif sched.finished_req_ids:
             self.runner.execute(sched)  # lets the runner drop state of finished requests
-        results = []
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
+        results = early
         for pid in touched:
             if pid is None or pid not in self.output.parents:
                 continue
@@ -240,6 +279,17 @@ class LLMEngine:
                 self.output.pop(pid)
         return results
 
+    def _count_spec(self, out) -> None:  # noqa: ANN001 - RunnerOutput
+        s = self.stats
+        for drafted, accepted in zip(out.num_draft_tokens, out.num_accepted):
+            if drafted:
+                s.spec_num_drafts += 1
+                s.spec_num_draft_tokens += drafted
+                s.spec_num_accepted_tokens += accepted
+                s.spec_accepted_per_pos.extend([0] * (drafted - len(s.spec_accepted_per_pos)))
+                for i in range(accepted):
+                    s.spec_accepted_per_pos[i] += 1
+
     def _finish_child(self, req: Request) -> None:
         if self.requests.pop(req.request_id, None) is None:
             return
@@ -247,8 +297,22 @@ class LLMEngine:
         reason = req.finish_reason or "abort"
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
+    def _on_summary_progress(self, req: Request) -> None:
+        """When a summary finishes, its user request starts with the summary in place of the middle."""
+        if not req.is_finished:
+            return
+        self.requests.pop(req.request_id, None)
+        prepared = self._summaries.pop(parent_id_of_summary(req), None)
+        if prepared is None:
+            return
+        finish_summary(self, prepared)
+        self.make_children(prepared)
+        prepared.summary = None
+        self.submit(prepared)
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.output.parents) or bool(self._pending_outputs)
+        return bool(self.output.parents) or bool(self._pending_outputs) or bool(self._summaries) or bool(
+            self._aborted_before_start)
 
     def get_stats(self) -> EngineStats:
         s = self.stats
@@ -259,66 +323,3 @@ class LLMEngine:
         return s
 
 
-class LLM:
-    """Offline batch inference: LLM(model=...).generate(prompts, SamplingParams(...))."""
-
-    def __init__(self, model: str | None = None, **engine_args) -> None:
-        if model is not None:
-            engine_args["model"] = model
-        self.llm_engine = LLMEngine.from_engine_args(EngineArgs.from_dict(engine_args))
-
-    def get_tokenizer(self):  # noqa: ANN201 - an HF tokenizer
-        return self.llm_engine.tokenizer
-
-    def generate(
-        self,
-        prompts: PromptType | Sequence[PromptType],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
-        priority: Sequence[int] | None = None,
-    ) -> list[RequestOutput]:
-        """Generate for every prompt; returns RequestOutputs in prompt order."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                 and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
-        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        engine = self.llm_engine
-        ids = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            ids.append(engine.add_request(None, prompt, p or SamplingParams(),
-                                          priority=priority[i] if priority else 0))
-        return self._run(ids, use_tqdm)
-
-    def chat(
-        self,
-        messages: list[dict] | list[list[dict]],
-        sampling_params: SamplingParams | None = None,
-        use_tqdm: bool = True,
-        chat_template: str | None = None,
-        add_generation_prompt: bool = True,
-    ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, using the model's chat template."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [chat_prompt(self.get_tokenizer(), c, add_generation_prompt, chat_template) for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm)
-
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.llm_engine
-        done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, leave=False)
-        try:
-            while len(done) < len(ids):
-                for ro in engine.step():
-                    if ro.finished:
-                        done[ro.request_id] = ro
-                        bar.update(1)
-        except BaseException:
-            engine.abort_request([i for i in ids if i not in done])
-            engine.step()
-            raise
-        finally:
-            bar.close()
-        return [done[i] for i in ids]

@@ -116,7 +116,11 @@ class OutputProcessor:
                            last_token_time=first.token_times[-1] if first.token_times else None,
                            num_generated_tokens=first.num_output_tokens,
                            num_cached_tokens=max(0, first.num_cached_tokens),
-                           num_preemptions=sum(r.num_preemptions for r in reqs))
+                           num_preemptions=sum(r.num_preemptions for r in reqs),
+                           spec_num_drafts=sum(r.spec_num_drafts for r in reqs),
+                           spec_num_draft_tokens=sum(r.spec_num_draft_tokens for r in reqs),
+                           spec_num_accepted_tokens=sum(r.spec_num_accepted_tokens for r in reqs),
+                           spec_accepted_per_pos=list(first.spec_accepted_per_pos))
         if p.finished:
             m.finished_time = max((r.finished_time for r in reqs if r.finished_time is not None), default=None)
             t = first.token_times

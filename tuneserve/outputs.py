@@ -24,8 +24,10 @@ class RequestMetrics:
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)  # filled when the request finishes
 
     @property
@@ -52,11 +54,17 @@ class RequestMetrics:
         d = self.spec_num_draft_tokens
         return None if d == 0 else self.spec_num_accepted_tokens / d
 
+    @property
+    def spec_mean_acceptance_length(self) -> float | None:
+        """1 + accepted drafts per verification round (tokens per target step while speculating)."""
+        return None if self.spec_num_drafts == 0 else 1 + self.spec_num_accepted_tokens / self.spec_num_drafts
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("inter_token_latencies")
         d.update(queue_time=self.queue_time, ttft=self.ttft, tpot=self.tpot, e2e=self.e2e,
-                 spec_acceptance_rate=self.spec_acceptance_rate)
+                 spec_acceptance_rate=self.spec_acceptance_rate,
+                 spec_mean_acceptance_length=self.spec_mean_acceptance_length)
         return d
 
 

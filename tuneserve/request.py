@@ -56,6 +56,11 @@ class Request:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.spec_token_ids: list[int] = []
+        self.spec_draft_probs = None  # (k, V) tensor when drafts were sampled from a draft model
+        self.spec_num_drafts = 0  # verification rounds
+        self.spec_num_draft_tokens = 0  # drafts verified over the request's life
+        self.spec_num_accepted_tokens = 0
+        self.spec_accepted_per_pos: list[int] = []  # accepted drafts at draft position 0, 1, ...
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks (core/block_pool.py)
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

@@ -6,6 +6,8 @@ knows about requests comes from the SchedulerOutput; everything it returns goes 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from tuneserve.config import EngineConfig
@@ -13,7 +15,8 @@ from tuneserve.core.kv_manager import KVGroupSpec
 from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from tuneserve.kernels.attention import build_metadata
 from tuneserve.models.layers import ForwardContext
-from tuneserve.sample import SamplingRow, sample, token_logprobs
+from tuneserve.sample import SamplingRow, apply_penalties, processed_probs, sample, token_logprobs
+from tuneserve.spec.rejection import rejection_sample, verify_greedy
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +58,17 @@ class ModelRunner:
         hidden = self.model(input_ids, ctx)  # (N, hidden)
         return self._sample(reqs, hidden)
 
+    @torch.inference_mode()
+    def time_forward(self, n: int) -> float:
+        """Seconds for one forward (with logits) of n single-token sequences; they all write into the
+        null block, which is only ever read masked, so the cache is untouched."""
+        null = [[0]] * len(self.groups)
+        reqs = [ScheduledRequest(f"_calib{i}", [0], 0, tuple(null), None, sample=True) for i in range(n)]
+        t0 = time.perf_counter()
+        ctx, ids = self._prepare(reqs)
+        self.model.compute_logits(self.model(ids, ctx))
+        return time.perf_counter() - t0
+
     def _prepare(self, reqs: list[ScheduledRequest]) -> tuple[ForwardContext, torch.Tensor]:
         ids, positions = [], []
         for r in reqs:
@@ -92,32 +106,44 @@ class ModelRunner:
         return self._pick_tokens(reqs, spans, logits)
 
     def _pick_tokens(self, reqs: list[ScheduledRequest], spans: list, logits: torch.Tensor) -> RunnerOutput:
-        sample_rows, sample_idx = [], []
-        for r, (_, _, s0, s1) in zip(reqs, spans):
-            if s1 > s0:
-                sample_rows.append(self._sampling_row(r))
-                sample_idx.append(s1 - 1)
-        # TODO(spec): verification of draft tokens replaces this single-row sampling (spec/rejection.py)
-        chosen = sample(logits[sample_idx], sample_rows) if sample_idx else None
-        chosen_list = chosen.tolist() if chosen is not None else []
-        lp_needed = any(r.params.logprobs is not None for r in reqs)
-        lp_all = torch.log_softmax(logits, dim=-1) if (lp_needed or any(p1 > p0 for p0, p1, _, _ in spans)) else None
-        sampled, logprobs, prompt_lps = [], [], []
-        k = 0
-        for r, (p0, p1, s0, s1) in zip(reqs, spans):
-            toks: list[int] = []
-            lps: list[TokenLogprobs] | None = None
-            if s1 > s0:
-                toks = [chosen_list[k]]
-                if r.params.logprobs is not None:
-                    lps = token_logprobs(lp_all[s1 - 1:s1], chosen[k:k + 1], [r.params.logprobs])
-                k += 1
-            sampled.append(toks)
+        # requests without drafts: one row each, sampled together
+        plain = [(i, s1 - 1) for i, (r, (_, _, s0, s1)) in enumerate(zip(reqs, spans))
+                 if s1 > s0 and not r.num_draft_tokens]
+        emitted: list[list[int]] = [[] for _ in reqs]
+        accepted = [0] * len(reqs)
+        if plain:
+            rows = [self._sampling_row(reqs[i]) for i, _ in plain]
+            chosen = sample(logits[[row for _, row in plain]], rows).tolist()
+            for (i, _), tok in zip(plain, chosen):
+                emitted[i] = [tok]
+        for i, (r, (_, _, s0, s1)) in enumerate(zip(reqs, spans)):
+            if s1 > s0 and r.num_draft_tokens:
+                emitted[i], accepted[i] = self._verify(r, logits[s0:s1])
+        need_lp = any(r.params.logprobs is not None for r in reqs) or any(p1 > p0 for p0, p1, _, _ in spans)
+        lp_all = torch.log_softmax(logits, dim=-1) if need_lp else None
+        logprobs, prompt_lps = [], []
+        for i, (r, (p0, p1, s0, _)) in enumerate(zip(reqs, spans)):
+            lps = None
+            if emitted[i] and r.params.logprobs is not None:
+                n = len(emitted[i])  # the j-th emitted token was drawn at row s0 + j
+                chosen = torch.tensor(emitted[i], dtype=torch.long, device=logits.device)
+                lps = token_logprobs(lp_all[s0:s0 + n], chosen, [r.params.logprobs] * n)
             logprobs.append(lps)
             prompt_lps.append(self._prompt_logprobs(r, lp_all[p0:p1]) if p1 > p0 else None)
-        n = len(reqs)
-        return RunnerOutput(sampled, logprobs, prompt_lps, [r.num_draft_tokens for r in reqs],
-                            [0] * n)
+        return RunnerOutput(emitted, logprobs, prompt_lps, [r.num_draft_tokens for r in reqs], accepted)
+
+    def _verify(self, r: ScheduledRequest, logits: torch.Tensor) -> tuple[list[int], int]:
+        """Check r's draft tokens against the target logits at their k + 1 positions (spec/rejection.py)."""
+        k = r.num_draft_tokens
+        drafts = r.token_ids[-k:]
+        gen = self._generator(r)
+        rows = [self._sampling_row(r, drafts[:j], gen) for j in range(k + 1)]
+        if any(row.params.uses_penalties or row.params.min_tokens for row in rows):
+            logits = apply_penalties(logits.clone(), rows)
+        if r.params.greedy:
+            return verify_greedy(logits.argmax(-1).tolist(), drafts)
+        probs = processed_probs(logits, rows)
+        return rejection_sample(probs, drafts, r.draft_probs, gen)
 
     def _prompt_logprobs(self, r: ScheduledRequest, lp: torch.Tensor) -> list[TokenLogprobs]:
         """Logprobs of the prompt tokens following each of this chunk's positions."""
@@ -125,12 +151,20 @@ class ModelRunner:
         chosen = torch.tensor(nxt, dtype=torch.long, device=lp.device)
         return token_logprobs(lp, chosen, [r.params.prompt_logprobs] * lp.shape[0])
 
-    def _sampling_row(self, r: ScheduledRequest) -> SamplingRow:
-        gen = None
-        if r.params.seed is not None and not r.params.greedy:
-            gen = self.generators.get(r.req_id)
-            if gen is None:
-                gen = self.generators[r.req_id] = torch.Generator(device=self.device)
-                gen.manual_seed(r.params.seed)
-        outputs = r.all_token_ids[r.prompt_len:r.start_pos + r.num_tokens - r.num_draft_tokens]
-        return SamplingRow(r.params, gen, r.all_token_ids[:r.prompt_len], outputs, self.eos_ids)
+    def _generator(self, r: ScheduledRequest) -> torch.Generator | None:
+        """The request's own random generator when it is seeded (created at its first sample)."""
+        if r.params.seed is None or r.params.greedy:
+            return None
+        gen = self.generators.get(r.req_id)
+        if gen is None:
+            gen = self.generators[r.req_id] = torch.Generator(device=self.device)
+            gen.manual_seed(r.params.seed)
+        return gen
+
+    def _sampling_row(self, r: ScheduledRequest, extra: list[int] | None = None,
+                      gen: torch.Generator | None = None) -> SamplingRow:
+        """Sampling state at r's first sampled position (plus `extra` drafts already accepted before it)."""
+        end = r.start_pos + r.num_tokens - r.num_draft_tokens
+        outputs = r.all_token_ids[r.prompt_len:end] + (extra or [])
+        return SamplingRow(r.params, gen if gen is not None else self._generator(r),
+                           r.all_token_ids[:r.prompt_len], outputs, self.eos_ids)

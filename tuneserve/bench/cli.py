@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     from tuneserve.bench import offline, peers

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from dataclasses import dataclass
 
@@ -96,7 +95,7 @@ def warm_up(llm) -> None:  # noqa: ANN001
 
 
 def main(ns: argparse.Namespace) -> int:
-    from tuneserve.engine import LLM
+    from tuneserve.llm import LLM
 
     args = EngineArgs.from_cli_args(ns)
     llm = LLM(**args.to_dict())

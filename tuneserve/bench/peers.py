@@ -119,7 +119,7 @@ def main(ns: Any) -> int:
     from tuneserve.bench import peer_hf, peer_llama_cpp
     from tuneserve.bench.offline import corpus_workload, ladder_workload, run_engine, warm_up
     from tuneserve.bench.report import table, write_json
-    from tuneserve.engine import LLM
+    from tuneserve.llm import LLM
     from tuneserve.engine_args import EngineArgs
 
     args = EngineArgs.from_cli_args(ns)

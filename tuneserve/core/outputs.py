@@ -22,6 +22,7 @@ class ScheduledRequest:
     params: SamplingParams
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     num_draft_tokens: int = 0
+    draft_probs: object = None  # (num_draft_tokens, V) tensor; None: drafts are one-hot (n-gram, greedy)
     prompt_len: int = 0
     # references to the request's token lists, read-only for the runner (penalties, prompt logprobs)
     all_token_ids: list[int] = field(default_factory=list)

@@ -142,8 +142,11 @@ class Scheduler:
         end = start + num_new
         tokens = req.all_token_ids[start:end]
         num_draft = max(0, end - req.num_tokens)
+        draft_probs = None
         if num_draft:
             tokens.extend(req.spec_token_ids[:num_draft])
+            if req.spec_draft_probs is not None:
+                draft_probs = req.spec_draft_probs[:num_draft]
         return ScheduledRequest(
             req_id=req.request_id,
             token_ids=tokens,
@@ -152,6 +155,7 @@ class Scheduler:
             params=req.params,
             sample=end >= req.num_tokens,
             num_draft_tokens=num_draft,
+            draft_probs=draft_probs,
             prompt_len=req.num_prompt_tokens,
             all_token_ids=req.all_token_ids,
         )
@@ -166,7 +170,7 @@ class Scheduler:
         self.running.remove(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
-        req.spec_token_ids = []
+        req.spec_token_ids, req.spec_draft_probs = [], None
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(req)
@@ -183,9 +187,11 @@ class Scheduler:
             req = self.requests.get(sr.req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted during the step
-            accepted = out.num_accepted[i] if out.num_accepted else sr.num_draft_tokens
+            accepted = out.num_accepted[i] if out.num_accepted else 0
             req.num_computed_tokens += sr.num_tokens - (sr.num_draft_tokens - accepted)
-            req.spec_token_ids = []
+            req.spec_token_ids, req.spec_draft_probs = [], None
+            if sr.num_draft_tokens and out.sampled[i]:
+                self._count_spec(req, sr.num_draft_tokens, accepted)
             for token in out.sampled[i]:
                 req.append_token(token, now)
                 if req.check_stop(self.config.max_model_len):
@@ -197,6 +203,16 @@ class Scheduler:
             if req.is_finished:
                 self._release(req, now)
         return changed
+
+    @staticmethod
+    def _count_spec(req: Request, drafted: int, accepted: int) -> None:
+        req.spec_num_drafts += 1
+        req.spec_num_draft_tokens += drafted
+        req.spec_num_accepted_tokens += accepted
+        per_pos = req.spec_accepted_per_pos
+        per_pos.extend([0] * (drafted - len(per_pos)))
+        for j in range(accepted):
+            per_pos[j] += 1
 
     def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
         """End requests from outside (abort, or a stop string seen by the detokenizer)."""

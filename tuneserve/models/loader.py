@@ -9,6 +9,7 @@ from tuneserve.config import ArchConfig
 from tuneserve.models.layers import Rotary
 from tuneserve.models.registry import model_class
 from tuneserve.weights import open_checkpoint
+from tuneserve.weights.safetensors import HFCheckpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,7 +29,11 @@ def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "
                progress: bool = True) -> nn.Module:
     """Build the model for arch and fill it from the checkpoint at path (dequantized to fp32 first)."""
     model = build_model(arch, device)
-    model.load_weights(open_checkpoint(path).tensors(progress=progress))
+    ckpt = open_checkpoint(path)
+    if arch.architecture == "gemma3" and isinstance(ckpt, HFCheckpoint):
+        model.load_weights(ckpt.tensors(progress=progress), norms_include_one=False)
+    else:
+        model.load_weights(ckpt.tensors(progress=progress))
     if dtype != "float32":
         model = model.to(DTYPES[dtype])
         for m in model.modules():

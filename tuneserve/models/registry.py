@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from tuneserve.config import ArchConfig
+from tuneserve.models.gemma3 import Gemma3ForCausalLM
 from tuneserve.models.llama import LlamaForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,  # llama with q/k/v biases (ArchConfig.attention_bias) and an untied head
+    "gemma3": Gemma3ForCausalLM,
 }
 
 

@@ -52,6 +52,11 @@ class _EngineCollector:
         yield counter("spec_decode_num_drafts", "Speculative draft rounds.", s.spec_num_drafts)
         yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_num_draft_tokens)
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens)
+        per_pos = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position.",
+                                      labels=lbl + ["position"])
+        for i, n in enumerate(s.spec_accepted_per_pos):
+            per_pos.add_metric([self.model, str(i)], n)
+        yield per_pos
 
 
 class ServerMetrics:

@@ -1,0 +1,79 @@
+"""SpecDecoder: each step, proposes draft tokens for the running requests (n-gram lookup or a draft
+model), with a length chosen by the adaptive controller; learns acceptance and cost from the results.
+
+Drafts become extra tokens of their request in the next step's token budget and are verified in the
+same target forward pass as everything else (runner.py, spec/rejection.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tuneserve.config import SpecConfig
+from tuneserve.core.outputs import RunnerOutput, SchedulerOutput
+from tuneserve.request import Request, RequestStatus
+from tuneserve.spec.adaptive import KController
+from tuneserve.spec.ngram import propose_ngram
+
+
+class SpecDecoder:
+    def __init__(self, spec: SpecConfig, engine) -> None:  # noqa: ANN001 - LLMEngine
+        self.spec = spec
+        self.max_model_len = engine.config.model.max_model_len
+        self.ctl = KController(spec.num_speculative_tokens, spec.adaptive)
+        self.draft = None
+        if spec.method == "draft":
+            from tuneserve.spec.draft import DraftProposer
+
+            self.draft = DraftProposer(spec, engine.config, engine.tokenizer)
+        if spec.adaptive:
+            self.calibrate(engine.runner)
+
+    def calibrate(self, runner) -> None:  # noqa: ANN001 - ModelRunner
+        """Seed the target's step-time table with a few timed forwards of 1..256 tokens."""
+        for n in (1, 4, 16, 64, 256):
+            runner.time_forward(n)  # warm
+            self.ctl.target.observe(n, runner.time_forward(n))
+
+    # ----- each step --------------------------------------------------------------------------
+    def observe(self, sched: SchedulerOutput, out: RunnerOutput, seconds: float) -> None:
+        """Learn from a finished step: its cost, and how many drafts were accepted where."""
+        self.ctl.target.observe(sched.num_batched_tokens, seconds)
+        for drafted, accepted in zip(out.num_draft_tokens, out.num_accepted):
+            if drafted:
+                self.ctl.stats.record(drafted, accepted)
+
+    def propose(self, running: list[Request]) -> None:
+        """Set spec_token_ids (and draft distributions) on running requests that are decoding."""
+        live = [r for r in running if r.status == RequestStatus.RUNNING]
+        if self.draft is not None:
+            self.draft.release_except({r.request_id for r in live})
+        decoding = [r for r in live if r.num_computed_tokens == r.num_tokens - 1]
+        base = sum(1 if r in decoding else r.num_tokens - r.num_computed_tokens for r in live)
+        k = self.ctl.choose(len(decoding), base)
+        if k == 0:
+            return
+        ks = [max(0, min(k, r.max_tokens - r.num_output_tokens - 1, self.max_model_len - r.num_tokens - 1))
+              for r in decoding]
+        if self.draft is None:
+            for r, kr in zip(decoding, ks):
+                self._record_hit(kr, self._set(r, propose_ngram(r.all_token_ids, kr, self.spec.prompt_lookup_min,
+                                                                   self.spec.prompt_lookup_max) if kr else [], None))
+            return
+        t0 = time.perf_counter()
+        proposals = self.draft.propose(decoding, ks)
+        if any(ks):
+            self.ctl.draft_per_position.observe(len(decoding), (time.perf_counter() - t0) / max(ks))
+        for r, kr, (toks, probs) in zip(decoding, ks, proposals):
+            self._record_hit(kr, self._set(r, toks, probs))
+
+    def _set(self, r: Request, toks: list[int], probs: torch.Tensor | None) -> bool:
+        r.spec_token_ids, r.spec_draft_probs = toks, probs
+        return bool(toks)
+
+    def _record_hit(self, k: int, hit: bool) -> None:
+        if k:
+            self.ctl.stats.proposals += 1
+            self.ctl.stats.hits += hit

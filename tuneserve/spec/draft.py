@@ -1,0 +1,139 @@
+"""Draft-model drafting: a smaller model with the same tokenizer proposes k tokens per request.
+
+The draft model runs through its own ModelRunner with its own paged KV cache. For each request it keeps
+the tokens whose KV it holds ("fed"); every round it rolls that back to the prefix the target kept
+(rejected drafts are dropped), catches up on the new tokens in one ragged forward, then drafts k tokens
+with k - 1 more batched forwards. Greedy requests draft the argmax; sampled ones draw from the draft's
+processed distribution q, which is kept for rejection sampling.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+
+from tuneserve.config import EngineConfig, SpecConfig
+from tuneserve.core.kv_manager import KVGroupSpec, KVManager
+from tuneserve.core.outputs import ScheduledRequest
+from tuneserve.request import Request
+from tuneserve.sample import SamplingRow, processed_probs
+
+
+@dataclass
+class _DraftState:
+    shadow: Request  # the draft's view of the request (its num_computed_tokens is the draft's)
+    fed: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds
+    generator: torch.Generator | None = None
+
+
+def check_same_tokenizer(target_tok, draft_tok, draft_name: str) -> None:  # noqa: ANN001
+    """Drafts are token ids: both models must map text to the same ids."""
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise ValueError(f"draft model {draft_name!r} has a different tokenizer from the target model "
+                         f"({len(draft_tok.get_vocab())} vs {len(target_tok.get_vocab())} entries or different "
+                         "ids); choose a draft model of the same family")
+
+
+class DraftProposer:
+    """Runs the draft model for the requests that speculate this step."""
+
+    def __init__(self, spec: SpecConfig, target: EngineConfig, target_tokenizer) -> None:  # noqa: ANN001
+        from tuneserve.engine import kv_groups, log
+        from tuneserve.engine_args import EngineArgs
+        from tuneserve.models.loader import load_model
+        from tuneserve.runner import ModelRunner
+        from tuneserve.tokenizer import load_tokenizer
+
+        if not spec.model:
+            raise ValueError('speculative_config with method "draft" needs "model": the draft model')
+        args = EngineArgs(model=spec.model, dtype=target.model.dtype, max_model_len=target.model.max_model_len,
+                          block_size=target.cache.block_size, enable_prefix_caching=False,
+                          kv_cache_memory_bytes=target.cache.kv_cache_memory_bytes, device=target.device)
+        self.config = args.create_engine_config()
+        check_same_tokenizer(target_tokenizer, load_tokenizer(self.config.model.path), spec.model)
+        t0 = time.perf_counter()
+        model = load_model(self.config.model.path, self.config.model.arch, torch.device(target.device),
+                           self.config.model.dtype)
+        groups = [KVGroupSpec(tuple(range(self.config.model.arch.num_layers)))]
+        if len(kv_groups(self.config)) != 1:
+            raise ValueError("a draft model with sliding-window layers is not supported; pick a full-attention one")
+        a = self.config.model.arch
+        per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * target.cache.block_size
+        num_blocks = max(2, self.config.cache.kv_cache_memory_bytes // per_block)
+        self.kv = KVManager(groups, [num_blocks], target.cache.block_size, enable_caching=False)
+        self.runner = ModelRunner(self.config, model, groups, [num_blocks])
+        self.states: dict[str, _DraftState] = {}
+        log(f"draft model {spec.model} loaded in {time.perf_counter() - t0:.1f}s ({num_blocks - 1} KV blocks)")
+
+    def release_except(self, live_ids: set[str]) -> None:
+        """Free the draft KV of requests that are no longer running (finished, aborted, preempted)."""
+        for rid in [r for r in self.states if r not in live_ids]:
+            self.kv.free(self.states.pop(rid).shadow)
+
+    @torch.inference_mode()
+    def propose(self, reqs: list[Request], ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
+        """Drafts (and their distributions, None for greedy requests) for each request."""
+        out: list[tuple[list[int], torch.Tensor | None]] = [([], None)] * len(reqs)
+        active = [i for i, (r, k) in enumerate(zip(reqs, ks)) if k > 0 and self._prepare(r, k)]
+        if not active:
+            return out
+        drafts: dict[int, list[int]] = {i: [] for i in active}
+        probs: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+        # round 0: catch up on the tokens the draft has not seen; later rounds feed the last draft
+        feed = {i: reqs[i].all_token_ids[len(self.states[reqs[i].request_id].fed):] for i in active}
+        for step in range(max(ks[i] for i in active)):
+            batch = [i for i in active if ks[i] > step]
+            logits = self._forward(reqs, batch, feed)
+            for row, i in enumerate(batch):
+                tok, q = self._draw(reqs[i], logits[row])
+                drafts[i].append(tok)
+                if q is not None:
+                    probs[i].append(q)
+                feed[i] = [tok]
+        for i in active:
+            p = torch.stack(probs[i]) if probs[i] else None
+            out[i] = (drafts[i], p)
+        return out
+
+    def _prepare(self, r: Request, k: int) -> bool:
+        """Roll the draft's state back to what the target kept and reserve KV for k more tokens."""
+        st = self.states.get(r.request_id)
+        if st is None:
+            gen = None
+            if r.params.seed is not None and not r.params.greedy:
+                gen = torch.Generator(device=self.runner.device).manual_seed(r.params.seed + 1)
+            st = self.states[r.request_id] = _DraftState(Request(r.request_id, r.prompt_token_ids, r.params),
+                                                         generator=gen)
+        valid = 0
+        limit = min(len(st.fed), r.num_tokens - 1)
+        while valid < limit and st.fed[valid] == r.all_token_ids[valid]:
+            valid += 1
+        st.fed = st.fed[:valid]
+        st.shadow.num_computed_tokens = valid
+        held = self.kv.block_ids(st.shadow)[0]
+        need = r.num_tokens + k - 1  # KV positions the draft writes this round
+        return len(held) * self.kv.block_size >= need or self.kv.allocate_slots(st.shadow, need - valid)
+
+    def _forward(self, reqs: list[Request], batch: list[int], feed: dict[int, list[int]]) -> torch.Tensor:
+        scheduled = []
+        for i in batch:
+            st = self.states[reqs[i].request_id]
+            toks = feed[i]
+            scheduled.append(ScheduledRequest(reqs[i].request_id, toks, len(st.fed), self.kv.block_ids(st.shadow),
+                                              reqs[i].params, sample=True))
+            st.fed.extend(toks)
+        ctx, ids = self.runner._prepare(scheduled)
+        hidden = self.runner.model(ids, ctx)
+        last = torch.tensor([c - 1 for c in accumulate(s.num_tokens for s in scheduled)], device=hidden.device)
+        return self.runner.model.compute_logits(hidden[last])
+
+    def _draw(self, r: Request, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if r.params.greedy:
+            return int(logits.argmax()), None
+        st = self.states[r.request_id]
+        q = processed_probs(logits.unsqueeze(0), [SamplingRow(r.params, st.generator, [], [])])[0]
+        return int(torch.multinomial(q, 1, generator=st.generator)), q
+
