@@ -146,9 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(func=cmd_serve)
 
+    from tuneserve.bench import report, sweep, tune
     from tuneserve.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    sweep.add_parser(sub)
+    tune.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

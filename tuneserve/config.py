@@ -89,7 +89,7 @@ class SpecConfig:
 
     method: str  # "ngram" | "draft"
     num_speculative_tokens: int = 4
-    prompt_lookup_min: int = 1
+    prompt_lookup_min: int = 2  # a 1-token match mostly proposes noise
     prompt_lookup_max: int = 4
     model: str | None = None
     adaptive: bool = True

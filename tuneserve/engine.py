@@ -98,9 +98,7 @@ class LLMEngine:
         torch.manual_seed(config.model.seed)
         m = config.model
         self.tokenizer = load_tokenizer(m.path, m.tokenizer)
-        if m.quantization is not None:
-            raise ValueError(f"quantization {m.quantization!r} is not available in this build yet")
-        self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype)
+        self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization)
         self.groups = kv_groups(config)
         num_blocks = self._num_blocks()
         self.kv = KVManager(self.groups, [num_blocks] * len(self.groups), config.cache.block_size,

@@ -52,6 +52,7 @@ def run_engine(llm, work: Workload, label: str = "tuneserve") -> dict:  # noqa: 
     out_tok = sum(len(o.outputs[0].token_ids) for o in outs)
     ttfts = [o.metrics.ttft for o in outs]
     tpots = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
+    e2els = [o.metrics.e2e for o in outs]
     return {
         "system": label,
         "workload": work.name,
@@ -67,7 +68,19 @@ def run_engine(llm, work: Workload, label: str = "tuneserve") -> dict:  # noqa: 
         "preemptions": eng.scheduler.num_preemptions - preempt0,
         "prefix_hit_rate": ((eng.kv.prefix_hits - hits0) / max(1, eng.kv.prefix_queries - queries0)),
         "peak_rss_bytes": peak_rss_bytes(),
+        "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99),
+        "e2el_p50_s": percentile(e2els, 50), "e2el_p99_s": percentile(e2els, 99),
+        "requests": [{"ttft": a, "tpot": b, "e2el": c} for a, b, c in
+                     zip(ttfts, [o.metrics.tpot for o in outs], e2els)],
     }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (linear interpolation), None for no values."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
 
 
 def ladder_workload(tokenizer, batch: int, prompt_len: int = 64, output_len: int = 64) -> Workload:  # noqa: ANN001

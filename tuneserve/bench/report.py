@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,3 +34,203 @@ def write_json(path: str | Path | None, data: Any) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------- HTML report
+def _mb(v: Any) -> float | None:
+    return None if v is None else v / 1e6
+
+
+def _ms(v: Any) -> float | None:
+    return None if v is None else v * 1e3
+
+
+def _cfg(r: dict, key: str, default: Any = None) -> Any:
+    return r.get("config", {}).get(key, default)
+
+
+def _is_base(r: dict) -> bool:
+    return _cfg(r, "quantization") in (None, "none") and _cfg(r, "speculative", "off") in (None, "off")
+
+
+def latency_rows(records: list[dict]) -> list[dict]:
+    """Table 1: latency vs throughput by batch size (unquantized, no speculation)."""
+    rows = []
+    for r in sorted((r for r in records if r.get("kind") == "offline"), key=lambda r: (r["system"], _cfg(r, "max_num_seqs", 0))):
+        if r["system"] == "tuneserve" and not _is_base(r):
+            continue
+        m = r["metrics"]
+        rows.append({"system": r["system"], "batch": _cfg(r, "max_num_seqs"), "tok_s": m.get("output_tok_s"),
+                     "ms_per_token_p50": _ms(m.get("tpot_p50_s")), "ms_per_token_p99": _ms(m.get("tpot_p99_s")),
+                     "ttft_p50_ms": _ms(m.get("ttft_p50_s"))})
+    return rows
+
+
+def precision_rows(records: list[dict]) -> list[dict]:
+    """Table 2: precision vs quality vs memory vs speed."""
+    quality = {str(_cfg(r, "quantization")): r["metrics"] for r in records if r.get("kind") == "quality"}
+    speed: dict[str, dict] = {}
+    mem: dict[str, float] = {}
+    for r in records:
+        if r.get("kind") == "offline" and r["system"] == "tuneserve" and _cfg(r, "speculative", "off") in (None, "off"):
+            q = str(_cfg(r, "quantization"))
+            speed.setdefault(q, {})[_cfg(r, "max_num_seqs")] = r["metrics"].get("output_tok_s")
+            if r["metrics"].get("weight_bytes"):
+                mem[q] = r["metrics"]["weight_bytes"]
+    rows = []
+    for q in sorted(set(quality) | set(speed), key=lambda s: (s != "None", s)):
+        qm = quality.get(q, {})
+        sp = speed.get(q, {})
+        rows.append({"quantization": "none" if q == "None" else q, "perplexity": qm.get("perplexity"),
+                     "kl_divergence": qm.get("kl_divergence"), "top1_agreement": qm.get("top1_agreement"),
+                     "weight_MB": _mb(qm.get("weight_bytes") or mem.get(q)),
+                     "tok_s_batch1": sp.get(1), "tok_s_batch32": sp.get(32) or sp.get(max(sp, default=None))})
+    return rows
+
+
+def context_rows(records: list[dict]) -> list[dict]:
+    """Table 3: context length vs cost."""
+    rows = []
+    for r in records:
+        if r.get("kind") == "context":
+            m = r["metrics"]
+            rows.append({"model": r.get("model"), "attention": r.get("config", {}).get("attention", "full"),
+                         "context": m.get("context"), "prefill_s": m.get("prefill_s"),
+                         "decode_ms_per_token": _ms(m.get("decode_s_per_token")), "kv_MB": _mb(m.get("kv_bytes"))})
+    return sorted(rows, key=lambda r: (r["model"] or "", r["attention"], r["context"] or 0))
+
+
+def spec_rows(records: list[dict]) -> list[dict]:
+    """Speculation on vs off by batch size."""
+    by: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("kind") == "offline" and r["system"] == "tuneserve" and _cfg(r, "quantization") in (None, "none"):
+            key = (r.get("workload"), _cfg(r, "max_num_seqs"))
+            by.setdefault(key, {})[_cfg(r, "speculative", "off") or "off"] = r["metrics"]
+    rows = []
+    for (wl, b), d in sorted(by.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
+        for mode, m in d.items():
+            if mode == "off" or "off" not in d:
+                continue
+            rows.append({"workload": wl, "batch": b, "speculative": mode, "off_tok_s": d["off"].get("output_tok_s"),
+                         "on_tok_s": m.get("output_tok_s"),
+                         "ratio": m.get("output_tok_s") / d["off"]["output_tok_s"] if d["off"].get("output_tok_s") else None,
+                         "acceptance": m.get("spec_acceptance_rate")})
+    return rows
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated by any other (higher throughput x, lower latency y), sorted by x."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def _plots(records: list[dict], out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ours = []
+    for r in records:
+        if r.get("kind") != "offline" or r["metrics"].get("tpot_p50_s") is None:
+            continue
+        x, y = r["metrics"]["output_tok_s"], r["metrics"]["tpot_p50_s"] * 1e3
+        label = r["system"] if r["system"] != "tuneserve" else json.dumps(
+            {k: v for k, v in r["config"].items() if k != "max_num_seqs"}, default=str)
+        ax.scatter([x], [y], marker="o" if r["system"] == "tuneserve" else "s", s=30, label=label)
+        ax.annotate(str(_cfg(r, "max_num_seqs", "")), (x, y), fontsize=7)
+        if r["system"] == "tuneserve":
+            ours.append((x, y))
+    front = pareto(ours)
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto frontier")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=6)
+    ax.set(xlabel="output tokens/s", ylabel="ms per output token (p50)", title="latency vs throughput")
+    fig.tight_layout()
+    fig.savefig(out / "latency_throughput.png", dpi=110)
+    plt.close(fig)
+    made.append(("latency_throughput.png", "Latency vs throughput (labels: max_num_seqs)"))
+
+    prec = [r for r in precision_rows(records) if r["perplexity"] is not None and r["weight_MB"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in prec:
+        ax.scatter([r["weight_MB"]], [r["perplexity"]])
+        ax.annotate(r["quantization"], (r["weight_MB"], r["perplexity"]), fontsize=8)
+    ax.set(xlabel="weight MB", ylabel="perplexity", title="quality vs memory")
+    fig.tight_layout()
+    fig.savefig(out / "quality_memory.png", dpi=110)
+    plt.close(fig)
+    made.append(("quality_memory.png", "Quality vs memory"))
+
+    ctx = context_rows(records)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({(r["model"], r["attention"]) for r in ctx}):
+        pts = [r for r in ctx if (r["model"], r["attention"]) == key and r["prefill_s"] is not None]
+        ax.plot([r["context"] for r in pts], [r["prefill_s"] for r in pts], marker="o", label=f"{key[0]} {key[1]}")
+    ax.set(xlabel="context tokens", ylabel="prefill seconds", title="cost vs context")
+    if ctx:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "context_cost.png", dpi=110)
+    plt.close(fig)
+    made.append(("context_cost.png", "Cost vs context length"))
+    return made
+
+
+def _html_table(rows: list[dict], title: str) -> str:
+    if not rows:
+        return f"<h2>{html.escape(title)}</h2><p class='empty'>no measurements yet</p>"
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<h2>{html.escape(title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CHECK = """<pre id="image-check"></pre><script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  document.getElementById('image-check').textContent =
+    JSON.stringify(imgs.map(i => ({src: i.getAttribute('src'), w: i.naturalWidth, h: i.naturalHeight})));
+});
+</script>"""
+
+
+def render_report(records: list[dict], out_dir: str | Path, title: str = "tuneserve trade-off report") -> Path:
+    """Write DIR/index.html with the plots (PNG) and the tables; returns the page's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(records, out)
+    figs = "".join(f"<figure><img src='{src}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}"
+                   f"</figcaption></figure>" for src, cap in plots)
+    tables = (_html_table(latency_rows(records), "1. Latency vs throughput by batch size")
+              + _html_table(precision_rows(records), "2. Precision vs quality vs memory vs speed")
+              + _html_table(context_rows(records), "3. Context length vs cost")
+              + _html_table(spec_rows(records), "Speculation on vs off"))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em}"
+            "table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+            "text-align:right}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>{len(records)} measurements</p>{figs}{tables}{_CHECK}</body></html>")
+    path = out / "index.html"
+    path.write_text(page)
+    return path
+
+
+def main(ns: Any) -> int:
+    from tuneserve.bench.sweep import load_records
+
+    path = render_report(load_records(ns.results), ns.out)
+    print(f"[tuneserve] report written to {path}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="an HTML page with plots and tables from a sweep's results")
+    p.add_argument("results", help="results JSONL from `tuneserve sweep`")
+    p.add_argument("--out", default="results/report")
+    p.set_defaults(func=main)

@@ -26,8 +26,9 @@ def build_model(arch: ArchConfig, device: torch.device, dtype: torch.dtype = tor
 
 
 def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "float32",
-               progress: bool = True) -> nn.Module:
-    """Build the model for arch and fill it from the checkpoint at path (dequantized to fp32 first)."""
+               progress: bool = True, quantization: str | None = None) -> nn.Module:
+    """Build the model for arch and fill it from the checkpoint at path (dequantized to fp32 first), then
+    quantize it if asked (tuneserve/quant)."""
     model = build_model(arch, device)
     ckpt = open_checkpoint(path)
     if arch.architecture == "gemma3" and isinstance(ckpt, HFCheckpoint):
@@ -39,4 +40,8 @@ def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "
         for m in model.modules():
             if isinstance(m, Rotary):  # rope tables stay fp32: positions up to 32k need the precision
                 m.cos, m.sin = m.cos.float(), m.sin.float()
+    if quantization is not None:
+        from tuneserve.quant import quantize_model
+
+        quantize_model(model, quantization, checkpoint_path=path, progress=progress)
     return model.eval()

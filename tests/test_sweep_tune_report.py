@@ -1,0 +1,132 @@
+"""The trade-off lab: a resumable sweep, SLO-driven choice, and an HTML report checked in Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import TINY_KV_BYTES
+
+from tuneserve.bench import sweep, tune
+from tuneserve.bench.report import pareto, render_report
+from tuneserve.bench.sweep import grid_points, load_records, parse_grid, run_sweep
+
+
+def test_grid_parsing_and_points():
+    grid = parse_grid(["max_num_seqs=1,4", "quantization=none,int8", "speculative=off,ngram"])
+    assert grid == {"max_num_seqs": [1, 4], "quantization": [None, "int8"], "speculative": ["off", "ngram"]}
+    assert len(grid_points(grid)) == 8 and grid_points(grid)[0] == {"max_num_seqs": 1, "quantization": None,
+                                                                    "speculative": "off"}
+    with pytest.raises(ValueError, match="unknown grid axis"):
+        parse_grid(["warp_speed=9"])
+    args = sweep.engine_args_for("m", {"speculative": "ngram", "max_num_seqs": 2})
+    assert args["speculative_config"]["method"] == "ngram" and args["max_num_seqs"] == 2
+
+
+def test_sweep_writes_records_and_resumes(tiny_dirs, tmp_path, monkeypatch):
+    out = tmp_path / "results.jsonl"
+    base = {"kv_cache_memory_bytes": TINY_KV_BYTES, "max_model_len": 1024}
+    grid = {"max_num_seqs": [1, 2]}
+    recs = run_sweep(str(tiny_dirs["llama"]), grid, "random", str(out), num_prompts=3, output_len=4, base=base)
+    assert [r["config"] for r in recs] == [{"max_num_seqs": 1}, {"max_num_seqs": 2}]
+    lines = load_records(out)
+    assert len(lines) == 2 and all(r["metrics"]["output_tokens"] == 12 for r in lines)
+    assert all(len(r["metrics"]["requests"]) == 3 and r["metrics"]["weight_bytes"] > 0 for r in lines)
+    calls = []
+    monkeypatch.setattr(sweep, "measure_offline", lambda *a, **k: calls.append(a) or {"output_tok_s": 1.0})
+    again = run_sweep(str(tiny_dirs["llama"]), {"max_num_seqs": [1, 2, 4]}, "random", str(out), 3, 4, base)
+    assert calls and len(calls) == 1 and [r["config"] for r in again] == [{"max_num_seqs": 4}]
+    assert len(load_records(out)) == 3
+
+
+def rec(config, tpots, ttft=0.1, elapsed=10.0, kind="offline", system="tuneserve", **metrics):
+    reqs = [{"ttft": ttft, "tpot": t, "e2el": ttft + 10 * t} for t in tpots]
+    return {"kind": kind, "system": system, "model": "m", "workload": "corpus", "config": config,
+            "metrics": {"elapsed_s": elapsed, "requests": reqs, "output_tok_s": len(tpots) / elapsed * 64, **metrics}}
+
+
+def synthetic():
+    return [
+        rec({"max_num_seqs": 1, "quantization": None}, [0.03] * 10, elapsed=40),
+        rec({"max_num_seqs": 16, "quantization": None}, [0.07] * 19 + [0.09], elapsed=10),
+        rec({"max_num_seqs": 64, "quantization": None}, [0.12] * 20, ttft=2.0, elapsed=6),
+        rec({"max_num_seqs": 16, "quantization": "int4"}, [0.05] * 20, elapsed=7),
+        {"kind": "quality", "model": "m", "config": {"quantization": None}, "metrics": {"perplexity": 20.0}},
+        {"kind": "quality", "model": "m", "config": {"quantization": "int4"},
+         "metrics": {"perplexity": 26.0, "kl_divergence": 0.2, "top1_agreement": 0.8}},
+    ]
+
+
+def pick(slo_text):
+    records = synthetic()
+    rows = tune.evaluate([r for r in records if r["kind"] != "quality"], tune.parse_slos(slo_text),
+                         tune.quality_index(records, "m"))
+    return tune.choose(rows)
+
+
+def test_tune_picks_the_highest_goodput_that_meets_every_slo():
+    best, _, _ = pick("ttft_p99<=1s,tpot_p99<=100ms")
+    assert best["config"] == {"max_num_seqs": 16, "quantization": "int4"}  # 20 req / 7 s
+    best, _, _ = pick("ttft_p99<=1s,tpot_p99<=100ms,ppl_increase<=2%")
+    assert best["config"] == {"max_num_seqs": 16, "quantization": None}  # int4 loses 30% perplexity
+    best, _, _ = pick("tpot_p50<=80ms,ppl_increase<=2%")  # p50 passes where p99 (90 ms) would not
+    assert best["config"] == {"max_num_seqs": 16, "quantization": None}
+    best, _, _ = pick("tpot_p99<=80ms,ppl_increase<=2%")
+    assert best["config"] == {"max_num_seqs": 1, "quantization": None}
+
+
+def test_tune_reports_infeasibility_and_the_binding_slo():
+    best, closest, binding = pick("tpot_p99<=20ms,ttft_p99<=1s")
+    assert best is None and binding.metric == "tpot_p99"
+    assert closest["config"] == {"max_num_seqs": 1, "quantization": None}
+
+
+def test_slo_parsing_units():
+    s = tune.parse_slos("ttft_p99<=1s,tpot_p99<=80ms,ppl_increase<=2%,output_tok_s>=100")
+    assert [(x.metric, x.op, round(x.value, 6)) for x in s] == [
+        ("ttft_p99", "<=", 1.0), ("tpot_p99", "<=", 0.08), ("ppl_increase", "<=", 0.02), ("output_tok_s", ">=", 100)]
+    with pytest.raises(ValueError, match="cannot read SLO"):
+        tune.parse_slos("fast please")
+
+
+def test_serve_command_is_ready_to_run():
+    cmd = tune.serve_command("smollm2-135m", {"max_num_seqs": 16, "quantization": "int8", "speculative": "ngram"})
+    assert cmd.startswith("tuneserve serve smollm2-135m --max-num-seqs 16 --quantization int8")
+    assert "--speculative-config" in cmd and '"method": "ngram"' in cmd
+
+
+def test_pareto_frontier():
+    assert pareto([(10, 5), (20, 8), (15, 9), (5, 4)]) == [(5, 4), (10, 5), (20, 8)]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    records = synthetic() + [
+        rec({"max_num_seqs": 8}, [0.05] * 5, system="llama.cpp"),
+        {"kind": "context", "model": "m", "config": {"attention": "full"},
+         "metrics": {"context": 1024, "prefill_s": 1.0, "decode_s_per_token": 0.03, "kv_bytes": 4e7}},
+        {"kind": "context", "model": "m", "config": {"attention": "full"},
+         "metrics": {"context": 2048, "prefill_s": 2.5, "decode_s_per_token": 0.035, "kv_bytes": 8e7}},
+    ]
+    for r in records:
+        r["metrics"].setdefault("tpot_p50_s", 0.05)
+    page = render_report(records, tmp_path / "report")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True,
+                   timeout=120)
+    assert shot.stat().st_size > 10_000
+    dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    check = json.loads(dom.split('<pre id="image-check">')[1].split("</pre>")[0].replace("&quot;", '"'))
+    assert len(check) == 3 and all(i["w"] > 0 and i["h"] > 0 for i in check)
+    for title in ("Latency vs throughput by batch size", "Precision vs quality", "Context length vs cost"):
+        assert title in dom
+    assert dom.count("<table>") == 3  # the speculation table has no measurements here

@@ -1,0 +1,214 @@
+"""`tuneserve sweep`: run the engine over a grid of configurations and append one JSON record per point.
+
+Every finished point is appended to the results file at once (one JSON object per line), keyed by model,
+workload, mode, request rate and configuration, so an interrupted sweep resumes where it stopped and
+`tune`/`report` can reuse any point. Records keep per-request latencies, so goodput can be recomputed
+for any SLO later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tuneserve.engine_args import EngineArgs
+
+SPECULATIVE = {
+    "off": None,
+    "ngram": {"method": "ngram", "num_speculative_tokens": 4},
+}
+WORKLOADS = ("corpus", "random", "shared-prefix", "grounded")
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """["max_num_seqs=1,2", "quantization=none,int8"] -> {"max_num_seqs": [1, 2], "quantization": [None, "int8"]}."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if not values:
+            raise ValueError(f"--grid needs NAME=V1,V2,..., got {item!r}")
+        name = name.strip().replace("-", "_")
+        allowed = {f for f in EngineArgs.__dataclass_fields__} | {"speculative"}
+        if name not in allowed:
+            raise ValueError(f"unknown grid axis {name!r}; use an engine argument or 'speculative'")
+        grid[name] = [_value(v.strip()) for v in values.split(",")]
+    return grid
+
+
+def _value(v: str) -> Any:
+    if v.lower() == "none":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return v
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the grid, in a stable order."""
+    names = list(grid)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+
+
+def engine_args_for(model: str, point: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Engine arguments of a grid point ('speculative' maps to speculative_config)."""
+    args = {**(base or {}), "model": model}
+    for name, value in point.items():
+        if name == "speculative":
+            if value not in (None, "off") and value not in SPECULATIVE and not str(value).startswith("draft:"):
+                raise ValueError(f"speculative must be off, ngram or draft:MODEL, got {value!r}")
+            if isinstance(value, str) and value.startswith("draft:"):
+                args["speculative_config"] = {"method": "draft", "model": value[6:], "num_speculative_tokens": 4}
+            else:
+                args["speculative_config"] = SPECULATIVE.get(value or "off")
+        else:
+            args[name] = value
+    return args
+
+
+def point_key(model: str, workload: str, mode: str, rate: float | None, point: dict[str, Any],
+              system: str = "tuneserve") -> str:
+    return json.dumps({"system": system, "model": model, "workload": workload, "mode": mode, "rate": rate,
+                       "config": point}, sort_keys=True, default=str)
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Records of a results file (a missing file has none; a torn last line is ignored)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+
+
+def build_workload(tokenizer, workload: str, num_prompts: int, output_len: int, seed: int = 0):  # noqa: ANN001
+    """Prompts (token ids) of a named workload."""
+    from tuneserve.bench.offline import Workload, corpus_workload
+
+    if workload == "corpus":
+        return corpus_workload(tokenizer, "wikipedia", num_prompts, 64, 512, output_len, seed)
+    if workload == "random":
+        import random
+
+        rng = random.Random(seed)
+        hi = min(20000, len(tokenizer))
+        prompts = [[rng.randrange(hi // 20, hi) for _ in range(rng.randint(64, 512))] for _ in range(num_prompts)]
+        return Workload(prompts, output_len, f"random:{num_prompts}")
+    if workload == "shared-prefix":
+        from tuneserve.bench.corpus import load_corpus, sample_prompts
+
+        (system,) = sample_prompts(tokenizer, load_corpus("wikipedia"), 1, 512, 512, seed)
+        tails = sample_prompts(tokenizer, load_corpus("news"), num_prompts, 16, 64, seed)
+        return Workload([system + t for t in tails], output_len, f"shared-prefix:{num_prompts}x512+16..64")
+    if workload == "grounded":
+        from tuneserve.bench.spec import grounded_prompts
+
+        return Workload(grounded_prompts(tokenizer, num_prompts, seed=seed), output_len, f"grounded:{num_prompts}")
+    raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+
+
+def model_weight_bytes(model) -> int:  # noqa: ANN001
+    """Bytes of every parameter and buffer except rope tables (packed weights, scales, norms)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith((".cos", ".sin")))
+    return total
+
+
+def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompts: int, output_len: int,
+                    base: dict[str, Any]) -> dict[str, Any]:
+    """Load an engine for the point and run the workload offline."""
+    from tuneserve.bench.offline import run_engine, warm_up
+    from tuneserve.llm import LLM
+
+    args = engine_args_for(model, point, base)
+    t0 = time.perf_counter()
+    llm = LLM(**args)
+    load_s = time.perf_counter() - t0
+    warm_up(llm)
+    work = build_workload(llm.get_tokenizer(), workload, num_prompts, output_len)
+    res = run_engine(llm, work)
+    eng = llm.llm_engine
+    res.update(load_s=load_s, weight_bytes=model_weight_bytes(eng.model),
+               kv_bytes_per_token=eng.config.model.arch.kv_bytes_per_token,
+               spec_acceptance_rate=(eng.stats.spec_num_accepted_tokens / eng.stats.spec_num_draft_tokens
+                                     if eng.stats.spec_num_draft_tokens else None))
+    return res
+
+
+def run_sweep(model: str, grid: dict[str, list[Any]], workload: str, out: str, num_prompts: int,
+              output_len: int, base: dict[str, Any] | None = None, rates: list[float] | None = None,
+              mode: str = "offline") -> list[dict]:
+    """Measure every grid point not yet in `out`; returns the records written now."""
+    done = {r.get("key") for r in load_records(out)}
+    todo = []
+    for point in grid_points(grid):
+        for rate in (rates if mode == "serve" else [None]):
+            key = point_key(model, workload, mode, rate, point)
+            if key not in done:
+                todo.append((point, rate, key))
+    written = []
+    for point, rate, key in tqdm(todo, desc="sweep", unit="point", disable=not todo):
+        if mode == "serve":
+            from tuneserve.bench.sweep_serve import measure_serve
+
+            metrics = measure_serve(model, engine_args_for(model, point, base), workload, num_prompts, output_len,
+                                    rate)
+        else:
+            metrics = measure_offline(model, point, workload, num_prompts, output_len, base or {})
+        record = {"key": key, "kind": mode, "system": "tuneserve", "model": model, "workload": workload,
+                  "mode": mode, "rate": rate, "config": point, "metrics": metrics, "time": time.time(),
+                  "machine": platform.node()}
+        append_record(out, record)
+        written.append(record)
+    return written
+
+
+def main(ns: argparse.Namespace) -> int:
+    grid = parse_grid(ns.grid or ["max_num_seqs=1,4,16,64"])
+    base = {f: getattr(ns, f) for f in EngineArgs.__dataclass_fields__ if f != "model" and getattr(ns, f, None) is not None}
+    rates = [float(r) for r in ns.request_rates.split(",")] if ns.request_rates else [float("inf")]
+    modes = ["offline", "serve"] if ns.mode == "both" else [ns.mode]
+    for mode in modes:
+        recs = run_sweep(ns.model, grid, ns.workload, ns.out, ns.num_prompts, ns.output_len, base, rates, mode)
+        print(f"[tuneserve] sweep ({mode}): {len(recs)} new points written to {ns.out}", file=sys.stderr)
+    if ns.peers:
+        from tuneserve.bench.sweep_peers import sweep_peers
+
+        sweep_peers(ns.model, ns.workload, ns.out, ns.num_prompts, ns.output_len)
+    return 0
+
+
+def add_parser(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser("sweep", help="measure the engine over a grid of configurations (resumable JSONL)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--grid", action="append", help="NAME=V1,V2 (engine argument or 'speculative'); repeatable")
+    p.add_argument("--workload", default="corpus", choices=WORKLOADS)
+    p.add_argument("--mode", default="offline", choices=["offline", "serve", "both"])
+    p.add_argument("--request-rates", default="", help="serve mode: requests/s ladder, e.g. 1,2,4,inf")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--out", default="results/sweep.jsonl")
+    p.add_argument("--peers", action="store_true", help="also measure HF transformers and llama.cpp")
+    EngineArgs.add_cli_args(p, with_model=False)
+    p.set_defaults(func=main)
