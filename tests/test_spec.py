@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_KV_BYTES, assert_all_blocks_free
+from conftest import assert_all_blocks_free
 from tiny_models import build_tiny
 
-from tuneserve import LLM, SamplingParams
+from tuneserve import SamplingParams
 from tuneserve.spec.adaptive import KController
 from tuneserve.spec.ngram import propose_ngram
 from tuneserve.spec.rejection import rejection_sample, verify_greedy

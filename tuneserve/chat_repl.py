@@ -12,8 +12,9 @@ from tuneserve.tokenizer import chat_prompt
 HELP = "type a message; /reset clears the conversation, /quit (or Ctrl-D) leaves"
 
 
-def stream_reply(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, out=sys.stdout) -> str:
-    """Run one request, writing text to `out` as it is produced; returns the whole reply."""
+def stream_reply(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, out=None) -> str:  # noqa: ANN001
+    """Run one request, writing text to `out` (stdout) as it is produced; returns the whole reply."""
+    out = out or sys.stdout
     rid = engine.add_request(None, prompt_ids, params)
     sent = 0
     text = ""

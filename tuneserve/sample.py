@@ -35,7 +35,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         p = r.params
         if p.uses_penalties:
             out = torch.tensor(r.output_ids, dtype=torch.long, device=logits.device)
-            counts = torch.zeros(vocab, device=logits.device).index_add_(0, out, torch.ones_like(out, dtype=torch.float))
+            counts = torch.zeros(vocab, device=logits.device)
+            counts.index_add_(0, out, torch.ones_like(out, dtype=torch.float))
             if p.repetition_penalty != 1.0:
                 seen = counts > 0
                 seen[torch.tensor(r.prompt_ids, dtype=torch.long, device=logits.device)] = True

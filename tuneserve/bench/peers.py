@@ -119,8 +119,8 @@ def main(ns: Any) -> int:
     from tuneserve.bench import peer_hf, peer_llama_cpp
     from tuneserve.bench.offline import corpus_workload, ladder_workload, run_engine, warm_up
     from tuneserve.bench.report import table, write_json
-    from tuneserve.llm import LLM
     from tuneserve.engine_args import EngineArgs
+    from tuneserve.llm import LLM
 
     args = EngineArgs.from_cli_args(ns)
     llm = LLM(**args.to_dict())

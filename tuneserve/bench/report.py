@@ -56,7 +56,8 @@ def _is_base(r: dict) -> bool:
 def latency_rows(records: list[dict]) -> list[dict]:
     """Table 1: latency vs throughput by batch size (unquantized, no speculation)."""
     rows = []
-    for r in sorted((r for r in records if r.get("kind") == "offline"), key=lambda r: (r["system"], _cfg(r, "max_num_seqs", 0))):
+    offline = [r for r in records if r.get("kind") == "offline"]
+    for r in sorted(offline, key=lambda r: (r["system"], _cfg(r, "max_num_seqs", 0))):
         if r["system"] == "tuneserve" and not _is_base(r):
             continue
         m = r["metrics"]
@@ -114,7 +115,8 @@ def spec_rows(records: list[dict]) -> list[dict]:
                 continue
             rows.append({"workload": wl, "batch": b, "speculative": mode, "off_tok_s": d["off"].get("output_tok_s"),
                          "on_tok_s": m.get("output_tok_s"),
-                         "ratio": m.get("output_tok_s") / d["off"]["output_tok_s"] if d["off"].get("output_tok_s") else None,
+                         "ratio": (m.get("output_tok_s") / d["off"]["output_tok_s"]
+                                   if d["off"].get("output_tok_s") else None),
                          "acceptance": m.get("spec_acceptance_rate")})
     return rows
 

@@ -186,7 +186,8 @@ def run_sweep(model: str, grid: dict[str, list[Any]], workload: str, out: str, n
 
 def main(ns: argparse.Namespace) -> int:
     grid = parse_grid(ns.grid or ["max_num_seqs=1,4,16,64"])
-    base = {f: getattr(ns, f) for f in EngineArgs.__dataclass_fields__ if f != "model" and getattr(ns, f, None) is not None}
+    base = {f: getattr(ns, f) for f in EngineArgs.__dataclass_fields__
+            if f != "model" and getattr(ns, f, None) is not None}
     rates = [float(r) for r in ns.request_rates.split(",")] if ns.request_rates else [float("inf")]
     modes = ["offline", "serve"] if ns.mode == "both" else [ns.mode]
     for mode in modes:

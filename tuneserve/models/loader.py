@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -26,9 +28,11 @@ def build_model(arch: ArchConfig, device: torch.device, dtype: torch.dtype = tor
 
 
 def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "float32",
-               progress: bool = True, quantization: str | None = None) -> nn.Module:
+               progress: bool | None = None, quantization: str | None = None) -> nn.Module:
     """Build the model for arch and fill it from the checkpoint at path (dequantized to fp32 first), then
     quantize it if asked (tuneserve/quant)."""
+    if progress is None:  # progress bars unless the user asked for quiet
+        progress = os.environ.get("TUNESERVE_QUIET") != "1"
     model = build_model(arch, device)
     ckpt = open_checkpoint(path)
     if arch.architecture == "gemma3" and isinstance(ckpt, HFCheckpoint):
