@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("TUNESERVE_QUIET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_tiny  # noqa: E402
+from tiny_models import build_tiny, build_tiny_gemma3  # noqa: E402
 
 from tuneserve import LLM  # noqa: E402
 
@@ -26,6 +26,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     # a draft for the tiny llama: the same tokenizer and seed, weights scaled by 0.8, so its guesses are
     # right about a third of the time
     dirs["llama-draft"] = build_tiny(root / "llama-draft", "llama", seed=0, std=0.2)
+    dirs["gemma3"] = build_tiny_gemma3(root / "gemma3")  # layers 0-4 slide over 32 tokens, layer 5 global
     return dirs
 
 
@@ -65,11 +66,13 @@ def hf_greedy(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
 
 
 def assert_all_blocks_free(llm: LLM) -> None:
-    """Invariant: no request holds a block; every block is free (possibly cached) with ref count 0."""
+    """Invariant: no request holds a block; in every KV group every block is free (possibly cached) with
+    ref count 0, and the null block keeps its single pin."""
     kv = llm.llm_engine.kv
     for pool in kv.pools:
         assert pool.num_free_blocks == pool.num_blocks - 1
         assert all(b.ref_cnt == 0 for b in pool.blocks[1:])
+        assert pool.blocks[0].ref_cnt == 1
     assert all(not d for d in kv.req_blocks)
 
 

@@ -115,7 +115,7 @@ def generate(make_llm, params, **kw):
 
 
 @pytest.mark.parametrize("spec", [
-    {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False},
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "adaptive": False},
     {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "adaptive": True},
     {"method": "draft", "num_speculative_tokens": 3, "adaptive": False},
 ])
@@ -143,7 +143,8 @@ def test_greedy_with_speculation_equals_without(make_llm, tiny_dirs, spec):
 
 
 def test_request_metrics_report_acceptance(make_llm):
-    llm = make_llm(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "adaptive": False})
+    llm = make_llm(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+                                       "adaptive": False})
     out = llm.generate([REPETITIVE[0]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
                        use_tqdm=False)[0]
     m = out.metrics

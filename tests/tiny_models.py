@@ -51,3 +51,29 @@ def build_tiny(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2, 
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def build_tiny_gemma3(path: Path, seed: int = 0, layers: int = 6, window: int = 32,
+                      std: float = 0.02) -> Path:
+    """A random tiny Gemma 3 (every 6th layer global, the rest sliding over `window` tokens) to path."""
+    from transformers import Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    cfg = Gemma3TextConfig(
+        vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=window, layer_types=types, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=std, tie_word_embeddings=True,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # gemma multiplies by (1 + w): random w so a missed "+1" fails the tests
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path

@@ -18,7 +18,7 @@ import torch
 
 from tuneserve.config import EngineConfig
 from tuneserve.context_policy import fit_prompt
-from tuneserve.core.kv_manager import KVGroupSpec, KVManager
+from tuneserve.core.kv_manager import KVGroupSpec, KVManager, split_kv_blocks
 from tuneserve.core.scheduler import Scheduler
 from tuneserve.engine_args import EngineArgs
 from tuneserve.models.loader import DTYPES, load_model
@@ -78,15 +78,17 @@ class EngineStats:
 
 
 def kv_groups(config: EngineConfig) -> list[KVGroupSpec]:
-    """Layers grouped by attention window: one KV group per distinct window."""
+    """Layers grouped by attention window: one KV group per distinct (window, sinks).
+
+    A model's own windows (Gemma 3) come without sinks; an imposed `sliding_window` applies to the
+    full-attention layers, with `num_sink_tokens` sinks, in a group of its own."""
     arch, cache = config.model.arch, config.cache
-    by_window: dict[int, list[int]] = {}
+    imposed = (cache.sliding_window, cache.num_sink_tokens) if cache.sliding_window else (0, 0)
+    by_kind: dict[tuple[int, int], list[int]] = {}
     for layer in range(arch.num_layers):
-        window = arch.window_of(layer) or cache.sliding_window
-        by_window.setdefault(window, []).append(layer)
-    sinks = cache.num_sink_tokens if cache.sliding_window else 0
-    return [KVGroupSpec(tuple(layers), w, sinks if w == cache.sliding_window and w else 0)
-            for w, layers in sorted(by_window.items())]
+        native = arch.window_of(layer)
+        by_kind.setdefault((native, 0) if native else imposed, []).append(layer)
+    return [KVGroupSpec(tuple(layers), w, sinks) for (w, sinks), layers in sorted(by_kind.items())]
 
 
 class LLMEngine:
@@ -101,10 +103,10 @@ class LLMEngine:
         self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization)
         self.groups = kv_groups(config)
         num_blocks = self._num_blocks()
-        self.kv = KVManager(self.groups, [num_blocks] * len(self.groups), config.cache.block_size,
-                            config.cache.enable_prefix_caching)
+        self.kv = KVManager(self.groups, num_blocks, config.cache.block_size,
+                            config.cache.enable_prefix_caching, config.scheduler.max_num_batched_tokens)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(config, self.model, self.groups, [num_blocks] * len(self.groups))
+        self.runner = ModelRunner(config, self.model, self.groups, num_blocks)
         self.output = OutputProcessor(self.tokenizer)
         self.spec = None
         if config.spec is not None:
@@ -124,18 +126,33 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args.create_engine_config())
 
-    def _num_blocks(self) -> int:
+    def kv_block_bytes(self) -> list[int]:
+        """Bytes of one KV block in each group (K and V of every layer of the group)."""
         c, a = self.config, self.config.model.arch
         elem = torch.finfo(DTYPES[c.model.dtype]).bits // 8
-        per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * elem
-        per_block = per_token * c.cache.block_size
-        n = c.cache.kv_cache_memory_bytes // per_block
-        if n < 2:
-            raise ValueError(f"kv_cache_memory_bytes ({c.cache.kv_cache_memory_bytes}) holds {n} blocks of "
-                             f"{per_block} bytes; give at least {2 * per_block}")
-        log(f"KV cache: {n - 1} blocks x {c.cache.block_size} tokens, {per_token:,} bytes/token, "
-            f"fits {(n - 1) * c.cache.block_size:,} tokens ({n * per_block / 2**20:.0f} MiB)")
-        return int(n)
+        per_layer_token = 2 * a.num_kv_heads * a.head_dim * elem
+        return [per_layer_token * len(g.layers) * c.cache.block_size for g in self.groups]
+
+    def _num_blocks(self) -> list[int]:
+        """Blocks per KV group out of kv_cache_memory_bytes (kv_manager.split_kv_blocks)."""
+        c = self.config
+        bs, memory = c.cache.block_size, c.cache.kv_cache_memory_bytes
+        block_bytes = self.kv_block_bytes()
+        counts = split_kv_blocks(self.groups, block_bytes, memory, bs, c.scheduler.max_num_seqs,
+                                 c.scheduler.max_num_batched_tokens)
+        if min(counts) < 2:
+            raise ValueError(f"kv_cache_memory_bytes ({memory}) cannot hold 2 blocks per KV group; give at "
+                             f"least {2 * sum(block_bytes)}")
+        parts = []
+        for spec, n, nbytes in zip(self.groups, counts, block_bytes):
+            sinks = f" + {spec.num_sink_tokens} sinks" if spec.num_sink_tokens else ""
+            kind = f"window {spec.window}{sinks}" if spec.window else "full attention"
+            parts.append(f"{len(spec.layers)} layers ({kind}): {n - 1} blocks, {nbytes // bs:,} bytes/token, "
+                         f"{n * nbytes / 2**20:.0f} MiB")
+        full = [n for spec, n in zip(self.groups, counts) if not spec.window]
+        fits = f"fits {(min(full) - 1) * bs:,} tokens" if full else "each request's KV bounded by its window"
+        log(f"KV cache ({bs} tokens/block, {fits}): " + "; ".join(parts))
+        return counts
 
     # ----- requests -------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:

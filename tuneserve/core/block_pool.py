@@ -44,7 +44,7 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
         if num_blocks < 2:
-            raise ValueError(f"the KV cache needs at least 2 blocks (one is the null block), got {num_blocks}")
+            raise ValueError(f"a KV group needs at least 2 blocks (one is the null block), got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
@@ -85,8 +85,11 @@ class BlockPool:
         return out
 
     def touch(self, blocks: list[KVBlock]) -> None:
-        """Take a reference on blocks found in the prefix cache (they leave the free queue if free)."""
+        """Take a reference on blocks found in the prefix cache (they leave the free queue if free); null
+        placeholders are skipped."""
         for block in blocks:
+            if block.block_id == NULL_BLOCK_ID:
+                continue
             if block.ref_cnt == 0:
                 del self.free_queue[block.block_id]
             block.ref_cnt += 1

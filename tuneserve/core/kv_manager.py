@@ -3,6 +3,11 @@
 Layers are split into KV groups (`KVGroupSpec`): layers of one group share block tables. A full-attention
 group keeps every block of a request; a sliding-window group frees the blocks that fell out of its
 window (their table entries become the null block), so a long request's KV stays bounded there.
+
+Prefix hits with mixed groups: a hit of h blocks lets the request resume at position P = h * block_size.
+A full group needs every block before P; a windowed group only the blocks its queries at P and later can
+see (the last `window - 1` positions before P, plus sink blocks); the rest of its table is the null block.
+Windowed groups free old blocks (still cached until evicted), so the longest hit is found per group.
 No torch here: the runner owns the tensors, this class owns the bookkeeping.
 """
 
@@ -22,6 +27,54 @@ class KVGroupSpec:
     window: int = 0
     num_sink_tokens: int = 0  # tokens at the start a windowed group keeps (StreamingLLM sinks)
 
+    def sink_blocks(self, block_size: int) -> int:
+        """Blocks at the start of a request that a windowed group never frees."""
+        return -(-self.num_sink_tokens // block_size)
+
+    def first_needed_block(self, pos: int, block_size: int) -> int:
+        """First block (after the sinks) that queries at positions >= pos can attend to."""
+        return max(0, pos - self.window + 1) // block_size if self.window else 0
+
+    def max_blocks_per_request(self, num_tokens: int, block_size: int, max_step_tokens: int) -> int:
+        """Most blocks a request of num_tokens holds at once when a step computes <= max_step_tokens of it.
+
+        While a chunk [C, C + L) is computed a windowed group holds blocks first_needed_block(C) ..
+        (C + L - 1) // block_size plus the sinks: at most ceil((L + window - 1) / block_size) + 1 + sinks.
+        """
+        n = -(-num_tokens // block_size)
+        if not self.window:
+            return n
+        step = min(max_step_tokens, num_tokens)
+        return min(n, -(-(step + self.window - 1) // block_size) + 1 + self.sink_blocks(block_size))
+
+
+def split_kv_blocks(groups: list[KVGroupSpec], block_bytes: list[int], memory: int, block_size: int,
+                    max_num_seqs: int, max_step_tokens: int) -> list[int]:
+    """Blocks per group (null block included) out of `memory` bytes.
+
+    A windowed group never needs more than max_num_seqs requests' worth of in-window blocks plus one
+    step's new tokens (and the null block); it gets that much, or as many as the full groups when memory
+    is short. Full-attention groups share the rest equally. Without a full group, all groups share evenly.
+    """
+    caps: list[int | None] = []
+    for spec in groups:
+        if not spec.window:
+            caps.append(None)
+            continue
+        per_seq = -(-(spec.window - 1) // block_size) + 2 + spec.sink_blocks(block_size)
+        caps.append(max_num_seqs * per_seq + -(-max_step_tokens // block_size) + 1)
+    if all(c is not None for c in caps):
+        caps = [None] * len(groups)
+    fixed: dict[int, int] = {}
+    while True:  # water-filling: cap the windowed groups that need less than an equal share
+        free = [g for g in range(len(groups)) if g not in fixed]
+        left = memory - sum(n * block_bytes[g] for g, n in fixed.items())
+        equal = max(0, left) // sum(block_bytes[g] for g in free)
+        newly = [g for g in free if caps[g] is not None and caps[g] < equal]
+        if not newly:
+            return [fixed.get(g, equal) for g in range(len(groups))]
+        fixed.update((g, caps[g]) for g in newly)
+
 
 class KVManager:
     """Allocates and frees KV blocks per request across KV groups; serves prefix-cache hits."""
@@ -32,11 +85,13 @@ class KVManager:
         num_blocks: list[int],
         block_size: int,
         enable_caching: bool = True,
+        max_step_tokens: int | None = None,
     ) -> None:
         assert len(groups) == len(num_blocks) and groups, "one block count per KV group"
         self.groups = groups
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.max_step_tokens = max_step_tokens  # most tokens of one request per step; None: unbounded
         self.pools = [BlockPool(n, enable_caching) for n in num_blocks]
         self.req_blocks: list[dict[str, list[KVBlock]]] = [{} for _ in groups]
         self.num_cached_blocks: list[dict[str, int]] = [{} for _ in groups]
@@ -46,12 +101,8 @@ class KVManager:
     # ----- capacity -------------------------------------------------------------------------
     def max_blocks_for(self, group: int, num_tokens: int) -> int:
         """Most blocks a request of num_tokens ever holds at once in a group."""
-        n = -(-num_tokens // self.block_size)
-        spec = self.groups[group]
-        if spec.window:
-            keep = -(-spec.window // self.block_size) + 1 + -(-spec.num_sink_tokens // self.block_size)
-            n = min(n, keep + 1)  # +1: the block being written while the oldest is still in window
-        return n
+        step = self.max_step_tokens or num_tokens
+        return self.groups[group].max_blocks_per_request(num_tokens, self.block_size, step)
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         """Whether a request of num_tokens fits in the cache when it runs alone."""
@@ -74,25 +125,49 @@ class KVManager:
             hashes.append(hash_block_tokens(hashes[-1] if hashes else None, toks[i * bs:(i + 1) * bs]))
 
     def get_computed_blocks(self, req: Request) -> tuple[list[list[KVBlock]], int]:
-        """Longest cached prefix of req's full blocks, per group, and its length in tokens.
+        """Longest usable cached prefix of req's full blocks, per group, and its length in tokens.
 
-        The last token is never a hit: it must run to give the logits of the next token.
+        Every group's list has one entry per hit block; a windowed group has the null block where its
+        queries from the hit position on cannot look. The last token is never a hit: it must run to give
+        the logits of the next token.
         """
         if not self.enable_caching or req.params.prompt_logprobs is not None:
             return [[] for _ in self.groups], 0
         self.update_block_hashes(req)
-        max_blocks = (req.num_tokens - 1) // self.block_size
-        hit: list[KVBlock] = []
-        parent = 0
-        for i, block_hash in enumerate(req.block_hashes[:max_blocks]):
-            toks = tuple(req.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
-            blocks = [p.get_cached_block(block_hash, toks) for p in self.pools]
-            if any(b is None for b in blocks):
-                break
-            hit.append(blocks)  # type: ignore[arg-type]
-            parent = i + 1
-        per_group = [[row[g] for row in hit] for g in range(len(self.groups))]
-        return per_group, parent * self.block_size
+        limit = (req.num_tokens - 1) // self.block_size
+        found: list[list[KVBlock | None]] = [[] for _ in self.groups]
+        # full groups first: the first block they miss bounds the hit for every group
+        for g in sorted(range(len(self.groups)), key=lambda g: self.groups[g].window > 0):
+            windowed = self.groups[g].window > 0
+            for i in range(limit):
+                found[g].append(self._lookup(g, req, i))
+                if found[g][-1] is None and not windowed:
+                    limit = i  # a full group needs an unbroken run from the start
+                    break
+        hit = next(h for h in range(limit, -1, -1) if all(
+            all(found[g][i] is not None for i in self._needed(spec, h))
+            for g, spec in enumerate(self.groups) if spec.window))
+        per_group: list[list[KVBlock]] = []
+        for g, spec in enumerate(self.groups):
+            if not spec.window:
+                per_group.append(found[g][:hit])  # type: ignore[arg-type]
+                continue
+            row = [self.pools[g].blocks[NULL_BLOCK_ID]] * hit
+            for i in self._needed(spec, hit):
+                row[i] = found[g][i]  # type: ignore[assignment]
+            per_group.append(row)
+        return per_group, hit * self.block_size
+
+    def _lookup(self, group: int, req: Request, i: int) -> KVBlock | None:
+        bs = self.block_size
+        toks = tuple(req.all_token_ids[i * bs:(i + 1) * bs])
+        return self.pools[group].get_cached_block(req.block_hashes[i], toks)
+
+    def _needed(self, spec: KVGroupSpec, hit: int) -> list[int]:
+        """Block indices < hit that a windowed group must have to resume at position hit * block_size."""
+        first = spec.first_needed_block(hit * self.block_size, self.block_size)
+        sinks = min(spec.sink_blocks(self.block_size), first)
+        return list(range(sinks)) + list(range(max(first, sinks), hit))
 
     def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
         """Count one admitted request's lookup (queried and hit tokens)."""

@@ -59,7 +59,8 @@ class AttentionMetadata:
     def short_mask(self) -> torch.Tensor:
         """(B, 1, Qm, T) bool: which cached positions each padded query may see."""
         if self._short_mask is None:
-            t = torch.arange(self.short_block_table.shape[1] * self.block_size, device=self.slot_mapping.device)
+            num_slots = self.short_block_table.shape[1] * self.block_size
+            t = torch.arange(num_slots, device=self.slot_mapping.device)
             m = _allowed(self.short_qpos.unsqueeze(-1), t, self.window, self.sinks)
             m[..., 0] |= self.short_qpos < 0  # padded queries see position 0 so softmax stays finite
             self._short_mask = m.unsqueeze(1)
@@ -176,11 +177,19 @@ def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: Attention
                        scale: float) -> torch.Tensor:
     """One long query chunk against its request's cache. q: (L, H, D) -> (L, H, D)."""
     hkv, d = k.shape[1], k.shape[2]
+    kpos = None
     if p.start_pos == 0:
         keys, vals = k, v  # a fresh prompt: this chunk is the whole context
     else:
-        keys = k_cache[p.block_table].view(-1, hkv, d)[: p.q_end - p.q_start + p.start_pos]
-        vals = v_cache[p.block_table].view(-1, hkv, d)[: keys.shape[0]]
+        table, kpos = _visible_blocks(p, meta)
+        end = p.q_end - p.q_start + p.start_pos
+        keys = k_cache[table].view(-1, hkv, d)
+        vals = v_cache[table].view(-1, hkv, d)
+        if kpos is None:
+            keys, vals = keys[:end], vals[:end]
+        else:  # a windowed layer reads only the blocks its queries can see: linear, not quadratic, cost
+            inside = kpos < end
+            keys, vals, kpos = keys[inside], vals[inside], kpos[inside]
     g = q.shape[1] // hkv
     # (1, H, L, D) and K/V repeated per query head: 4-D inputs without GQA take torch's fused CPU kernel,
     # which is ~5x faster here than the 3-D or enable_gqa paths
@@ -190,11 +199,26 @@ def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: Attention
     if p.start_pos == 0 and not meta.window:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
-        kpos = torch.arange(kh.shape[2], device=q.device)
+        if kpos is None:
+            kpos = torch.arange(kh.shape[2], device=q.device)
         mask = _allowed(p.positions.unsqueeze(-1), kpos, meta.window, meta.sinks)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     o = o.squeeze(0)
     return o.transpose(0, 1)
+
+
+def _visible_blocks(p: PrefillSeq, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block ids a chunk after cached context reads, and (windowed groups) the positions of their slots."""
+    if not meta.window:
+        return p.block_table, None
+    bs = meta.block_size
+    first = max(0, p.start_pos - meta.window + 1) // bs
+    sink_blocks = min(-(-meta.sinks // bs), first)
+    dev = p.block_table.device
+    idx = torch.cat([torch.arange(sink_blocks, device=dev),
+                     torch.arange(first, p.block_table.shape[0], device=dev)])
+    kpos = (idx.unsqueeze(1) * bs + torch.arange(bs, device=dev)).flatten()
+    return p.block_table[idx], kpos
 
 
 def short_attention_c_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -211,8 +235,8 @@ def short_attention_c(q, out, k_cache, v_cache, meta: AttentionMetadata, scale: 
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     lib.paged_attention_f32(
         q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.flat_rows.data_ptr(),
-        meta.flat_qpos.data_ptr(), meta.flat_seq.data_ptr(), bt.data_ptr(), bt.shape[1], meta.flat_rows.numel(),
-        h, hkv, d, bs, meta.window, meta.sinks, scale)
+        meta.flat_qpos.data_ptr(), meta.flat_seq.data_ptr(), bt.data_ptr(), bt.shape[1],
+        meta.flat_rows.numel(), h, hkv, d, bs, meta.window, meta.sinks, scale)
 
 
 @functools.cache

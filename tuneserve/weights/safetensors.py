@@ -53,7 +53,15 @@ class HFCheckpoint:
             types = c.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                                              for i in range(c["num_hidden_layers"])]
             windows = tuple(window if t == "sliding_attention" else 0 for t in types)
-            kw = dict(rope_theta_local=float(c.get("rope_local_base_freq", 10000.0)), hidden_act="gelu_tanh",
+            # transformers 5 nests rope settings per layer type; older configs use rope_local_base_freq
+            full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+            scaled = any(r.get("rope_type", "default") != "default" for r in (full, local))
+            if c.get("rope_scaling") or scaled:
+                raise ValueError(f"{self.path}: gemma3 rope scaling is not supported: "
+                                 f"{c.get('rope_scaling') or rope}")
+            theta = full.get("rope_theta") or theta
+            local_theta = local.get("rope_theta") or c.get("rope_local_base_freq", 10000.0)
+            kw = dict(rope_theta_local=float(local_theta), hidden_act="gelu_tanh",
                       query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", head_dim)))
         return ArchConfig(
             architecture=arch,
