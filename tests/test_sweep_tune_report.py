@@ -130,3 +130,15 @@ def test_report_renders_in_headless_chromium(tmp_path):
     for title in ("Latency vs throughput by batch size", "Precision vs quality", "Context length vs cost"):
         assert title in dom
     assert dom.count("<table>") == 3  # the speculation table has no measurements here
+
+
+def test_serve_mode_sweep_measures_through_http(tiny_dirs, tmp_path):
+    out = tmp_path / "serve.jsonl"
+    base = {"kv_cache_memory_bytes": TINY_KV_BYTES, "max_model_len": 1024}
+    recs = run_sweep(str(tiny_dirs["llama"]), {"max_num_seqs": [4]}, "random", str(out), num_prompts=4,
+                     output_len=3, base=base, rates=[float("inf"), 50.0], mode="serve")
+    assert [r["rate"] for r in recs] == [float("inf"), 50.0]
+    for r in recs:
+        m = r["metrics"]
+        assert m["num_requests"] == 4 and m["failed"] == 0 and len(m["requests"]) == 4
+        assert all(q["ttft"] > 0 and q["e2el"] >= q["ttft"] for q in m["requests"])
