@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     tune.add_parser(sub)
     report.add_parser(sub)
+    from tuneserve.quant_cli import add_parsers as add_quant_parsers
+
+    add_quant_parsers(sub)
     return parser
 
 

@@ -55,10 +55,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (R, hidden) -> fp32 logits (R, vocab)."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
-            return self.lm_head(hidden).float()  # a quantized head
-        return (hidden @ w.t()).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if not isinstance(head, (nn.Embedding, nn.Linear)):
+            return head.logits(hidden)  # a quantized head (tied: the packed embedding itself)
+        return (hidden @ head.weight.t()).float()
 
     # ----- weights --------------------------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:

@@ -1,0 +1,136 @@
+"""Quantization formats: packing, round-to-nearest error bounds, quantized modules, group-size checks."""
+
+import pytest
+import torch
+from torch import nn
+
+from tuneserve.kernels import quant_ops as Q
+from tuneserve.quant.apply import pack_weight, rtn_quantize
+from tuneserve.quant.linear import QuantEmbedding, QuantLinear, model_weight_bytes
+from tuneserve.quant.rtn import quantize_int4, quantize_int8, search_params
+from tuneserve.quant.spec import QuantSpec, fitting_group_sizes, parse_quantization, resolve_group_size
+
+
+def test_int4_pack_unpack_round_trip_is_exact():
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(1, 32), (7, 64), (33, 576)]:
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        packed = Q.pack_int4(q)
+        assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8
+        assert torch.equal(Q.unpack_int4(packed), q)
+    # the block layout: byte j of a 32-input block holds input j (low nibble) and input j + 16 (high)
+    q = torch.arange(32, dtype=torch.uint8).remainder(16).view(1, 32)
+    assert Q.pack_int4(q)[0, 3] == (3 | (3 << 4)) and Q.pack_int4(q)[0, 0] == 0
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Q.pack_int4(torch.zeros(2, 48, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_rtn_error_within_half_a_step(group, symmetric):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 256, generator=g) * 0.1
+    packed, s, m = quantize_int4(w, group, symmetric)
+    assert s.shape == (24, 256 // group) and s.dtype == torch.float16
+    w_hat = Q.dequant_portable(packed, s, m)
+    step = s.float().repeat_interleave(group, dim=1)
+    err = (w_hat - w).abs()
+    if symmetric:  # [-8 s, 7 s] with s = amax / 7: nothing is clipped
+        assert bool((err <= step / 2 + 1e-6).all())
+    else:  # the range covers [min, max]; fp16 rounding of the min can add a little
+        assert bool((err <= step / 2 + step * 2e-3 + 1e-6).all())
+    assert err.mean() < step.mean() / 3
+
+
+def test_int8_rtn_error_within_half_a_step():
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(2))
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (16, 1) and s.dtype == torch.float32
+    w_hat = Q.dequant_portable(q, s, None)
+    assert bool(((w_hat - w).abs() <= s / 2 + 1e-7).all())
+    q, s = quantize_int8(w, 32)
+    assert s.shape == (16, 3) and s.dtype == torch.float16
+    step = s.float().repeat_interleave(32, 1)
+    assert bool(((Q.dequant_portable(q, s, None) - w).abs() <= step / 2 + 1e-6).all())
+
+
+def test_clipping_search_never_worse_than_full_range():
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    w[:, 0] *= 8  # an outlier per group: clipping it helps the rest
+    full = Q.dequant_portable(*quantize_int4(w, 64))
+    s, m = search_params(w, 4)
+    q = ((w - m.float()[:, None]) / s.float()[:, None]).round().clamp(0, 15)
+    searched = q * s.float()[:, None] + m.float()[:, None]
+    assert (searched - w).pow(2).sum(1).le((full - w).pow(2).sum(1) + 1e-6).all()
+
+
+@pytest.fixture
+def fp32_activations(monkeypatch):
+    """Exact fp32 activations on every kernel path (the int8 / bf16 activation paths are tested against
+    their own oracle in test_quant_kernels.py)."""
+    monkeypatch.setenv("TUNESERVE_QUANT_ACT", "fp32")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_linear_matches_its_dequantized_weight(bits, fp32_activations):
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(40, 128, generator=g), torch.randn(40, generator=g)
+    layer = pack_weight(w, QuantSpec(bits=bits, group_size=64 if bits == 4 else None), bias=b)
+    assert isinstance(layer, QuantLinear) and layer.bits == bits
+    x = torch.randn(3, 5, 128, generator=g)
+    ref = x @ layer.dequantize().t() + b
+    for path in ("auto", "portable"):
+        layer.path = path
+        torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    assert not any(p.is_floating_point() and p.numel() == w.numel() for p in layer.buffers())  # no fp copy
+
+
+def test_quant_embedding_lookup_and_tied_logits(fp32_activations):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 64, generator=g)
+    emb = pack_weight(w, QuantSpec(bits=4, group_size=32), embedding=True)
+    assert isinstance(emb, QuantEmbedding)
+    full = emb.dequantize()
+    ids = torch.tensor([0, 299, 7, 7, 150])
+    torch.testing.assert_close(emb(ids), full[ids])
+    h = torch.randn(4, 64, generator=g)
+    torch.testing.assert_close(emb.logits(h), h @ full.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_rtn_model_quantizes_embedding_and_head_and_counts_bytes(tiny_dirs):
+    from tuneserve.models.loader import load_model
+    from tuneserve.weights import open_checkpoint
+
+    path = str(tiny_dirs["qwen2"])
+    arch = open_checkpoint(path).arch_config()
+    model = load_model(path, arch, torch.device("cpu"), progress=False)
+    fp32 = model_weight_bytes(model)
+    rtn_quantize(model, resolve_group_size(model, QuantSpec(bits=4)), progress=False)
+    assert isinstance(model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert model.layers[0].self_attn.qkv_proj.bias is not None  # qwen2's q/k/v biases survive
+    assert model_weight_bytes(model) < 0.25 * fp32
+
+
+def test_group_size_must_fit_every_layer(tiny_dirs):
+    from tuneserve.models.loader import load_model
+    from tuneserve.weights import open_checkpoint
+
+    path = str(tiny_dirs["llama"])
+    model = load_model(path, open_checkpoint(path).arch_config(), torch.device("cpu"), progress=False)
+    assert resolve_group_size(model, QuantSpec(bits=4)).group_size == 64  # hidden 64, intermediate 128
+    with pytest.raises(ValueError, match=r"group size 128 does not fit the input size 64 .*: 32, 64"):
+        resolve_group_size(model, QuantSpec(bits=4, group_size=128))
+    with pytest.raises(ValueError, match="32-input blocks"):
+        resolve_group_size(model, QuantSpec(bits=4, group_size=16))
+    assert fitting_group_sizes([576, 1536], 4) == [32, 64, 96, 192]  # SmolLM2: g128 does not fit
+    assert 128 in fitting_group_sizes([896, 4864], 4)  # Qwen2.5-0.5B
+
+
+def test_parse_quantization_names_and_env(monkeypatch):
+    assert parse_quantization("gptq-int4").method == "gptq"
+    assert parse_quantization("int8").bits == 8
+    monkeypatch.setenv("TUNESERVE_QUANT_SAMPLES", "7")
+    assert parse_quantization("awq-int4", group_size=32).samples == 7
+    with pytest.raises(ValueError, match="unknown quantization"):
+        parse_quantization("int3")

@@ -1,0 +1,80 @@
+"""GGUF-native weights: every block format decodes to what the `gguf` package's dequantize gives, and a
+model served from its own blocks computes what the dequantized fp32 model computes."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize
+
+from tuneserve.kernels import quant_ops as Q
+from tuneserve.quant.gguf_native import decode
+
+# where the fp16 scale fields sit in each block, so random blocks get finite, modest scales
+D_OFFSETS = {"Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(kind: str, rows: int, blocks: int, seed: int = 0) -> np.ndarray:
+    block_len, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, blocks, type_size), dtype=np.uint8)
+    for off in D_OFFSETS[kind]:
+        d = (rng.uniform(0.001, 0.05, size=(rows, blocks)) * rng.choice([-1, 1], size=(rows, blocks)))
+        data[:, :, off:off + 2] = d.astype(np.float16).view(np.uint8).reshape(rows, blocks, 2)
+    return data.reshape(rows, blocks * type_size)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+def test_blocks_decode_like_the_gguf_package(kind):
+    blocks = 3 if kind.endswith("K") else 9
+    data = random_blocks(kind, 5, blocks)
+    ref = dequantize(data, GGMLQuantizationType[kind]).reshape(5, -1)
+    d = decode(data, kind)
+    w = Q.dequant_portable(torch.from_numpy(np.ascontiguousarray(d["q"])), torch.from_numpy(d["scales"]),
+                           torch.from_numpy(d["mins"]) if d["mins"] is not None else None).numpy()
+    if kind in ("Q4_1", "Q8_0", "Q5_0"):  # same codes, same fp16 scales: exact
+        np.testing.assert_array_equal(w, ref)
+    else:  # the sub-block scale products d * sc are stored as fp16
+        np.testing.assert_allclose(w, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+    if Q.compiled_available():  # and the kernels read them as the portable path does
+        x = torch.randn(3, w.shape[1])
+        qw = torch.from_numpy(np.ascontiguousarray(d["q"]))
+        s, m = torch.from_numpy(d["scales"]), torch.from_numpy(d["mins"]) if d["mins"] is not None else None
+        act_int8 = Q.uses_act_int8(3, qw, s, m)  # the VNNI kernels round x to int8 per 32 inputs
+        ref_y = Q.matmul(x, qw, s, m, path="portable", act_int8=act_int8)
+        torch.testing.assert_close(Q.matmul(x, qw, s, m), ref_y, rtol=1e-4, atol=1e-3)
+
+
+def _smollm2_path():
+    from tuneserve.weights.sources import alias_path
+
+    p = alias_path("smollm2-135m")
+    if not p.exists():
+        pytest.skip("smollm2-135m is not in the cache (tuneserve pull smollm2-135m)")
+    return str(p)
+
+
+def test_smollm2_native_blocks_match_the_dequantized_model(monkeypatch):
+    from tuneserve.models.loader import load_model
+    from tuneserve.quant import quantize_model
+    from tuneserve.quant.calibrate import fresh_context
+    from tuneserve.quant.linear import QuantEmbedding, QuantLinear, model_weight_bytes
+    from tuneserve.weights import open_checkpoint
+
+    monkeypatch.setenv("TUNESERVE_QUANT_ACT", "fp32")  # exact weights: keep activations in fp32 too
+    path = _smollm2_path()
+    arch = open_checkpoint(path).arch_config()
+    ref = load_model(path, arch, torch.device("cpu"), progress=False)
+    model = load_model(path, arch, torch.device("cpu"), progress=False)
+    report = quantize_model(model, "gguf", checkpoint_path=path, progress=False)
+    assert report["fallback"] == [] and report["types"] == {"Q8_0": 1, "Q4_1": 210}
+    assert isinstance(model.embed_tokens, QuantEmbedding) and model.embed_tokens.bits == 8
+    assert isinstance(model.layers[3].mlp.down_proj, QuantLinear) and model.layers[3].mlp.down_proj.bits == 4
+    assert model_weight_bytes(model) < 100e6  # the file's size (98 MB), not fp32's 538 MB
+    ids = torch.tensor([504, 3575, 282, 4649, 314, 260, 1345, 30, 198, 42, 9])
+    outs = []
+    for m in (ref, model):
+        h = m(ids, fresh_context(arch, [ids.numel()], torch.device("cpu"), torch.float32))
+        outs.append(m.compute_logits(h))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=2e-3)  # same weights, other order of sums

@@ -1,0 +1,144 @@
+"""The compiled low-bit matmul kernels against the portable PyTorch path (the oracle)."""
+
+import pytest
+import torch
+
+from tuneserve.kernels import quant_ops as Q
+
+pytestmark = pytest.mark.skipif(not Q.compiled_available(), reason="no C compiler / kernels disabled")
+
+
+def _int4(n, k, group, dtype, g):
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, k // group, generator=g) * 0.1 + 0.01).to(dtype)
+    m = (-torch.rand(n, k // group, generator=g) * 0.8).to(dtype)
+    return Q.pack_int4(q), s, m
+
+
+def _int8(n, k, group, dtype, g):
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    return q, (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).to(dtype), None
+
+
+CASES = [  # (bits, N, K, group, scale dtype)
+    (4, 97, 32, 32, torch.float16), (4, 33, 96, 32, torch.float16), (4, 13, 128, 64, torch.float16),
+    (4, 50, 576, 64, torch.float16), (4, 7, 384, 128, torch.float16), (4, 31, 256, 256, torch.float32),
+    (4, 9, 640, 32, torch.float32),
+    (8, 97, 48, 48, torch.float32), (8, 29, 576, 576, torch.float32), (8, 33, 96, 32, torch.float16),
+    (8, 17, 256, 16, torch.float16), (8, 5, 160, 32, torch.float32),
+]
+
+
+@pytest.mark.parametrize("bits,n,k,group,dtype", CASES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 15, 16, 40])
+def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m):
+    g = torch.Generator().manual_seed(n * 1000 + k + m)
+    qw, s, mn = (_int4 if bits == 4 else _int8)(n, k, group, dtype, g)
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g) if m % 2 else None
+    act_int8 = Q.uses_act_int8(m, qw, s, mn)  # the VNNI kernels round x to int8 per 32 inputs
+    act_bf16 = Q.uses_act_bf16(m, qw, s, mn)  # large batches on bf16 CPUs: bf16 tiles, bf16 GEMM
+    ref = Q.matmul(x, qw, s, mn, bias, path="portable", act_int8=act_int8, act_bf16=act_bf16)
+    out = Q.matmul(x, qw, s, mn, bias)
+    scale = ref.abs().max().item() + 1
+    tol = 4e-3 if act_bf16 else 2e-5  # the bf16 GEMM's output is rounded to bf16
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * scale)
+
+
+def test_vnni_kernels_cover_the_model_shapes():
+    if Q._vnni() is None:
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    shapes = [(4, 576, 64), (4, 896, 128), (4, 1536, 32), (8, 576, 576), (8, 4864, 32), (8, 96, 32)]
+    for bits, k, group in shapes:
+        g = torch.Generator().manual_seed(k)
+        qw, s, mn = (_int4 if bits == 4 else _int8)(8, k, group, torch.float16, g)
+        assert Q.uses_act_int8(1, qw, s, mn) and not Q.uses_act_int8(Q.VNNI_MAX_M, qw, s, mn)
+
+
+def test_int8_activation_rounding_costs_little():
+    g = torch.Generator().manual_seed(3)
+    qw, s, mn = _int4(64, 576, 64, torch.float16, g)
+    x = torch.randn(4, 576, generator=g)
+    exact = Q.matmul(x, qw, s, mn, path="portable")
+    approx = Q.matmul(x, qw, s, mn, path="portable", act_int8=True)
+    assert ((approx - exact).norm() / exact.norm()) < 0.01
+
+
+@pytest.mark.parametrize("bits,n,k,group,dtype", CASES)
+def test_dequant_kernel_equals_portable(bits, n, k, group, dtype):
+    g = torch.Generator().manual_seed(k)
+    qw, s, mn = (_int4 if bits == 4 else _int8)(n, k, group, dtype, g)
+    rows = torch.tensor([n - 1, 0, n // 2, n - 1])
+    torch.testing.assert_close(Q.dequant_rows(qw, s, mn, rows=rows), Q.dequant_portable(qw, s, mn, rows),
+                               rtol=2e-6, atol=1e-7)  # the C code may fuse q * s + m
+    torch.testing.assert_close(Q.dequant_rows(qw, s, mn, row0=1, nrows=n - 1),
+                               Q.dequant_portable(qw, s, mn, slice(1, n)), rtol=2e-6, atol=1e-7)
+    bf = Q.dequant_rows(qw, s, mn, rows=rows, dtype=torch.bfloat16)  # rounded to nearest even, like torch
+    want = Q.dequant_portable(qw, s, mn, rows).bfloat16().float()
+    torch.testing.assert_close(bf.float(), want, rtol=8e-3, atol=0)
+
+
+def test_large_batch_tiles_cover_every_row(monkeypatch):
+    monkeypatch.setattr(Q, "TILE_ELEMS", 64 * 40)  # tiles of 40 rows over 97: a ragged last tile
+    g = torch.Generator().manual_seed(9)
+    qw, s, mn = _int4(97, 64, 32, torch.float16, g)
+    x = torch.randn(max(Q.LARGE_M, Q.VNNI_MAX_M) + 3, 64, generator=g)
+    monkeypatch.setenv("TUNESERVE_QUANT_ACT", "fp32")  # fp32 tiles: exact up to summation order
+    want = x @ Q.dequant_portable(qw, s, mn).t()
+    torch.testing.assert_close(Q.matmul(x, qw, s, mn), want, rtol=1e-5, atol=1e-4)
+
+
+def test_portable_env_switch_forces_the_pytorch_path(monkeypatch):
+    monkeypatch.setenv("TUNESERVE_KERNELS", "portable")
+    assert not Q.compiled_available()
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_avx2_and_scalar_builds_equal_portable(march, monkeypatch):
+    """CI machines may lack AVX-512: the AVX2 and plain-C copies of the kernels must be right too."""
+    from tuneserve.kernels import cpu_build
+
+    flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_build.FLAGS]
+    monkeypatch.setattr(cpu_build, "FLAGS", flags)
+    cpu_build.load.cache_clear()
+    Q._lib.cache_clear()
+    Q._vnni.cache_clear()
+    try:
+        if Q._lib() is None:
+            pytest.skip(f"cannot build for -march={march}")
+        for bits, n, k, group, dtype in CASES:
+            for m in (1, 3, 8, 13):
+                g = torch.Generator().manual_seed(m)
+                qw, s, mn = (_int4 if bits == 4 else _int8)(n, k, group, dtype, g)
+                x = torch.randn(m, k, generator=g)
+                ref = Q.matmul(x, qw, s, mn, path="portable", act_int8=Q.uses_act_int8(m, qw, s, mn),
+                               act_bf16=Q.uses_act_bf16(m, qw, s, mn))
+                torch.testing.assert_close(Q.matmul(x, qw, s, mn), ref, rtol=1e-5,
+                                           atol=2e-5 * (ref.abs().max().item() + 1))
+    finally:
+        cpu_build.load.cache_clear()
+        Q._lib.cache_clear()
+        Q._vnni.cache_clear()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act", ["int8", "fp32"])
+def test_permuted_and_scaled_inputs_applied_in_the_kernel(bits, act, monkeypatch):
+    """GPTQ act-order permutations and AWQ input scales: the small-batch kernels apply them in C."""
+    from tuneserve.quant.linear import QuantLinear
+
+    monkeypatch.setenv("TUNESERVE_QUANT_ACT", act)
+    g = torch.Generator().manual_seed(bits)
+    qw, s, mn = (_int4 if bits == 4 else _int8)(24, 128, 64, torch.float16, g)
+    perm, iscale = torch.randperm(128, generator=g), torch.rand(128, generator=g) + 0.5
+    for p, sc in [(perm, None), (None, iscale), (perm, iscale)]:
+        layer = QuantLinear(qw, s, mn, torch.randn(24, generator=g), p, sc)
+        assert layer._small_call() is not None
+        for m in (1, 5, 20):
+            x = torch.randn(m, 128, generator=g)
+            xt = x * sc if sc is not None else x
+            xt = xt[:, p] if p is not None else xt
+            ref = Q.matmul(xt, qw, s, mn, layer.bias, path="portable", act_int8=Q.uses_act_int8(m, qw, s, mn),
+                           act_bf16=Q.uses_act_bf16(m, qw, s, mn))
+            tol = 4e-3 if Q.uses_act_bf16(m, qw, s, mn) else 2e-5
+            torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1))

@@ -1,0 +1,286 @@
+/* Low-bit matmuls with int8 activations and AVX-512 VNNI integer dot products (llama.cpp's approach).
+ *
+ * Same weight formats as qmatmul.c. Each row of x is quantized per block of 32 inputs:
+ * dx = max|x| / 127, xq = round(x * 127 / max|x|) (ties to even). One vpdpbusd multiplies 64 unsigned
+ * 4-bit (or |int8|) weights by 64 int8 activations and sums groups of 4 into 16 int32 lanes, so a block's
+ * dot product is exact in integers; then y += scale_w * dx * dot, and for q4 y += min_w * sum(x) over the
+ * group, summing the rounded x (so y is exactly the rounded x times the weights; with the exact sum, the
+ * rounding error would meet q * scale = w - min, which is larger than w). Compared with dequantizing to
+ * fp32 inside the loop this does ~3x fewer instructions per weight, which is what batch 1 needs here.
+ * The price is the rounding of x: on SmolLM2 it adds a KL divergence of ~0.003 nats to the next-token
+ * distribution (TUNESERVE_QUANT_ACT=fp32 avoids it, at the float kernels' speed).
+ * The portable path emulates the same activation rounding (kernels/quant_ops.py, act_int8=True).
+ * Requires AVX-512 F/BW/VL + VNNI; elsewhere qv_available() returns 0 and callers use qmatmul.c.
+ * Shapes: q4 needs K % 64 == 0 and group 32, 64 or a multiple of 128; q8 needs K % 32 == 0 and group 32
+ * or a multiple of 64.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+int qv_available(void) { return 1; }
+
+static inline float ldh(const void *p, int64_t f16, int64_t i) {
+    return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Quantize row x [K] per 32-block. q4 layout: lo[b*16 + j] = x[32b + j], hi[b*16 + j] = x[32b + 16 + j];
+ * q8 layout: lo = x in order (hi unused). dxv: each block's dx repeated `rep` times. */
+static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi, float *dxv, int rep) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float id = amax > 0.f ? 127.f / amax : 0.f, d = amax / 127.f;
+        int8_t q[32];
+        for (int j = 0; j < 32; j++) q[j] = (int8_t)nearbyintf(xb[j] * id);
+        if (q4) {
+            memcpy(lo + b * 16, q, 16);
+            memcpy(hi + b * 16, q + 16, 16);
+        } else {
+            memcpy(lo + b * 32, q, 32);
+        }
+        for (int j = 0; j < rep; j++) dxv[b * rep + j] = d;
+    }
+}
+
+/* Up to 16 consecutive scales (mask k) as fp32 lanes, zero elsewhere. */
+static inline __m512 load_scales16(const void *p, int64_t f16, int64_t i, __mmask16 k) {
+    if (f16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)p + i));
+    return _mm512_maskz_loadu_ps(k, (const float *)p + i);
+}
+
+/* Per-lane weight scales for 4 consecutive blocks from block b0 (lane l: block l / 4). */
+static inline __m512 wscale_q4(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
+    if (G >= 128) return _mm512_set1_ps(ldh(sc, f16, sidx + b0 * 32 / G));
+    if (G == 64) {
+        const int64_t g = sidx + b0 / 2;
+        return _mm512_insertf32x8(_mm512_set1_ps(ldh(sc, f16, g)), _mm256_set1_ps(ldh(sc, f16, g + 1)), 1);
+    }
+    const __m128 s4 = f16 ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)sc + sidx + b0)))
+                          : _mm_loadu_ps((const float *)sc + sidx + b0);
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+}
+
+/* 2 blocks from b0 (lane l: block l / 4) for the 256-bit tail. */
+static inline __m256 wscale_q4_tail(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
+    const float s0 = ldh(sc, f16, sidx + b0 * 32 / G), s1 = ldh(sc, f16, sidx + (b0 + 1) * 32 / G);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+}
+
+#define DEF_Q4V(MB)                                                                                       \
+static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,     \
+                          int64_t K, const uint8_t *qr, const void *sc, const void *mn, int64_t f16,     \
+                          int64_t G, int64_t sidx, float *ys) {                                          \
+    const int64_t ng = K / G, units = K / 128, xs = K / 2, ds = K / 8;                                   \
+    const __m512i m4 = _mm512_set1_epi8(15);                                                             \
+    __m512 acc[MB];                                                                                      \
+    for (int mm = 0; mm < MB; mm++) acc[mm] = _mm512_setzero_ps();                                       \
+    for (int64_t u = 0; u < units; u++) {                                                                \
+        const __m512i raw = _mm512_loadu_si512(qr + u * 64);                                             \
+        const __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); \
+        const __m512 ws = wscale_q4(sc, f16, sidx, G, u * 4);                                            \
+        for (int mm = 0; mm < MB; mm++) {                                                                \
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,                                  \
+                                            _mm512_loadu_si512(xlo + mm * xs + u * 64));                 \
+            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xhi + mm * xs + u * 64));                  \
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(dxv + mm * ds + u * 16)); \
+            acc[mm] = _mm512_fmadd_ps(t, ws, acc[mm]);                                                   \
+        }                                                                                                \
+    }                                                                                                    \
+    float tail[MB];                                                                                      \
+    for (int mm = 0; mm < MB; mm++) tail[mm] = 0.f;                                                      \
+    if (K % 128) { /* one 64-input unit left */                                                          \
+        const int64_t u = units;                                                                         \
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + u * 64));                          \
+        const __m256i m4s = _mm256_set1_epi8(15);                                                        \
+        const __m256i lo = _mm256_and_si256(raw, m4s), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4s); \
+        const __m256 ws = wscale_q4_tail(sc, f16, sidx, G, u * 4);                                       \
+        for (int mm = 0; mm < MB; mm++) {                                                                \
+            __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,                                  \
+                                            _mm256_loadu_si256((const __m256i *)(xlo + mm * xs + u * 64))); \
+            d = _mm256_dpbusd_epi32(d, hi, _mm256_loadu_si256((const __m256i *)(xhi + mm * xs + u * 64))); \
+            const __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d),                          \
+                                                         _mm256_loadu_ps(dxv + mm * ds + u * 16)), ws);  \
+            float v[8];                                                                                  \
+            _mm256_storeu_ps(v, t);                                                                      \
+            tail[mm] = v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];                            \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int64_t g = 0; g < ng; g += 16) { /* the min term, 16 groups at a time */                       \
+        const __mmask16 k = ng - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1);         \
+        const __m512 mv = load_scales16(mn, f16, sidx + g, k);                                           \
+        for (int mm = 0; mm < MB; mm++)                                                                  \
+            acc[mm] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + mm * ng + g), acc[mm]);        \
+    }                                                                                                    \
+    for (int mm = 0; mm < MB; mm++) ys[mm] = _mm512_reduce_add_ps(acc[mm]) + tail[mm];                   \
+}
+DEF_Q4V(1)
+DEF_Q4V(2)
+DEF_Q4V(4)
+DEF_Q4V(8)
+
+/* Per-lane weight scales for the 2 blocks of a 64-input q8 unit (lane l: block l / 8). */
+static inline __m512 wscale_q8(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
+    if (G >= 64) return _mm512_set1_ps(ldh(sc, f16, sidx + b0 * 32 / G));
+    return _mm512_insertf32x8(_mm512_set1_ps(ldh(sc, f16, sidx + b0)),
+                              _mm256_set1_ps(ldh(sc, f16, sidx + b0 + 1)), 1);
+}
+
+#define DEF_Q8V(MB)                                                                                       \
+static void q8v_rows_##MB(const int8_t *xq, const float *dxv, int64_t K, const int8_t *qr, const void *sc, \
+                          int64_t f16, int64_t G, int64_t sidx, float *ys) {                             \
+    const int64_t units = K / 64, ds = K / 4;                                                            \
+    const int per_row = G >= K; /* one scale per row: applied once at the end */                         \
+    __m512 acc[2][MB]; /* alternate units between two accumulators: shorter FMA chains */                \
+    for (int mm = 0; mm < MB; mm++) acc[0][mm] = acc[1][mm] = _mm512_setzero_ps();                       \
+    for (int64_t u = 0; u < units; u++) {                                                                \
+        const __m512i w = _mm512_loadu_si512(qr + u * 64);                                               \
+        const __m512i aw = _mm512_abs_epi8(w);                                                           \
+        const __mmask64 neg = _mm512_movepi8_mask(w);                                                    \
+        const __m512 ws = per_row ? _mm512_set1_ps(1.f) : wscale_q8(sc, f16, sidx, G, u * 2);           \
+        const int p = (int)(u & 1);                                                                      \
+        for (int mm = 0; mm < MB; mm++) {                                                                \
+            const __m512i x = _mm512_loadu_si512(xq + mm * K + u * 64);                                  \
+            const __m512i sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);                   \
+            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);                       \
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(dxv + mm * ds + u * 16)); \
+            acc[p][mm] = _mm512_fmadd_ps(t, ws, acc[p][mm]);                                             \
+        }                                                                                                \
+    }                                                                                                    \
+    const float srow = per_row ? ldh(sc, f16, sidx) : 1.f;                                               \
+    for (int mm = 0; mm < MB; mm++) {                                                                    \
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][mm], acc[1][mm]));                           \
+        if (K % 64) { /* one 32-input block left */                                                      \
+            const int64_t b = K / 32 - 1;                                                                \
+            int32_t d = 0;                                                                               \
+            for (int j = 0; j < 32; j++) d += (int32_t)qr[b * 32 + j] * xq[mm * K + b * 32 + j];         \
+            t += (float)d * dxv[mm * ds + b * 8] * (per_row ? 1.f : ldh(sc, f16, sidx + b * 32 / G));   \
+        }                                                                                                \
+        ys[mm] = t * srow;                                                                               \
+    }                                                                                                    \
+}
+DEF_Q8V(1)
+DEF_Q8V(2)
+DEF_Q8V(4)
+DEF_Q8V(8)
+
+static inline int64_t chunk(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
+void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
+                int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
+    const int64_t ng = K / G;
+    int8_t *xlo = (int8_t *)malloc((size_t)(M * K)), *xhi = xlo + M * K / 2;
+    float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 8 + M * ng));
+    float *xsum = dxv + M * K / 8;
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *lo = xlo + m * K / 2, *hi = xhi + m * K / 2;
+        const float *dv = dxv + m * K / 8;
+        quant_row(x + m * K, K, 1, xlo + m * K / 2, xhi + m * K / 2, dxv + m * K / 8, 4);
+        for (int64_t g = 0; g < ng; g++) { /* sums of the rounded x, so y = sum x_rounded * w exactly */
+            float t = 0.f;
+            for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) {
+                int32_t qs = 0;
+                for (int j = 0; j < 16; j++) qs += lo[b * 16 + j] + hi[b * 16 + j];
+                t += dv[b * 4] * (float)qs;
+            }
+            xsum[m * ng + g] = t;
+        }
+    }
+    #pragma omp parallel for schedule(dynamic, 8)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qr = qw + n * (K / 2);
+        const float b = bias ? bias[n] : 0.f;
+        float ys[8];
+        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+            mb = chunk(M - m0);
+            const int8_t *lo = xlo + m0 * K / 2, *hi = xhi + m0 * K / 2;
+            const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
+            switch (mb) {
+                case 8: q4v_rows_8(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                case 4: q4v_rows_4(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                case 2: q4v_rows_2(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                default: q4v_rows_1(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+            }
+            for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
+        }
+    }
+    free(xlo);
+    free(dxv);
+}
+
+void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16,
+                int64_t N, int64_t G, const float *bias, float *y) {
+    const int64_t ng = K / G;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
+    float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 4));
+    for (int64_t m = 0; m < M; m++) quant_row(x + m * K, K, 0, xq + m * K, NULL, dxv + m * K / 4, 8);
+    #pragma omp parallel for schedule(dynamic, 8)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qr = qw + n * K;
+        const float b = bias ? bias[n] : 0.f;
+        float ys[8];
+        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+            mb = chunk(M - m0);
+            const int8_t *xm = xq + m0 * K;
+            const float *dv = dxv + m0 * K / 4;
+            switch (mb) {
+                case 8: q8v_rows_8(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+                case 4: q8v_rows_4(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+                case 2: q8v_rows_2(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+                default: q8v_rows_1(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+            }
+            for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
+        }
+    }
+    free(xq);
+    free(dxv);
+}
+
+
+/* The same with the inputs permuted and/or scaled first: x'[k] = x[perm[k]] * iscale[perm[k]] (GPTQ
+ * act-order, AWQ scales the model could not fold); perm or iscale may be NULL. */
+static float *prep_x(const float *x, int64_t M, int64_t K, const int64_t *perm, const float *is) {
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(M * K));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t j = perm ? perm[k] : k;
+            xp[m * K + k] = x[m * K + j] * (is ? is[j] : 1.f);
+        }
+    return xp;
+}
+
+void q4v_matmul_px(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
+             int64_t f16, int64_t N, int64_t G, const float *bias, const int64_t *perm, const float *is, float *y) {
+    float *xp = prep_x(x, M, K, perm, is);
+    q4v_matmul(xp, M, K, qw, sc, mn, f16, N, G, bias, y);
+    free(xp);
+}
+
+void q8v_matmul_px(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16, int64_t N,
+             int64_t G, const float *bias, const int64_t *perm, const float *is, float *y) {
+    float *xp = prep_x(x, M, K, perm, is);
+    q8v_matmul(xp, M, K, qw, sc, f16, N, G, bias, y);
+    free(xp);
+}
+
+#else  /* no AVX-512 VNNI: callers use qmatmul.c */
+
+int qv_available(void) { return 0; }
+void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
+                int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
+    (void)x; (void)M; (void)K; (void)qw; (void)sc; (void)mn; (void)f16; (void)N; (void)G; (void)bias; (void)y;
+}
+void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16,
+                int64_t N, int64_t G, const float *bias, float *y) {
+    (void)x; (void)M; (void)K; (void)qw; (void)sc; (void)f16; (void)N; (void)G; (void)bias; (void)y;
+}
+void q4v_matmul_px(void) {}
+void q8v_matmul_px(void) {}
+
+#endif

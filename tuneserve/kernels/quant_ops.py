@@ -1,0 +1,265 @@
+"""Matmuls and row lookups on packed low-bit weights: the compiled CPU kernels and the portable path.
+
+Formats (see csrc/qmatmul.c): q4 packs two 4-bit weights per byte in 32-input blocks (byte j: input j in
+the low nibble, input j + 16 in the high one), w = q * scale + min per group of inputs; q8 stores int8,
+w = q * scale. Scales (and mins) are (N, K / group) in fp16 or fp32.
+
+`matmul` picks the path. Below VNNI_MAX_M rows of x on a CPU with AVX-512 VNNI: csrc/qmatmul_vnni.c,
+which quantizes x to int8 per 32 inputs and takes integer dot products with the packed weights
+(llama.cpp's scheme; `TUNESERVE_QUANT_ACT=fp32` turns it off, `int8-all` uses it for every batch size,
+to measure decode numerics on long evaluation windows). Otherwise below LARGE_M rows:
+csrc/qmatmul.c, which dequantizes inside fp32 dot products. Larger batches: tiles of the weight are
+dequantized into a small buffer and multiplied by torch's GEMM; on CPUs with native bf16 (AVX512-BF16 /
+AMX) the tiles and x are bf16 (a bf16 GEMM is ~3x an fp32 one here; x and the output are rounded to bf16),
+elsewhere fp32. `TUNESERVE_QUANT_ACT=fp32` keeps activations in fp32 on every path. The portable path
+(pure PyTorch, any device) dequantizes tiles too, optionally rounding x the way the VNNI kernels do
+(`act_int8`); it is the test oracle for the kernels. `TUNESERVE_KERNELS=portable` forces it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+LARGE_M = 16  # from this many rows of x on, dequantize tiles and use a GEMM
+VNNI_MAX_M = 16  # below this many rows, the int8-activation VNNI kernels where available
+TILE_ELEMS = 1 << 20  # weights per dequantized tile (4 MiB of fp32)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight: (N, K/2) uint8 -> (N, K) uint8 in [0, 15], undoing the 32-input block layout."""
+    n, half = qweight.shape
+    b = qweight.view(n, half // 16, 16)
+    return torch.cat((b & 15, b >> 4), dim=-1).view(n, half * 2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q: (N, K) integers in [0, 15], K a multiple of 32 -> (N, K/2) uint8 in the 32-input block layout."""
+    n, k = q.shape
+    if k % 32:
+        raise ValueError(f"4-bit packing needs the input size to be a multiple of 32, got {k}")
+    b = q.to(torch.uint8).view(n, k // 32, 32)
+    return (b[..., :16] | (b[..., 16:] << 4)).view(n, k // 2)
+
+
+def dequant_portable(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                     rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+    """Rows of a packed matrix as fp32 (R, K); mins None means int8 (symmetric). Pure PyTorch."""
+    if rows is not None:
+        qweight, scales = qweight[rows], scales[rows]
+        mins = mins[rows] if mins is not None else None
+    q = unpack_int4(qweight) if mins is not None else qweight
+    n, k = q.shape
+    ng = scales.shape[1]
+    w = q.float().view(n, ng, k // ng) * scales.float().unsqueeze(-1)
+    if mins is not None:
+        w = w + mins.float().unsqueeze(-1)
+    return w.view(n, k)
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    from tuneserve.kernels.cpu_build import load
+
+    lib = load("qmatmul")
+    if lib is None:
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.q4_matmul.argtypes = [p, i, i, p, p, p, i, i, i, p, p]
+    lib.q8_matmul.argtypes = [p, i, i, p, p, i, i, i, p, p]
+    lib.q4_dequant.argtypes = lib.q4_dequant_bf16.argtypes = [p, p, p, i, i, i, p, i, i, p]
+    lib.q8_dequant.argtypes = lib.q8_dequant_bf16.argtypes = [p, p, i, i, i, p, i, i, p]
+    for f in (lib.q4_matmul, lib.q8_matmul, lib.q4_dequant, lib.q8_dequant, lib.q4_dequant_bf16,
+              lib.q8_dequant_bf16):
+        f.restype = None
+    return lib
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 GEMMs are fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_tiles() -> bool:
+    """Whether large-batch tiles use a bf16 GEMM (native bf16, compiled kernels, not turned off)."""
+    return (native_bf16() and os.environ.get("TUNESERVE_QUANT_ACT", "int8") != "fp32"
+            and os.environ.get("TUNESERVE_KERNELS", "auto") != "portable")
+
+
+@functools.cache
+def _vnni() -> ctypes.CDLL | None:
+    from tuneserve.kernels.cpu_build import load
+
+    lib = load("qmatmul_vnni")
+    if lib is None or not lib.qv_available():
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.q4v_matmul.argtypes = [p, i, i, p, p, p, i, i, i, p, p]
+    lib.q8v_matmul.argtypes = [p, i, i, p, p, i, i, i, p, p]
+    lib.q4v_matmul.restype = lib.q8v_matmul.restype = None
+    return lib
+
+
+def uses_act_int8(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
+    """Whether matmul(path='auto') of m rows quantizes the activations to int8 (the VNNI kernels)."""
+    act = os.environ.get("TUNESERVE_QUANT_ACT", "int8")
+    if (m >= VNNI_MAX_M and act != "int8-all") or act == "fp32" or not _kernel_ok(qweight, scales, mins) \
+            or _vnni() is None:
+        return False
+    k = qweight.shape[1] * (2 if mins is not None else 1)
+    g = k // scales.shape[1]
+    if mins is not None:
+        return k % 64 == 0 and (g in (32, 64) or g % 128 == 0)
+    return k % 32 == 0 and (g == 32 or g % 64 == 0)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x: (M, K) -> x rounded as the VNNI kernels round it: int8 per 32 inputs, scale max|x| / 127."""
+    m, k = x.shape
+    xb = x.float().view(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return ((xb * inv).round() * (amax / 127.0)).view(m, k)
+
+
+def compiled_available() -> bool:
+    """Whether the compiled kernels are built and allowed."""
+    return os.environ.get("TUNESERVE_KERNELS", "auto") != "portable" and _lib() is not None
+
+
+def _kernel_ok(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
+    if qweight.device.type != "cpu" or not compiled_available():
+        return False
+    k = qweight.shape[1] * (2 if mins is not None else 1)
+    group = k // scales.shape[1]
+    tensors = [qweight, scales] + ([mins] if mins is not None else [])
+    return (group % (32 if mins is not None else 16) == 0 and scales.dtype in (torch.float16, torch.float32)
+            and (mins is None or mins.dtype == scales.dtype) and all(t.is_contiguous() for t in tensors))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def dequant_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 rows: torch.Tensor | None = None, row0: int = 0, nrows: int | None = None,
+                 path: str = "auto", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(R, K) rows of a packed matrix in dtype (fp32 or bf16): rows (R,) long, or row0:row0+nrows."""
+    if path != "portable" and _kernel_ok(qweight, scales, mins):
+        k = qweight.shape[1] * (2 if mins is not None else 1)
+        if rows is not None:
+            rows = rows.to(torch.int64).contiguous()
+        r = rows.numel() if rows is not None else (nrows if nrows is not None else qweight.shape[0] - row0)
+        out = torch.empty(r, k, dtype=dtype)
+        f16 = int(scales.dtype == torch.float16)
+        group = k // scales.shape[1]
+        bf = dtype == torch.bfloat16
+        if mins is not None:
+            (_lib().q4_dequant_bf16 if bf else _lib().q4_dequant)(
+                qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), f16, k, group, _ptr(rows), r, row0,
+                out.data_ptr())
+        else:
+            (_lib().q8_dequant_bf16 if bf else _lib().q8_dequant)(
+                qweight.data_ptr(), scales.data_ptr(), f16, k, group, _ptr(rows), r, row0, out.data_ptr())
+        return out
+    sel = rows if rows is not None else slice(row0, row0 + nrows if nrows is not None else None)
+    return dequant_portable(qweight, scales, mins, sel).to(dtype)
+
+
+def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+           bias: torch.Tensor | None = None, path: str = "auto", act_int8: bool = False,
+           act_bf16: bool = False, int8_ok: bool = True) -> torch.Tensor:
+    """x: (M, K) fp32 -> (M, N) fp32 = x @ W^T + bias, W given packed. path: auto | portable. For the
+    portable path, act_int8 / act_bf16 round x as the VNNI kernels / the bf16 tiles do (test oracles)."""
+    m = x.shape[0]
+    if path != "portable" and x.device.type == "cpu" and _kernel_ok(qweight, scales, mins):
+        if int8_ok and uses_act_int8(m, qweight, scales, mins):
+            return _kernel_matmul(_vnni(), "q4v_matmul", "q8v_matmul", x, qweight, scales, mins, bias)
+        if m < LARGE_M:
+            return _kernel_matmul(_lib(), "q4_matmul", "q8_matmul", x, qweight, scales, mins, bias)
+        return _tiled_matmul(x, qweight, scales, mins, bias, "auto",
+                             torch.bfloat16 if bf16_tiles() else torch.float32)
+    if act_int8:
+        return _tiled_matmul(quantize_activations(x), qweight, scales, mins, bias, "portable")
+    dtype = torch.bfloat16 if act_bf16 else torch.float32
+    return _tiled_matmul(x, qweight, scales, mins, bias, "portable", dtype)
+
+
+def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                     bias: torch.Tensor | None, int8_ok: bool = True, perm: torch.Tensor | None = None,
+                     input_scale: torch.Tensor | None = None) -> tuple | None:
+    """(kernel, args after (x, M, K), max rows) for calling the compiled kernel directly on small
+    batches, skipping the dispatch above; the kernel applies perm / input_scale (x'[k] = x[perm[k]] *
+    input_scale[perm[k]]) itself. None when no compiled kernel takes this matrix. The args hold raw
+    pointers: rebuild after the tensors move."""
+    if not _kernel_ok(qweight, scales, mins):
+        return None
+    k = qweight.shape[1] * (2 if mins is not None else 1)
+    f16 = int(scales.dtype == torch.float16)
+    n, group = qweight.shape[0], k // scales.shape[1]
+    vnni = int8_ok and uses_act_int8(1, qweight, scales, mins)
+    lib = _vnni() if vnni else _lib()
+    name = ("q4" if mins is not None else "q8") + ("v" if vnni else "") + "_matmul"
+    args = (qweight.data_ptr(), scales.data_ptr()) + ((mins.data_ptr(),) if mins is not None else ())
+    args += (f16, n, group, _ptr(bias))
+    if perm is not None or input_scale is not None:
+        name += "_px"
+        args += (_ptr(perm), _ptr(input_scale))
+    fn = getattr(lib, name)
+    if name.endswith("_px"):
+        fn.argtypes = list(getattr(lib, name[:-3]).argtypes[:-1]) + [ctypes.c_void_p] * 3
+        fn.restype = None
+    return fn, args, VNNI_MAX_M if vnni else LARGE_M
+
+
+def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
+    """Whether matmul(path='auto') of m rows multiplies bf16 tiles."""
+    return (_kernel_ok(qweight, scales, mins) and not uses_act_int8(m, qweight, scales, mins) and m >= LARGE_M
+            and bf16_tiles())
+
+
+def _kernel_matmul(lib: ctypes.CDLL, q4: str, q8: str, x: torch.Tensor, qweight: torch.Tensor,
+                   scales: torch.Tensor, mins: torch.Tensor | None,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    f16 = int(scales.dtype == torch.float16)
+    group = k // scales.shape[1]
+    if mins is not None:
+        getattr(lib, q4)(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), f16, n,
+                         group, _ptr(bias), y.data_ptr())
+    else:
+        getattr(lib, q8)(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), f16, n, group, _ptr(bias),
+                         y.data_ptr())
+    return y
+
+
+def _tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                  bias: torch.Tensor | None, path: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x @ W^T by dequantizing row tiles of W (a bounded buffer, fp32 or bf16) and calling the GEMM."""
+    n = qweight.shape[0]
+    k = x.shape[1]
+    tile = max(1, TILE_ELEMS // k)
+    xt = x.to(dtype)
+    if tile >= n:
+        y = (xt @ dequant_rows(qweight, scales, mins, path=path, dtype=dtype).t()).float()
+    else:
+        y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+        for r0 in range(0, n, tile):
+            r1 = min(n, r0 + tile)
+            w = dequant_rows(qweight, scales, mins, row0=r0, nrows=r1 - r0, path=path, dtype=dtype)
+            y[:, r0:r1] = xt @ w.t()
+    if bias is not None:
+        y += bias
+    return y

@@ -1,0 +1,71 @@
+"""Walking a model: which layers get quantized, building the packed modules, swapping them in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tuneserve.quant.linear import QuantEmbedding, QuantLinear
+from tuneserve.quant.rtn import quantize_int4, quantize_int8
+from tuneserve.quant.spec import QuantSpec
+
+LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def target_layers(model: nn.Module, embeddings: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every plain Linear/Embedding a quantization recipe replaces, in model order."""
+    mods = dict(model.named_modules())
+    if embeddings and isinstance(mods.get("embed_tokens"), nn.Embedding):
+        yield "embed_tokens", mods["embed_tokens"]
+    for i in range(len(model.layers)):
+        for suffix in LAYER_LINEARS:
+            name = f"layers.{i}.{suffix}"
+            if isinstance(mods.get(name), nn.Linear):
+                yield name, mods[name]
+    if embeddings and isinstance(mods.get("lm_head"), nn.Linear):
+        yield "lm_head", mods["lm_head"]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def pack_weight(w: torch.Tensor, spec: QuantSpec, embedding: bool = False, bias: torch.Tensor | None = None,
+                search: bool = False, input_scale: torch.Tensor | None = None) -> QuantLinear:
+    """Quantize w (N, K) round-to-nearest into a QuantLinear (QuantEmbedding when embedding)."""
+    cls = QuantEmbedding if embedding else QuantLinear
+    if spec.bits == 8:
+        q, s = quantize_int8(w, spec.group_size)
+        return cls(q, s, None, bias, input_scale=input_scale)
+    q, s, m = quantize_int4(w, spec.group_size or w.shape[1], spec.symmetric, search)
+    return cls(q, s, m, bias, input_scale=input_scale)
+
+
+def from_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, like: nn.Module,
+                   perm: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> QuantLinear:
+    """A QuantLinear / QuantEmbedding replacing `like` from unpacked integer codes q (N, K)."""
+    from tuneserve.kernels.quant_ops import pack_int4
+
+    cls = QuantEmbedding if isinstance(like, nn.Embedding) else QuantLinear
+    bias = getattr(like, "bias", None)
+    packed = pack_int4(q) if mins is not None else q.to(torch.int8)
+    new = cls(packed, scales, mins, bias.detach() if bias is not None else None, perm, input_scale)
+    new.out_dtype = like.weight.dtype
+    return new
+
+
+@torch.no_grad()
+def rtn_quantize(model: nn.Module, spec: QuantSpec, progress: bool = True) -> None:
+    """Round-to-nearest quantization of every target layer, in place."""
+    layers = list(target_layers(model, spec.embeddings))
+    for name, m in tqdm(layers, desc=f"quantizing int{spec.bits} (RTN)", disable=not progress, leave=False):
+        bias = getattr(m, "bias", None)
+        new = pack_weight(m.weight.detach().float(), spec, isinstance(m, nn.Embedding),
+                          bias.detach() if bias is not None else None)
+        new.out_dtype = m.weight.dtype
+        replace_module(model, name, new)

@@ -1,0 +1,166 @@
+"""quantization='gguf': serve a GGUF file's quantized tensors from their own blocks, as llama.cpp does.
+
+Block formats (ggml's definitions; 32 or 256 weights per block, little-endian):
+  Q4_1  20 B / 32: fp16 d, fp16 m, 16 B of nibbles (byte j: weight j low, weight j + 16 high); w = d q + m
+  Q8_0  34 B / 32: fp16 d, 32 int8; w = d q
+  Q5_0  22 B / 32: fp16 d, 32 high bits, 16 B of low nibbles; w = d (q - 16), q in [0, 31]
+  Q4_K  144 B / 256: fp16 d, fp16 dmin, 12 B of 6-bit (scale, min) pairs for 8 sub-blocks of 32, 128 B of
+        nibbles (per 64 weights: 32 bytes, low nibbles the first 32, high nibbles the next 32);
+        w = d sc q - dmin m
+  Q6_K  210 B / 256: 128 B low nibbles, 64 B of 2-bit highs, 16 int8 scales (sub-blocks of 16), fp16 d;
+        w = d sc (q - 32), q in [0, 63]
+Q4_1 and Q8_0 map one to one onto our int4 / int8 layouts (same bytes: 5 and 8.5 bits per weight), so
+SmolLM2 runs at its file's size. Q4_K, Q5_0 and Q6_K are repacked exactly (same integer codes) into
+int4 g32 / int8 g32 / int8 g16 with fp16 scales (the sub-block scale products d * sc are rounded to fp16);
+they take 5, 8.5 and 9 bits per weight instead of 4.5, 5.5 and 6.6. Other types fall back to the fp32
+weights already loaded, and the report names them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+from torch import nn
+
+from tuneserve.kernels.quant_ops import pack_int4
+from tuneserve.quant.apply import replace_module
+from tuneserve.quant.linear import ConcatLinear, QuantEmbedding, QuantLinear
+from tuneserve.weights.gguf import GGUFCheckpoint, hf_name, unpermute_rope_rows
+
+NATIVE = ("Q4_1", "Q8_0")
+REPACKED = ("Q4_K", "Q5_0", "Q6_K")
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(..., 2) uint8 -> (...) float16."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def decode(data: np.ndarray, kind: str) -> dict[str, np.ndarray]:
+    """Raw blocks (rows, bytes per row) -> {'q': codes, 'scales': fp16 (rows, groups), 'mins' or None,
+    'bits'}; for int4, q is already packed in our 32-input block layout."""
+    rows = data.shape[0]
+    if kind == "Q4_1":
+        b = data.reshape(rows, -1, 20)
+        return {"q": b[:, :, 4:].reshape(rows, -1), "scales": _f16(b[:, :, 0:2]),
+                "mins": _f16(b[:, :, 2:4]), "bits": 4}
+    if kind == "Q8_0":
+        b = data.reshape(rows, -1, 34)
+        return {"q": b[:, :, 2:].reshape(rows, -1).view(np.int8), "scales": _f16(b[:, :, 0:2]), "mins": None,
+                "bits": 8}
+    if kind == "Q5_0":
+        b = data.reshape(rows, -1, 22)
+        qh = np.ascontiguousarray(b[:, :, 2:6]).view(np.uint32)[..., 0]  # (rows, nb)
+        lo = np.concatenate([b[:, :, 6:] & 15, b[:, :, 6:] >> 4], axis=-1).astype(np.int16)  # (rows, nb, 32)
+        hi = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+        q = (lo | (hi.astype(np.int16) << 4)) - 16
+        return {"q": q.reshape(rows, -1).astype(np.int8), "scales": _f16(b[:, :, 0:2]), "mins": None,
+                "bits": 8}
+    if kind == "Q4_K":
+        return _decode_q4_k(data.reshape(rows, -1, 144))
+    if kind == "Q6_K":
+        return _decode_q6_k(data.reshape(rows, -1, 210))
+    raise ValueError(f"no native path for {kind}")
+
+
+def _decode_q4_k(b: np.ndarray) -> dict[str, np.ndarray]:
+    rows, nsb = b.shape[:2]
+    d, dmin = _f16(b[:, :, 0:2]).astype(np.float32), _f16(b[:, :, 2:4]).astype(np.float32)
+    s = b[:, :, 4:16].astype(np.uint8)
+    sc = np.empty((rows, nsb, 8), np.uint8)
+    mn = np.empty((rows, nsb, 8), np.uint8)
+    sc[..., :4], mn[..., :4] = s[..., 0:4] & 63, s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    qs = b[:, :, 16:].reshape(rows, nsb, 4, 32)  # per 64 weights: low nibbles first 32, high next 32
+    codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(rows, nsb * 256)
+    scales = (d[..., None] * sc).reshape(rows, -1).astype(np.float16)
+    mins = (-(dmin[..., None] * mn)).reshape(rows, -1).astype(np.float16)
+    packed = pack_int4(torch.from_numpy(codes.astype(np.uint8))).numpy()
+    return {"q": packed, "scales": scales, "mins": mins, "bits": 4}
+
+
+def _decode_q6_k(b: np.ndarray) -> dict[str, np.ndarray]:
+    rows, nsb = b.shape[:2]
+    ql = b[:, :, 0:128].reshape(rows, nsb, 2, 64)
+    qh = b[:, :, 128:192].reshape(rows, nsb, 2, 32)
+    sc = np.ascontiguousarray(b[:, :, 192:208]).view(np.int8).astype(np.float32)  # (rows, nsb, 16)
+    d = _f16(b[:, :, 208:210]).astype(np.float32)
+    q = np.empty((rows, nsb, 2, 4, 32), np.int16)  # per half of 128: four runs of 32 weights
+    q[..., 0, :] = (ql[..., :32] & 15) | (((qh >> 0) & 3) << 4)
+    q[..., 1, :] = (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4)
+    q[..., 2, :] = (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4)
+    q[..., 3, :] = (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4)
+    codes = (q - 32).reshape(rows, nsb * 256).astype(np.int8)
+    scales = (d[..., None] * sc).reshape(rows, -1).astype(np.float16)
+    return {"q": codes, "scales": scales, "mins": None, "bits": 8}
+
+
+def _to_module(parts: list[dict], like: nn.Module) -> nn.Module:
+    """One QuantLinear from row-stacked parts of the same format, else a ConcatLinear of per-part ones."""
+    t = torch.from_numpy
+    bias = getattr(like, "bias", None)
+    bias = bias.detach().float() if bias is not None else None
+    cls = QuantEmbedding if isinstance(like, nn.Embedding) else QuantLinear
+    same = len({(p["bits"], p["scales"].shape[1], p["q"].shape[1]) for p in parts}) == 1
+    if same:
+        cat = {k: np.concatenate([p[k] for p in parts]) if parts[0][k] is not None else None
+               for k in ("q", "scales", "mins")}
+        return cls(t(np.ascontiguousarray(cat["q"])), t(cat["scales"]),
+                   t(cat["mins"]) if cat["mins"] is not None else None, bias)
+    mods, row = [], 0
+    for p in parts:
+        n = p["q"].shape[0]
+        b = bias[row:row + n] if bias is not None else None
+        mods.append(QuantLinear(t(np.ascontiguousarray(p["q"])), t(p["scales"]),
+                                t(p["mins"]) if p["mins"] is not None else None, b))
+        row += n
+    return ConcatLinear(mods)
+
+
+def load_native(model: nn.Module, path: str, progress: bool = True) -> dict:
+    """Swap model's projections, embedding and head for modules over the GGUF file's own blocks."""
+    ck = GGUFCheckpoint(path)
+    arch = model.arch
+    tensors = {hf_name(t.name, ck.architecture).removeprefix("model."): t for t in ck.reader.tensors}
+    kinds: Counter = Counter()
+    fallback: list[str] = []
+
+    def part(name: str) -> dict | None:
+        t = tensors[name + ".weight"]
+        kind = t.tensor_type.name
+        if kind not in NATIVE + REPACKED:
+            return None
+        d = decode(np.asarray(t.data), kind)
+        if ck.architecture in ("llama", "mistral") and name.endswith(("q_proj", "k_proj")):
+            heads = arch.num_heads if name.endswith("q_proj") else arch.num_kv_heads
+            for k in ("q", "scales", "mins"):
+                if d[k] is not None:
+                    d[k] = np.ascontiguousarray(unpermute_rope_rows(d[k], heads))
+        kinds[kind] += 1
+        return d
+
+    plan = [("embed_tokens", ["embed_tokens"])]
+    for i in range(arch.num_layers):
+        a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
+        plan += [(f"{a}.qkv_proj", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"]),
+                 (f"{a}.o_proj", [f"{a}.o_proj"]), (f"{m}.gate_up_proj", [f"{m}.gate_proj", f"{m}.up_proj"]),
+                 (f"{m}.down_proj", [f"{m}.down_proj"])]
+    if model.lm_head is not None and "lm_head.weight" in tensors:
+        plan.append(("lm_head", ["lm_head"]))
+    for target, sources in plan:
+        parts = [part(s) for s in sources]
+        if any(p is None for p in parts):
+            fallback += [s for s, p in zip(sources, parts) if p is None]
+            continue
+        like = model.get_submodule(target)
+        new = _to_module(parts, like)
+        if isinstance(new, QuantEmbedding):
+            new.out_dtype = like.weight.dtype
+        replace_module(model, target, new)
+    types = Counter(tensors[s + ".weight"].tensor_type.name for s in fallback)
+    return {"native": sum(kinds[k] for k in NATIVE), "repacked": sum(kinds[k] for k in REPACKED),
+            "types": dict(kinds), "fallback": fallback,
+            "fallback_summary": ", ".join(f"{n} {k}" for k, n in types.items()) or "none"}

@@ -1,0 +1,169 @@
+"""Quantized layers: a Linear and an Embedding that keep only packed weights and compute from them.
+
+One packed matrix (N rows, K inputs) serves both: `QuantLinear` multiplies by it, `QuantEmbedding`
+dequantizes only the looked-up rows and, as a tied LM head, multiplies by the same packed tensor.
+Buffers (all persistent, so `state_dict()` is the checkpoint format):
+  qweight  int4: (N, K/2) uint8, 32-input blocks (kernels/quant_ops.py); int8: (N, K) int8
+  scales   (N, K/group) fp16 or fp32;  mins (int4 only): same shape, w = q * scale + min
+  perm     optional (K,) long: inputs were quantized in this order (GPTQ act-order); x is permuted first
+  input_scale optional (K,) fp32: x is multiplied by it first (AWQ scales that no earlier op absorbed)
+  bias     optional (N,) fp32
+The layout is self-describing: bits, group size and K follow from the shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tuneserve.kernels import quant_ops
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored packed (int4 asymmetric groups or int8 symmetric groups)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.bits = 4 if mins is not None else 8
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (2 if self.bits == 4 else 1)
+        self.group_size = self.in_features // scales.shape[1]
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("mins", mins.contiguous() if mins is not None else None)
+        self.register_buffer("bias", bias.float().contiguous() if bias is not None else None)
+        self.register_buffer("perm", perm.long().contiguous() if perm is not None else None)
+        self.register_buffer("input_scale",
+                             input_scale.float().contiguous() if input_scale is not None else None)
+        self.path = "auto"  # "portable" forces the PyTorch path (tests)
+        self.out_dtype = torch.float32  # embedding lookups return the model's dtype
+        self.int8_activations = True  # may small batches take the int8-activation (VNNI) kernels
+        self._call: tuple | None = None  # cached direct kernel call for small batches (see _small_call)
+        self._call_key: tuple = ()
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, int{self.bits}, group={self.group_size}, "
+                f"scales={str(self.scales.dtype).removeprefix('torch.')}, act_order={self.perm is not None}, "
+                f"input_scale={self.input_scale is not None}")
+
+    def _small_call(self) -> tuple | None:
+        """The compiled kernel and its fixed arguments for small batches (a decode step calls ~100 layers:
+        the generic dispatch would cost more than the kernel). Rebuilt when the weights move or `path`
+        changes; TUNESERVE_KERNELS / TUNESERVE_QUANT_ACT are read when it is built."""
+        key = (self.path, self.qweight.data_ptr())
+        if key != self._call_key:
+            self._call_key = key
+            self._call = None
+            if self.path == "auto" and self.qweight.device.type == "cpu":
+                self._call = quant_ops.small_batch_call(self.qweight, self.scales, self.mins, self.bias,
+                                                        self.int8_activations, self.perm, self.input_scale)
+        return self._call
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., K) any float dtype -> (M, N) fp32, M = the product of x's leading dims."""
+        if x.dim() != 2:
+            x = x.reshape(-1, self.in_features)
+        if x.dtype != torch.float32:
+            x = x.float()
+        call = self._small_call()
+        if call is not None and x.shape[0] < call[2]:  # the kernel applies perm / input_scale itself
+            x = x.contiguous()
+            y = torch.empty(x.shape[0], self.out_features)
+            call[0](x.data_ptr(), x.shape[0], self.in_features, *call[1], y.data_ptr())
+            return y
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        return quant_ops.matmul(x, self.qweight, self.scales, self.mins, self.bias, self.path,
+                                int8_ok=self.int8_activations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., K) -> (..., N), in x's dtype."""
+        y = self._linear(x)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (R, K) -> fp32 logits (R, N), for an untied quantized LM head."""
+        return self.forward(hidden.float())
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective fp32 weight (N, K) in the original input order (tests and error measurement)."""
+        w = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, path=self.path)
+        if self.perm is not None:
+            w = w[:, torch.argsort(self.perm)]
+        if self.input_scale is not None:
+            w = w * self.input_scale
+        return w
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every buffer of this layer."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class QuantEmbedding(QuantLinear):
+    """Embedding lookup from a packed (vocab, hidden) matrix; `logits` reuses it as a tied LM head."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """ids: (N,) long -> (N, hidden) fp32, dequantizing only those rows."""
+        if self.perm is not None:
+            raise ValueError("an embedding cannot use act-order (permuted input columns)")
+        rows = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, rows=ids.reshape(-1),
+                                      path=self.path)
+        if self.input_scale is not None:
+            rows = rows * self.input_scale
+        return rows.view(*ids.shape, self.in_features).to(self.out_dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (R, hidden) -> fp32 logits (R, vocab) from the packed embedding (tied head)."""
+        return self._linear(hidden)
+
+
+class ConcatLinear(nn.Module):
+    """Several (quantized or plain) linears on the same input, outputs concatenated along the last dim.
+
+    Used where a fused projection (q|k|v, gate|up) comes from parts stored in different formats.
+    """
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.out_features = sum(_out_features(p) for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., K) -> (..., sum of the parts' N)."""
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective fp32 weight (N, K)."""
+        return torch.cat([p.dequantize() if hasattr(p, "dequantize") else p.weight.float()
+                          for p in self.parts])
+
+
+def _out_features(m: nn.Module) -> int:
+    return int(m.out_features)
+
+
+def set_path(model: nn.Module, path: str) -> None:
+    """Force every quantized layer of model onto a kernel path, 'auto' or 'portable' (and re-read the
+    kernel environment variables)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.path = path
+            m._call_key = ()
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of model (packed weights, scales, mins, norms, biases);
+    persistent buffers only, so rope tables and other caches do not count."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for mod in model.modules():
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                total += b.numel() * b.element_size()
+    return total
