@@ -7,6 +7,7 @@ import random
 
 import pytest
 from conftest import assert_all_blocks_free
+from test_kv_manager import compute  # allocate, then pretend the runner computed n tokens
 
 from tuneserve import SamplingParams
 from tuneserve.core.block_pool import NULL_BLOCK_ID
@@ -18,16 +19,6 @@ BS = 4
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-
-
-def compute(kv: KVManager, r: Request, n: int, hits=None) -> None:  # noqa: ANN001
-    """Allocate, then pretend the runner computed n more tokens (as the scheduler + update do)."""
-    assert kv.allocate_slots(r, n, hits)
-    if hits:
-        r.num_computed_tokens += len(hits[0]) * BS
-    r.num_computed_tokens += n
-    kv.cache_blocks(r)
-    kv.remove_skipped_blocks(r)
 
 
 def mixed_kv(window_blocks: int, sinks: int = 0) -> KVManager:
@@ -198,7 +189,7 @@ def test_bench_context_runs_and_writes_json_and_png(tiny_dirs, tmp_path):
     p = argparse.ArgumentParser()
     context.add_parser(p.add_subparsers())
     ns = p.parse_args(["context", str(tiny_dirs["gemma3"]), "--lengths", "48,96", "--decode-tokens", "4",
-                       "--sliding-window", "40", "--out", str(tmp_path)])
+                       "--sliding-window", "40", "--out", str(tmp_path), "--results", str(tmp_path / "r.jsonl")])
     assert ns.bench_main(ns) == 0
     data = json.loads((tmp_path / "context.json").read_text())
     rows = {(r["mode"], r["context"]): r for r in data["results"]}
@@ -207,6 +198,12 @@ def test_bench_context_runs_and_writes_json_and_png(tiny_dirs, tmp_path):
     # native at 99 tokens: the global layer's 7 blocks + 5 sliding layers x 3 blocks (48 < 99 - 31)
     assert rows[("native", 96)]["kv_ratio"] == (7 + 5 * 3) / (6 * 7)
     assert (tmp_path / "context.png").stat().st_size > 10_000
+    from tuneserve.bench.report import context_rows
+    from tuneserve.bench.sweep import load_records
+
+    table3 = context_rows(load_records(tmp_path / "r.jsonl"))  # the report's context table reads them back
+    assert [(r["attention"], r["context"]) for r in table3] == sorted(rows)
+    assert table3[0]["prefill_s"] == rows[sorted(rows)[0]]["prefill_s"]
 
 
 def test_an_imposed_window_leaves_native_windows_without_sinks():

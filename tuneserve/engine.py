@@ -24,7 +24,7 @@ from tuneserve.engine_args import EngineArgs
 from tuneserve.models.loader import DTYPES, load_model
 from tuneserve.output_processor import OutputProcessor, ParentState
 from tuneserve.outputs import RequestOutput
-from tuneserve.request import Request, RequestStatus
+from tuneserve.request import Request, RequestStatus, count_spec_step
 from tuneserve.runner import ModelRunner
 from tuneserve.sampling_params import SamplingParams
 from tuneserve.summarize import (
@@ -295,15 +295,9 @@ class LLMEngine:
         return results
 
     def _count_spec(self, out) -> None:  # noqa: ANN001 - RunnerOutput
-        s = self.stats
         for drafted, accepted in zip(out.num_draft_tokens, out.num_accepted):
             if drafted:
-                s.spec_num_drafts += 1
-                s.spec_num_draft_tokens += drafted
-                s.spec_num_accepted_tokens += accepted
-                s.spec_accepted_per_pos.extend([0] * (drafted - len(s.spec_accepted_per_pos)))
-                for i in range(accepted):
-                    s.spec_accepted_per_pos[i] += 1
+                count_spec_step(self.stats, drafted, accepted)
 
     def _finish_child(self, req: Request) -> None:
         if self.requests.pop(req.request_id, None) is None:

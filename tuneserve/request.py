@@ -121,3 +121,15 @@ class Request:
         else:
             return False
         return True
+
+
+def count_spec_step(counters, drafted: int, accepted: int) -> None:  # noqa: ANN001 - Request or EngineStats
+    """Add one verified speculation (drafted tokens, how many accepted) to the spec_* counters of a request
+    or of the whole engine: both keep the same four fields."""
+    counters.spec_num_drafts += 1
+    counters.spec_num_draft_tokens += drafted
+    counters.spec_num_accepted_tokens += accepted
+    per_pos = counters.spec_accepted_per_pos
+    per_pos.extend([0] * (drafted - len(per_pos)))
+    for j in range(accepted):
+        per_pos[j] += 1

@@ -206,7 +206,20 @@ def main(ns: argparse.Namespace) -> int:
                                       "results": rows, "fits": fits})
     plot(rows, fits, out / "context.png", f"context cost: {args.model}")
     print(f"wrote {out / 'context.json'} and {out / 'context.png'}")
+    if ns.results:
+        append_context_records(ns.results, args.model, rows)
     return 0
+
+
+def append_context_records(results: str, model: str, rows: list[dict]) -> None:
+    """Add one 'context' record per measured length to a sweep results file, for `tuneserve report`."""
+    from tuneserve.bench.sweep import append_record
+
+    for r in rows:
+        metrics = {"context": r["context"], "prefill_s": r["prefill_s"],
+                   "decode_s_per_token": r["decode_ms_per_tok"] / 1000.0, "kv_bytes": r["kv_mib"] * 2**20}
+        append_record(results, {"kind": "context", "system": "tuneserve", "model": model,
+                                "config": {"attention": r["mode"]}, "metrics": metrics})
 
 
 def add_parser(sub) -> None:  # noqa: ANN001
@@ -222,6 +235,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
                    help="for models with sliding windows, also run with the windows removed")
     p.add_argument("--full-max-length", type=int, default=0,
                    help="skip lengths above this in the windows-removed run (0: no limit)")
+    p.add_argument("--results", default=None, help="also append the rows to this sweep JSONL (for `report`)")
     p.add_argument("--out", default="bench-context", help="directory for context.json and context.png")
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(bench_main=main)

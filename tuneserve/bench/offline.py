@@ -12,7 +12,7 @@ import resource
 import time
 from dataclasses import dataclass
 
-from tuneserve.bench.report import table, write_json
+from tuneserve.bench.report import percentile, table, write_json
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import SamplingParams
 
@@ -76,13 +76,6 @@ def run_engine(llm, work: Workload, label: str = "tuneserve") -> dict:  # noqa: 
     }
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (linear interpolation), None for no values."""
-    import numpy as np
-
-    return float(np.percentile(values, q)) if values else None
-
-
 def ladder_workload(tokenizer, batch: int, prompt_len: int = 64, output_len: int = 64) -> Workload:  # noqa: ANN001
     """`batch` copies of one fixed prompt shape (distinct prompts, so prefix caching does not help)."""
     from tuneserve.bench.corpus import load_corpus, sample_prompts
@@ -122,8 +115,24 @@ def main(ns: argparse.Namespace) -> int:
             "preemptions", "peak_rss_bytes"]
     print(table(rows, cols, title=f"bench offline: {args.model} ({args.dtype}, quantization "
                                   f"{args.quantization or 'none'})"))
-    write_json(ns.json, {"engine_args": args.to_dict(), "results": rows})
+    note = bf16_note(args.dtype, args.quantization, llm.llm_engine.config.device)
+    if note:
+        print(note)
+    write_json(ns.json, {"engine_args": args.to_dict(), "results": rows, "note": note})
     return 0
+
+
+def bf16_note(dtype: str, quantization: str | None, device: str) -> str | None:
+    """Say whether bf16 arithmetic in this run is native or emulated by PyTorch on this CPU."""
+    if device != "cpu" or (dtype == "float32" and not quantization):
+        return None
+    from tuneserve.kernels.quant_ops import native_bf16
+
+    if native_bf16():
+        return ("note: this CPU multiplies bf16 natively (AVX512-BF16/AMX): bf16 GEMMs run ~3x fp32 here, and "
+                "quantized layers at batch >= 16 multiply bf16 tiles")
+    return ("note: this CPU has no native bf16: PyTorch emulates bf16 matmuls, slower than fp32; quantized "
+            "layers compute in fp32")
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:

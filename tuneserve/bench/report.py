@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (linear interpolation), None for no values."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
+
+
 def fmt(v: Any) -> str:
     if v is None:
         return "-"

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from tuneserve.bench import load
-from tuneserve.bench.report import table, write_json
+from tuneserve.bench.report import percentile, table, write_json
 
 SLO_KEYS = ("ttft", "tpot", "e2el")
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
@@ -70,17 +70,6 @@ class RequestRecord:
 
 
 # ----- metrics ----------------------------------------------------------------------------------------
-def percentile(xs: list[float], q: float) -> float | None:
-    """The q-th percentile with linear interpolation between order statistics (numpy's default)."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def meets_slo(rec: RequestRecord, slo: dict[str, float]) -> bool:
     """Whether a successful request met every SLO (a request with one output token has no TPOT to miss)."""
     values = {"ttft": rec.ttft, "tpot": rec.tpot, "e2el": rec.e2el}

@@ -17,7 +17,7 @@ import time
 from tuneserve.config import SchedulerConfig
 from tuneserve.core.kv_manager import KVManager
 from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
-from tuneserve.request import Request, RequestStatus
+from tuneserve.request import Request, RequestStatus, count_spec_step
 
 
 class Scheduler:
@@ -191,7 +191,7 @@ class Scheduler:
             req.num_computed_tokens += sr.num_tokens - (sr.num_draft_tokens - accepted)
             req.spec_token_ids, req.spec_draft_probs = [], None
             if sr.num_draft_tokens and out.sampled[i]:
-                self._count_spec(req, sr.num_draft_tokens, accepted)
+                count_spec_step(req, sr.num_draft_tokens, accepted)
             for token in out.sampled[i]:
                 req.append_token(token, now)
                 if req.check_stop(self.config.max_model_len):
@@ -203,16 +203,6 @@ class Scheduler:
             if req.is_finished:
                 self._release(req, now)
         return changed
-
-    @staticmethod
-    def _count_spec(req: Request, drafted: int, accepted: int) -> None:
-        req.spec_num_drafts += 1
-        req.spec_num_draft_tokens += drafted
-        req.spec_num_accepted_tokens += accepted
-        per_pos = req.spec_accepted_per_pos
-        per_pos.extend([0] * (drafted - len(per_pos)))
-        for j in range(accepted):
-            per_pos[j] += 1
 
     def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
         """End requests from outside (abort, or a stop string seen by the detokenizer)."""

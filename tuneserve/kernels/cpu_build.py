@@ -56,7 +56,8 @@ def load(name: str) -> ctypes.CDLL | None:
 
     src = CSRC / f"{name}.c"
     cc = os.environ.get("CC", "gcc")
-    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode())
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # shared code the sources include
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode())
     lib = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")

@@ -58,7 +58,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def cache_dir() -> Path:
     """$TUNESERVE_CACHE, or ~/.cache/tuneserve."""
-    d = Path(os.environ.get("TUNESERVE_CACHE", Path.home() / ".cache" / "tuneserve"))
+    d = Path(os.environ.get("TUNESERVE_CACHE") or Path.home() / ".cache" / "tuneserve").expanduser()
     d.mkdir(parents=True, exist_ok=True)
     return d
 

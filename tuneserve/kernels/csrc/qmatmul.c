@@ -270,28 +270,5 @@ void NAME(const int8_t *qw, const void *sc, int64_t f16, int64_t K, int64_t G, c
 DEF_Q8_DEQUANT(q8_dequant, float, AS_F32)
 DEF_Q8_DEQUANT(q8_dequant_bf16, uint16_t, f2bf)
 
-/* The same with the inputs permuted and/or scaled first: x'[k] = x[perm[k]] * iscale[perm[k]] (GPTQ
- * act-order, AWQ scales the model could not fold); perm or iscale may be NULL. */
-static float *prep_x(const float *x, int64_t M, int64_t K, const int64_t *perm, const float *is) {
-    float *xp = (float *)malloc(sizeof(float) * (size_t)(M * K));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) {
-            const int64_t j = perm ? perm[k] : k;
-            xp[m * K + k] = x[m * K + j] * (is ? is[j] : 1.f);
-        }
-    return xp;
-}
-
-void q4_matmul_px(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
-             int64_t f16, int64_t N, int64_t G, const float *bias, const int64_t *perm, const float *is, float *y) {
-    float *xp = prep_x(x, M, K, perm, is);
-    q4_matmul(xp, M, K, qw, sc, mn, f16, N, G, bias, y);
-    free(xp);
-}
-
-void q8_matmul_px(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16, int64_t N,
-             int64_t G, const float *bias, const int64_t *perm, const float *is, float *y) {
-    float *xp = prep_x(x, M, K, perm, is);
-    q8_matmul(xp, M, K, qw, sc, f16, N, G, bias, y);
-    free(xp);
-}
+#include "permuted_inputs.h"
+DEF_PERMUTED_MATMULS(q4_matmul, q8_matmul)

@@ -243,31 +243,8 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
 }
 
 
-/* The same with the inputs permuted and/or scaled first: x'[k] = x[perm[k]] * iscale[perm[k]] (GPTQ
- * act-order, AWQ scales the model could not fold); perm or iscale may be NULL. */
-static float *prep_x(const float *x, int64_t M, int64_t K, const int64_t *perm, const float *is) {
-    float *xp = (float *)malloc(sizeof(float) * (size_t)(M * K));
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) {
-            const int64_t j = perm ? perm[k] : k;
-            xp[m * K + k] = x[m * K + j] * (is ? is[j] : 1.f);
-        }
-    return xp;
-}
-
-void q4v_matmul_px(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
-             int64_t f16, int64_t N, int64_t G, const float *bias, const int64_t *perm, const float *is, float *y) {
-    float *xp = prep_x(x, M, K, perm, is);
-    q4v_matmul(xp, M, K, qw, sc, mn, f16, N, G, bias, y);
-    free(xp);
-}
-
-void q8v_matmul_px(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16, int64_t N,
-             int64_t G, const float *bias, const int64_t *perm, const float *is, float *y) {
-    float *xp = prep_x(x, M, K, perm, is);
-    q8v_matmul(xp, M, K, qw, sc, f16, N, G, bias, y);
-    free(xp);
-}
+#include "permuted_inputs.h"
+DEF_PERMUTED_MATMULS(q4v_matmul, q8v_matmul)
 
 #else  /* no AVX-512 VNNI: callers use qmatmul.c */
 
