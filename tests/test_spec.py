@@ -118,9 +118,10 @@ def generate(make_llm, params, **kw):
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "adaptive": False},
     {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "adaptive": True},
     {"method": "draft", "num_speculative_tokens": 3, "adaptive": False},
+    {"method": "draft", "quantization": "int4", "num_speculative_tokens": 3, "adaptive": False},  # self-draft
 ])
 def test_greedy_with_speculation_equals_without(make_llm, tiny_dirs, spec):
-    if spec["method"] == "draft":
+    if spec["method"] == "draft" and "quantization" not in spec:
         spec = {**spec, "model": str(tiny_dirs["llama-draft"])}
     common = dict(max_num_batched_tokens=24)  # chunked prefill mixes with speculative decodes
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),

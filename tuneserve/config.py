@@ -91,7 +91,8 @@ class SpecConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2  # a 1-token match mostly proposes noise
     prompt_lookup_max: int = 4
-    model: str | None = None
+    model: str | None = None  # draft: the draft model (default with `quantization`: the target itself)
+    quantization: str | None = None  # draft: quantize the draft model, e.g. "int4" for a cheap self-draft
     adaptive: bool = True
 
 

@@ -47,16 +47,18 @@ class DraftProposer:
         from tuneserve.runner import ModelRunner
         from tuneserve.tokenizer import load_tokenizer
 
-        if not spec.model:
-            raise ValueError('speculative_config with method "draft" needs "model": the draft model')
-        args = EngineArgs(model=spec.model, dtype=target.model.dtype, max_model_len=target.model.max_model_len,
+        if not spec.model and not spec.quantization:
+            raise ValueError('speculative_config with method "draft" needs "model" (the draft model) or '
+                             '"quantization" (draft with a quantized copy of the target)')
+        draft_model = spec.model or target.model.path
+        args = EngineArgs(model=draft_model, dtype=target.model.dtype, max_model_len=target.model.max_model_len,
                           block_size=target.cache.block_size, enable_prefix_caching=False,
                           kv_cache_memory_bytes=target.cache.kv_cache_memory_bytes, device=target.device)
         self.config = args.create_engine_config()
-        check_same_tokenizer(target_tokenizer, load_tokenizer(self.config.model.path), spec.model)
+        check_same_tokenizer(target_tokenizer, load_tokenizer(self.config.model.path), draft_model)
         t0 = time.perf_counter()
         model = load_model(self.config.model.path, self.config.model.arch, torch.device(target.device),
-                           self.config.model.dtype)
+                           self.config.model.dtype, quantization=spec.quantization)
         groups = [KVGroupSpec(tuple(range(self.config.model.arch.num_layers)))]
         if len(kv_groups(self.config)) != 1:
             raise ValueError("a draft model with sliding-window layers is not supported; pick a full-attention one")
@@ -66,7 +68,7 @@ class DraftProposer:
         self.kv = KVManager(groups, [num_blocks], target.cache.block_size, enable_caching=False)
         self.runner = ModelRunner(self.config, model, groups, [num_blocks])
         self.states: dict[str, _DraftState] = {}
-        log(f"draft model {spec.model} loaded in {time.perf_counter() - t0:.1f}s ({num_blocks - 1} KV blocks)")
+        log(f"draft model {draft_model} ({spec.quantization or self.config.model.dtype}) loaded in {time.perf_counter() - t0:.1f}s ({num_blocks - 1} KV blocks)")
 
     def release_except(self, live_ids: set[str]) -> None:
         """Free the draft KV of requests that are no longer running (finished, aborted, preempted)."""
