@@ -68,7 +68,8 @@ class DraftProposer:
         self.kv = KVManager(groups, [num_blocks], target.cache.block_size, enable_caching=False)
         self.runner = ModelRunner(self.config, model, groups, [num_blocks])
         self.states: dict[str, _DraftState] = {}
-        log(f"draft model {draft_model} ({spec.quantization or self.config.model.dtype}) loaded in {time.perf_counter() - t0:.1f}s ({num_blocks - 1} KV blocks)")
+        log(f"draft model {draft_model} ({spec.quantization or self.config.model.dtype}) loaded in "
+            f"{time.perf_counter() - t0:.1f}s ({num_blocks - 1} KV blocks)")
 
     def release_except(self, live_ids: set[str]) -> None:
         """Free the draft KV of requests that are no longer running (finished, aborted, preempted)."""
