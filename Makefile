@@ -25,6 +25,7 @@ serve: $(STAMP)
 
 # The default set: unit tests, tiny random models, and SmolLM2 (fetched once, ~100 MB).
 test: $(STAMP)
+	$(BIN)/ruff check tuneserve tests
 	$(BIN)/tuneserve pull smollm2-135m
 	$(BIN)/python -m pytest -q -m "not slow"
 
