@@ -124,7 +124,7 @@ def main(ns: argparse.Namespace) -> int:
 
 def bf16_note(dtype: str, quantization: str | None, device: str) -> str | None:
     """Say whether bf16 arithmetic in this run is native or emulated by PyTorch on this CPU."""
-    if device != "cpu" or (dtype == "float32" and not quantization):
+    if device != "cpu" or (dtype == "float32" and quantization in (None, "none")):
         return None
     from tuneserve.kernels.quant_ops import native_bf16
 

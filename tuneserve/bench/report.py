@@ -142,14 +142,15 @@ def _plots(records: list[dict], out: Path) -> list[tuple[str, str]]:
 
     made = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ours = []
+    ours, colors = [], {}  # one colour per configuration family (all but max_num_seqs), fixed for the legend
     for r in records:
         if r.get("kind") != "offline" or r["metrics"].get("tpot_p50_s") is None:
             continue
         x, y = r["metrics"]["output_tok_s"], r["metrics"]["tpot_p50_s"] * 1e3
         label = r["system"] if r["system"] != "tuneserve" else json.dumps(
             {k: v for k, v in r["config"].items() if k != "max_num_seqs"}, default=str)
-        ax.scatter([x], [y], marker="o" if r["system"] == "tuneserve" else "s", s=30, label=label)
+        color = colors.setdefault(label, f"C{len(colors) % 10}")
+        ax.scatter([x], [y], marker="o" if r["system"] == "tuneserve" else "s", s=30, label=label, color=color)
         ax.annotate(str(_cfg(r, "max_num_seqs", "")), (x, y), fontsize=7)
         if r["system"] == "tuneserve":
             ours.append((x, y))

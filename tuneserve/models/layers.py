@@ -11,6 +11,7 @@ from torch import nn
 
 from tuneserve.config import ArchConfig
 from tuneserve.kernels.attention import AttentionMetadata, paged_attention
+from tuneserve.kernels.dense_ops import DenseLinear
 
 
 @dataclass
@@ -74,8 +75,8 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, act: str = "silu") -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj = DenseLinear(hidden, 2 * inter, bias=False)
+        self.down_proj = DenseLinear(inter, hidden, bias=False)
         self.inter = inter
         self.act = act
 
@@ -94,8 +95,8 @@ class Attention(nn.Module):
         self.h, self.hkv, self.d = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.window = arch.window_of(layer)
         self.q_size, self.kv_size = self.h * self.d, self.hkv * self.d
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qkv_proj = DenseLinear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = DenseLinear(self.q_size, arch.hidden_size, bias=False)
         theta = arch.rope_theta_local if (self.window and arch.rope_theta_local) else arch.rope_theta
         self.rotary = Rotary(self.d, theta, arch.max_position_embeddings)
         scalar = arch.query_pre_attn_scalar or self.d

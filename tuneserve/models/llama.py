@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tuneserve.config import ArchConfig
+from tuneserve.kernels.dense_ops import DenseLinear, linear
 from tuneserve.models.layers import Attention, ForwardContext, GatedMLP, RMSNorm
 
 
@@ -41,7 +42,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(self.layer_cls(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = None if arch.tie_word_embeddings else DenseLinear(arch.hidden_size, arch.vocab_size, bias=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -58,7 +59,7 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if not isinstance(head, (nn.Embedding, nn.Linear)):
             return head.logits(hidden)  # a quantized head (tied: the packed embedding itself)
-        return (hidden @ head.weight.t()).float()
+        return linear(hidden, head.weight).float()
 
     # ----- weights --------------------------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
