@@ -193,3 +193,23 @@ def test_bad_speculative_config_is_rejected(make_llm):
         make_llm(speculative_config={"method": "ngram", "k": 3})
     with pytest.raises(ValueError, match="needs \"model\""):
         make_llm(speculative_config={"method": "draft"})
+
+
+def test_bench_spec_runs_rounds_and_writes_json(tiny_llama, tmp_path):
+    import argparse
+    import json
+
+    from tuneserve.bench import spec as bench_spec
+
+    p = argparse.ArgumentParser()
+    bench_spec.add_parser(p.add_subparsers())
+    out = tmp_path / "spec.json"
+    ns = p.parse_args(["spec", str(tiny_llama), "--workloads", "open", "--batch-sizes", "1,2", "--output-len", "12",
+                       "--min-requests", "3", "--kv-cache-memory-bytes", str(256 * 8192), "--json", str(out),
+                       "--spec", '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, '
+                                 '"adaptive": false}'])
+    assert ns.bench_main(ns) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["requests"]) for r in rows] == [(1, 3), (2, 2)]  # rounds of small batches
+    assert all(r["same_tokens"] for r in rows)  # greedy: speculation changes no token
+    assert all(0 <= r["acceptance_rate"] <= 1 and 0 < r["mean_k"] <= 3 for r in rows)  # k pinned at 3

@@ -92,7 +92,8 @@ def precision_rows(records: list[dict]) -> list[dict]:
         rows.append({"quantization": "none" if q == "None" else q, "perplexity": qm.get("perplexity"),
                      "kl_divergence": qm.get("kl_divergence"), "top1_agreement": qm.get("top1_agreement"),
                      "weight_MB": _mb(qm.get("weight_bytes") or mem.get(q)),
-                     "tok_s_batch1": sp.get(1), "tok_s_batch32": sp.get(32) or sp.get(max(sp, default=None))})
+                     "tok_s_batch1": sp.get(1), "largest_batch": max(sp, default=None),
+                     "tok_s_largest_batch": sp.get(max(sp, default=None))})
     return rows
 
 

@@ -72,15 +72,18 @@ def analytic_speedup(accept_rate: float, k: float, cost_ratio: float) -> float:
     return (1 - a ** (k + 1)) / ((1 - a) * (k * cost_ratio + 1))
 
 
-def measure(llm, prompts: list[list[int]], output_len: int) -> dict:  # noqa: ANN001
-    """Run prompts to output_len tokens (greedy, EOS ignored); throughput and acceptance."""
+def measure(llm, batches: list[list[list[int]]], output_len: int) -> dict:  # noqa: ANN001
+    """Run each batch of prompts in turn to output_len tokens (greedy, EOS ignored); throughput and acceptance
+    over all of them."""
     eng = llm.llm_engine
     s0 = eng.get_stats()
     drafts0, dtok0, acc0 = s0.spec_num_drafts, s0.spec_num_draft_tokens, s0.spec_num_accepted_tokens
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
+    outs, elapsed = [], 0.0
+    for prompts in batches:
+        t0 = time.perf_counter()
+        outs += llm.generate(prompts, params, use_tqdm=False)
+        elapsed += time.perf_counter() - t0
     s = eng.get_stats()
     drafts, dtok, acc = s.spec_num_drafts - drafts0, s.spec_num_draft_tokens - dtok0, s.spec_num_accepted_tokens - acc0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -115,17 +118,19 @@ def main(ns: argparse.Namespace) -> int:
     rows = []
     for workload in ns.workloads.split(","):
         for b in [int(x) for x in ns.batch_sizes.split(",")]:
-            prompts = grounded_prompts(tok, b) if workload == "grounded" else open_prompts(tok, b)
-            measure(off, prompts[:1], 4)  # warm both engines
-            measure(on, prompts[:1], 4)
-            r_off, r_on = measure(off, prompts, ns.output_len), measure(on, prompts, ns.output_len)
-            rows.append({"workload": workload, "batch": b, "off_tok_s": r_off["output_tok_s"],
+            rounds = max(1, ns.min_requests // b)  # small batches run several rounds: one prompt is no sample
+            prompts = grounded_prompts(tok, b * rounds) if workload == "grounded" else open_prompts(tok, b * rounds)
+            batches = [prompts[i:i + b] for i in range(0, len(prompts), b)]
+            measure(off, [prompts[:1]], 4)  # warm both engines
+            measure(on, [prompts[:1]], 4)
+            r_off, r_on = measure(off, batches, ns.output_len), measure(on, batches, ns.output_len)
+            rows.append({"workload": workload, "batch": b, "requests": len(prompts), "off_tok_s": r_off["output_tok_s"],
                          "on_tok_s": r_on["output_tok_s"], "speedup": r_on["output_tok_s"] / r_off["output_tok_s"],
                          "acceptance_rate": r_on["acceptance_rate"], "mean_k": r_on["mean_k"],
                          "mean_accept_len": r_on["mean_acceptance_length"],
                          "analytic_speedup": analytic_speedup(r_on["acceptance_rate"] or 0.0, r_on["mean_k"], c),
                          "same_tokens": r_on["token_ids"] == r_off["token_ids"]})
-    cols = ["workload", "batch", "off_tok_s", "on_tok_s", "speedup", "analytic_speedup", "acceptance_rate",
+    cols = ["workload", "batch", "requests", "off_tok_s", "on_tok_s", "speedup", "analytic_speedup", "acceptance_rate",
             "mean_k", "mean_accept_len", "same_tokens"]
     print(table(rows, cols, title=f"bench spec: {args.model} ({args.dtype}, quantization {args.quantization}), "
                                   f"speculation {json.dumps(spec_cfg)}, draft/target cost ratio {c:.3f}"))
@@ -141,6 +146,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--workloads", default="grounded,open")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--min-requests", type=int, default=4,
+                   help="batches smaller than this run in rounds until this many requests are measured")
     p.add_argument("--json")
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(bench_main=main)
