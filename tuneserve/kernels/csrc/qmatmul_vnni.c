@@ -192,7 +192,7 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
             xsum[m * ng + g] = t;
         }
     }
-    #pragma omp parallel for schedule(dynamic, 8)
+    #pragma omp parallel for schedule(guided)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qr = qw + n * (K / 2);
         const float b = bias ? bias[n] : 0.f;
@@ -220,7 +220,7 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 4));
     for (int64_t m = 0; m < M; m++) quant_row(x + m * K, K, 0, xq + m * K, NULL, dxv + m * K / 4, 8);
-    #pragma omp parallel for schedule(dynamic, 8)
+    #pragma omp parallel for schedule(guided)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *qr = qw + n * K;
         const float b = bias ? bias[n] : 0.f;
