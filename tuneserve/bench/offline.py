@@ -115,7 +115,8 @@ def main(ns: argparse.Namespace) -> int:
             "preemptions", "peak_rss_bytes"]
     print(table(rows, cols, title=f"bench offline: {args.model} ({args.dtype}, quantization "
                                   f"{args.quantization or 'none'})"))
-    note = bf16_note(args.dtype, args.quantization, llm.llm_engine.config.device)
+    cfg = llm.llm_engine.config  # resolved: quantization "none" is None there
+    note = bf16_note(cfg.model.dtype, cfg.model.quantization, cfg.device)
     if note:
         print(note)
     write_json(ns.json, {"engine_args": args.to_dict(), "results": rows, "note": note})
@@ -124,7 +125,7 @@ def main(ns: argparse.Namespace) -> int:
 
 def bf16_note(dtype: str, quantization: str | None, device: str) -> str | None:
     """Say whether bf16 arithmetic in this run is native or emulated by PyTorch on this CPU."""
-    if device != "cpu" or (dtype == "float32" and quantization in (None, "none")):
+    if device != "cpu" or (dtype == "float32" and quantization is None):
         return None
     from tuneserve.kernels.quant_ops import native_bf16
 

@@ -68,3 +68,14 @@ def load(name: str) -> ctypes.CDLL | None:
             return None
         os.replace(tmp, lib)
     return ctypes.CDLL(str(lib))
+
+
+def load_functions(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:
+    """load(name), with each named function given its ctypes argument types and no return value."""
+    lib = load(name)
+    if lib is None:
+        return None
+    for fn, argtypes in signatures.items():
+        f = getattr(lib, fn)
+        f.argtypes, f.restype = argtypes, None
+    return lib

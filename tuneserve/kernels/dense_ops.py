@@ -22,15 +22,10 @@ SMALL_M = 24  # from about this many rows on, torch's GEMM is as fast (measured:
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    from tuneserve.kernels.cpu_build import load
+    from tuneserve.kernels.cpu_build import load_functions
 
-    lib = load("dense_matmul")
-    if lib is None:
-        return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.f32_matmul.argtypes = [p, i, i, p, i, p, p]
-    lib.f32_matmul.restype = None
-    return lib
+    return load_functions("dense_matmul", {"f32_matmul": [p, i, i, p, i, p, p]})
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -62,20 +62,13 @@ def dequant_portable(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    from tuneserve.kernels.cpu_build import load
+    from tuneserve.kernels.cpu_build import load_functions
 
-    lib = load("qmatmul")
-    if lib is None:
-        return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.q4_matmul.argtypes = [p, i, i, p, p, p, i, i, i, p, p]
-    lib.q8_matmul.argtypes = [p, i, i, p, p, i, i, i, p, p]
-    lib.q4_dequant.argtypes = lib.q4_dequant_bf16.argtypes = [p, p, p, i, i, i, p, i, i, p]
-    lib.q8_dequant.argtypes = lib.q8_dequant_bf16.argtypes = [p, p, i, i, i, p, i, i, p]
-    for f in (lib.q4_matmul, lib.q8_matmul, lib.q4_dequant, lib.q8_dequant, lib.q4_dequant_bf16,
-              lib.q8_dequant_bf16):
-        f.restype = None
-    return lib
+    q4_deq, q8_deq = [p, p, p, i, i, i, p, i, i, p], [p, p, i, i, i, p, i, i, p]
+    return load_functions("qmatmul", {
+        "q4_matmul": [p, i, i, p, p, p, i, i, i, p, p], "q8_matmul": [p, i, i, p, p, i, i, i, p, p],
+        "q4_dequant": q4_deq, "q4_dequant_bf16": q4_deq, "q8_dequant": q8_deq, "q8_dequant_bf16": q8_deq})
 
 
 @functools.cache
@@ -97,16 +90,12 @@ def bf16_tiles() -> bool:
 
 @functools.cache
 def _vnni() -> ctypes.CDLL | None:
-    from tuneserve.kernels.cpu_build import load
+    from tuneserve.kernels.cpu_build import load_functions
 
-    lib = load("qmatmul_vnni")
-    if lib is None or not lib.qv_available():
-        return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.q4v_matmul.argtypes = [p, i, i, p, p, p, i, i, i, p, p]
-    lib.q8v_matmul.argtypes = [p, i, i, p, p, i, i, i, p, p]
-    lib.q4v_matmul.restype = lib.q8v_matmul.restype = None
-    return lib
+    lib = load_functions("qmatmul_vnni", {"q4v_matmul": [p, i, i, p, p, p, i, i, i, p, p],
+                                          "q8v_matmul": [p, i, i, p, p, i, i, i, p, p]})
+    return lib if lib is not None and lib.qv_available() else None
 
 
 def uses_act_int8(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
