@@ -104,6 +104,46 @@ def test_controller_turns_speculation_off_when_verification_is_compute_bound():
     assert KController(3, adaptive=False).choose(batch=64, base_tokens=64) == 3
 
 
+
+def test_controller_explores_before_trusting_its_prior_and_probes_while_off():
+    from tuneserve.spec.adaptive import EXPLORE_POSITIONS, PROBE_EVERY, PROBE_REQUESTS
+
+    ctl = KController(4)
+    for n in (1, 8, 32):
+        ctl.target.observe(n, 0.1)  # a weight-bound target: 0.1 s a step
+    ctl.draft_per_position.observe(1, 0.07)  # a draft whose cost the 0.6 prior acceptance does not repay
+    assert ctl.choose(batch=1, base_tokens=1) == 0
+    # exploring: the full k for at most PROBE_REQUESTS requests until enough drafts are verified
+    assert ctl.plan(batch=8, base_tokens=8) == (4, PROBE_REQUESTS)
+    for _ in range(EXPLORE_POSITIONS - 1):
+        ctl.stats.record(4, 4)
+    assert ctl.plan(batch=1, base_tokens=1) == (4, 1)
+    ctl.stats.record(4, 4)  # measured: every draft accepted, so the draft pays after all
+    assert ctl.plan(batch=1, base_tokens=1) == (2, 1)  # E(k) / (0.1 + 0.07 k) is largest at k = 2
+    # a workload where nothing is accepted: off, with a probe every PROBE_EVERY steps
+    off = KController(4)
+    off.target.points, off.draft_per_position.points = ctl.target.points, ctl.draft_per_position.points
+    for _ in range(EXPLORE_POSITIONS):
+        off.stats.record(4, 0)
+    plans = [off.plan(batch=32, base_tokens=32) for _ in range(2 * PROBE_EVERY)]
+    probes = [i for i, p in enumerate(plans) if p != (0, 0)]
+    assert probes == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1]
+    assert plans[probes[0]] == (4, PROBE_REQUESTS)
+    assert KController(3, adaptive=False).plan(batch=64, base_tokens=64) == (3, 64)
+
+
+def test_acceptance_counts_fade():
+    from tuneserve.spec.adaptive import DECAY_AT
+
+    ctl = KController(2)
+    for _ in range(DECAY_AT):
+        ctl.stats.record(2, 2)
+    assert ctl.stats.reached == [DECAY_AT, DECAY_AT]
+    ctl.stats.record(2, 0)
+    assert ctl.stats.reached == [DECAY_AT // 2 + 1, DECAY_AT // 2]
+    assert ctl.stats.accepted == [DECAY_AT // 2, DECAY_AT // 2]
+
+
 REPETITIVE = ["abc abc abc abc abc abc abc", "one two one two one two one two", "xyzxyzxyzxyzxyz",
               "The cat sat. The cat sat. The cat sat. The cat", "hello world"]
 

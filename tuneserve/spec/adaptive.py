@@ -11,6 +11,11 @@ With B requests of which a fraction h gets drafts (n-gram lookups can miss), k i
   B (1 + h (E(k) - 1)) / (T(N0 + h B k) + k D(B)).
 At large batches T grows with N (the step is compute-bound), so k shrinks or drops to 0: speculation
 turns itself off where verifying costs more than it saves.
+The acceptance the choice needs can only be measured by speculating, so the controller explores: until
+EXPLORE_POSITIONS drafts have been verified it drafts the full k for at most PROBE_REQUESTS requests of the
+step (a prior alone switched a paying draft model off for good), and while the choice is 0 it repeats such
+a probe every PROBE_EVERY steps, so a change of workload can turn speculation back on. Old observations
+fade (counts halve past DECAY_AT) for the same reason.
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ class CostTable:
         return max(1e-6, y0 + slope * (n - x0))
 
 
+EXPLORE_POSITIONS = 16  # verified position-0 drafts before the measured acceptance is trusted
+PROBE_EVERY = 32  # steps between probes while speculation is off
+PROBE_REQUESTS = 2  # requests that draft in an exploration or probe step (bounds its cost at large batches)
+DECAY_AT = 2048  # position-0 drafts after which all acceptance counts halve
+
+
 @dataclass
 class AcceptanceStats:
     """Per-position conditional acceptance, from verified drafts."""
@@ -69,6 +80,9 @@ class AcceptanceStats:
         self.accepted = [0] * self.max_k
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
+        if self.reached and self.reached[0] >= DECAY_AT:
+            self.reached = [n // 2 for n in self.reached]
+            self.accepted = [n // 2 for n in self.accepted]
         for i in range(num_drafts):
             if i > num_accepted:
                 break
@@ -101,9 +115,26 @@ class KController:
         self.target = CostTable()
         self.draft_per_position = CostTable()  # draft model time for one drafted position at batch B
         self.last_k = max_k
+        self.off_steps = 0  # steps since speculation was last chosen
+
+    def plan(self, batch: int, base_tokens: int) -> tuple[int, int]:
+        """(k, how many of the `batch` requests that could speculate draft k tokens) for this step."""
+        if not self.adaptive or batch == 0:
+            return (self.max_k, batch) if batch else (0, 0)
+        if self.stats.reached[0] < EXPLORE_POSITIONS:
+            return self.max_k, min(batch, PROBE_REQUESTS)
+        k = self.choose(batch, base_tokens)
+        if k:
+            self.off_steps = 0
+            return k, batch
+        self.off_steps += 1
+        if self.off_steps % PROBE_EVERY == 0:
+            return self.max_k, min(batch, PROBE_REQUESTS)
+        return 0, 0
 
     def choose(self, batch: int, base_tokens: int) -> int:
-        """k for this step, given `batch` requests that could speculate and `base_tokens` in the step."""
+        """The k that maximises expected tokens per second for `batch` requests and `base_tokens` in the
+        step, from what has been measured so far."""
         if not self.adaptive or batch == 0:
             return self.max_k if batch else 0
         h = self.stats.hit_rate

@@ -52,11 +52,11 @@ class SpecDecoder:
             self.draft.release_except({r.request_id for r in live})
         decoding = [r for r in live if r.num_computed_tokens == r.num_tokens - 1]
         base = sum(1 if r in decoding else r.num_tokens - r.num_computed_tokens for r in live)
-        k = self.ctl.choose(len(decoding), base)
+        k, n = self.ctl.plan(len(decoding), base)
         if k == 0:
             return
         ks = [max(0, min(k, r.max_tokens - r.num_output_tokens - 1, self.max_model_len - r.num_tokens - 1))
-              for r in decoding]
+              if i < n else 0 for i, r in enumerate(decoding)]
         if self.draft is None:
             for r, kr in zip(decoding, ks):
                 self._record_hit(kr, self._set(r, propose_ngram(r.all_token_ids, kr, self.spec.prompt_lookup_min,
@@ -64,8 +64,8 @@ class SpecDecoder:
             return
         t0 = time.perf_counter()
         proposals = self.draft.propose(decoding, ks)
-        if any(ks):
-            self.ctl.draft_per_position.observe(len(decoding), (time.perf_counter() - t0) / max(ks))
+        if any(ks):  # the draft's time per drafted position, at the number of requests that drafted
+            self.ctl.draft_per_position.observe(sum(1 for kr in ks if kr), (time.perf_counter() - t0) / max(ks))
         for r, kr, (toks, probs) in zip(decoding, ks, proposals):
             self._record_hit(kr, self._set(r, toks, probs))
 
