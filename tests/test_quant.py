@@ -134,3 +134,21 @@ def test_parse_quantization_names_and_env(monkeypatch):
     assert parse_quantization("awq-int4", group_size=32).samples == 7
     with pytest.raises(ValueError, match="unknown quantization"):
         parse_quantization("int3")
+
+
+def test_calibration_windows_split_between_joined_corpora(tmp_path):
+    from tuneserve.quant.calibrate import calibration_windows
+
+    class Tok:  # one id per character: windows are slices of the text's code points
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a" * 400)
+    b.write_text("b" * 400)
+    windows = calibration_windows(Tok(), f"{a}+{b}", 5, 16, seed=0)
+    assert [chr(w[0]) for w in windows] == ["a", "b", "a", "b", "a"]  # interleaved, the first takes the remainder
+    assert all(len(w) == 16 and len(set(w)) == 1 for w in windows)
+    plus = tmp_path / "x+y.txt"  # an existing file whose name has a '+' is one corpus
+    plus.write_text("c" * 400)
+    assert {chr(w[0]) for w in calibration_windows(Tok(), str(plus), 3, 16)} == {"c"}

@@ -253,3 +253,14 @@ def test_bench_spec_runs_rounds_and_writes_json(tiny_llama, tmp_path):
     assert [(r["batch"], r["requests"]) for r in rows] == [(1, 3), (2, 2)]  # rounds of small batches
     assert all(r["same_tokens"] for r in rows)  # greedy: speculation changes no token
     assert all(0 <= r["acceptance_rate"] <= 1 and 0 < r["mean_k"] <= 3 for r in rows)  # k pinned at 3
+
+
+def test_a_real_step_replaces_the_calibration_seed_of_its_bucket():
+    from tuneserve.spec.adaptive import CostTable
+
+    t = CostTable()
+    t.observe(128, 0.1, seed=True)
+    t.observe(200, 0.4)  # the first real step in the bucket [128, 256) replaces the seed
+    assert t.points[7] == [200.0, 0.4]
+    t.observe(200, 0.2)  # later ones average in
+    assert t.points[7] == [200.0, pytest.approx(0.36)]

@@ -16,7 +16,9 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
                    "largest of 128/64/32 that divides every layer; int8: per output channel)")
     g.add_argument("--symmetric", action="store_true",
                    help="int4 with a fixed zero point (default asymmetric)")
-    g.add_argument("--calib-corpus", default=None, help="calibration corpus (default wikipedia)")
+    g.add_argument("--calib-corpus", default=None,
+                   help="calibration corpus (default wikipedia); several joined by + share the samples, "
+                        "e.g. wikipedia+python-docs")
     g.add_argument("--samples", type=int, default=None, help="calibration windows (default 128)")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     g.add_argument("--calib-seed", type=int, default=None, help="seed of the window sampling (default 0)")

@@ -10,6 +10,7 @@ per-layer windows and an imposed sliding window with its sink tokens, as the eng
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 
@@ -34,7 +35,19 @@ def corpus_tokens(tokenizer, corpus: str, max_tokens: int | None = None) -> list
 
 def calibration_windows(tokenizer, corpus: str, samples: int, seq_len: int,  # noqa: ANN001
                         seed: int = 0) -> list[list[int]]:
-    """`samples` windows of seq_len tokens at random distinct offsets past the evaluation prefix."""
+    """`samples` windows of seq_len tokens at random distinct offsets past the evaluation prefix.
+
+    `corpus` may name several corpora joined by '+' ("wikipedia+python-docs"): the samples are split
+    between them as evenly as they divide (the first ones take the remainder), interleaved in order."""
+    names = [c for c in corpus.split("+") if c]
+    if len(names) > 1 and not Path(corpus).is_file():
+        parts = [_windows_of(tokenizer, c, samples // len(names) + (i < samples % len(names)), seq_len, seed)
+                 for i, c in enumerate(names)]
+        return [w for group in zip(*parts) for w in group] + [w for p in parts for w in p[len(parts[-1]):]]
+    return _windows_of(tokenizer, corpus, samples, seq_len, seed)
+
+
+def _windows_of(tokenizer, corpus: str, samples: int, seq_len: int, seed: int) -> list[list[int]]:  # noqa: ANN001
     ids = corpus_tokens(tokenizer, corpus)
     lo = EVAL_RESERVED if len(ids) - EVAL_RESERVED >= samples * seq_len else 0
     span = len(ids) - lo - seq_len

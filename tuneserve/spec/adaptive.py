@@ -31,10 +31,20 @@ class CostTable:
 
     alpha: float = 0.2
     points: dict[int, list[float]] = field(default_factory=dict)  # bucket -> [tokens, seconds]
+    seeded: set[int] = field(default_factory=set)  # buckets that hold only a seed so far
 
-    def observe(self, n: float, seconds: float) -> None:
+    def observe(self, n: float, seconds: float, seed: bool = False) -> None:
+        """Record a step of n tokens that took `seconds`. A seed (the start-up calibration: n one-token
+        sequences, no context) is replaced by the bucket's first real step rather than averaged with it:
+        real steps (drafts of many requests over long contexts) cost more, and an EMA that starts from
+        the seed stays optimistic for many steps (measured: k = 5 chosen at batch 32, 0.93x of off)."""
         b = max(0, int(n).bit_length() - 1)  # floor(log2 n)
         old = self.points.get(b)
+        if seed:
+            self.seeded.add(b)
+        elif b in self.seeded:
+            self.seeded.discard(b)
+            old = None
         if old is None:
             self.points[b] = [float(n), seconds]
         else:

@@ -35,7 +35,7 @@ class SpecDecoder:
         """Seed the target's step-time table with a few timed forwards of 1..256 tokens."""
         for n in (1, 4, 16, 64, 256):
             runner.time_forward(n)  # warm
-            self.ctl.target.observe(n, runner.time_forward(n))
+            self.ctl.target.observe(n, runner.time_forward(n), seed=True)
 
     # ----- each step --------------------------------------------------------------------------
     def observe(self, sched: SchedulerOutput, out: RunnerOutput, seconds: float) -> None:
