@@ -152,3 +152,24 @@ def test_calibration_windows_split_between_joined_corpora(tmp_path):
     plus = tmp_path / "x+y.txt"  # an existing file whose name has a '+' is one corpus
     plus.write_text("c" * 400)
     assert {chr(w[0]) for w in calibration_windows(Tok(), str(plus), 3, 16)} == {"c"}
+
+
+def test_awq_search_minimises_the_given_block_loss():
+    from tuneserve.quant.awq import _quant_dequant, awq_search
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 4, 64)
+    h, abs_mean = x.t() @ x / 256, x.abs().mean(0)
+    target = torch.randn(16, 16, generator=g)  # a "block" whose output error is not the layer's own
+
+    def loss(w_hat):
+        return float(((x @ (w_hat - w).t() @ target) ** 2).sum())
+
+    errors = []
+    for i in range(21):
+        s = abs_mean.pow(i / 20)
+        s = s / (s.max() * s.min()).sqrt()
+        errors.append(loss(_quant_dequant(w * s, 4, 32, False, None, False)[0] / s))
+    _, alpha = awq_search(w, h, abs_mean, 4, 32, loss=loss)
+    assert alpha == errors.index(min(errors)) / 20

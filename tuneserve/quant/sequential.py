@@ -11,6 +11,8 @@ Each stage needs only its inputs' statistics (calibrate.InputStats), accumulated
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,7 @@ class Calibrator:
             if n not in self.ctxs:
                 self.ctxs[n] = fresh_context(model.arch, [seq] * n, self.device, self.dtype)
         self.seq = seq
+        self.awq_block = spec.method == "awq" and spec.awq_block_loss
         self.errors: dict[str, tuple[float, float]] = {}  # name -> (method error, RTN error)
 
     def ctx(self, batch: torch.Tensor):  # noqa: ANN201
@@ -70,9 +73,11 @@ class Calibrator:
             st.add(x)
         return st
 
-    def quantize(self, name: str, module: nn.Module, st: InputStats, fold: nn.Module | None = None) -> None:
+    def quantize(self, name: str, module: nn.Module, st: InputStats, fold: nn.Module | None = None,
+                 block_loss: Callable[[torch.Tensor], float] | None = None) -> None:
         """Replace module (at `name` in the model) by its GPTQ/AWQ quantization for inputs with stats st;
-        AWQ's input scaling goes into `fold` (an RMSNorm feeding only this module) or the layer itself."""
+        AWQ's input scaling goes into `fold` (an RMSNorm feeding only this module) or the layer itself,
+        chosen on `block_loss(w_hat)` where given."""
         spec, embedding = self.spec, isinstance(module, nn.Embedding)
         w, h = module.weight.detach().float(), st.hessian
         group = spec.group_size or w.shape[1]
@@ -82,7 +87,7 @@ class Calibrator:
             new = from_quantized(r["q"], r["scales"], r["mins"], module, perm=r["perm"])
         else:
             r = awq_quantize(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid,
-                             spec.clip_search)
+                             spec.clip_search, block_loss)
             codes = _codes_from(r["deq"], r["scales"], r["mins"])
             if fold is not None:
                 fold.weight.data /= r["s"].to(fold.weight.dtype)
@@ -103,6 +108,24 @@ def _codes_from(deq: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | No
     return ((d - mins.float().unsqueeze(-1)) / scales.float().unsqueeze(-1)).round().clamp(0, 15).view(n, k)
 
 
+def _attention_block_loss(cal: Calibrator, attn: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """loss(w_hat): squared error of the attention block's output on the first calibration batch x when
+    q|k|v use the weight w_hat instead of their own (o_proj still unquantized, as when AWQ scores it)."""
+    ctx = cal.ctx(cal.ids[0])
+    ref = attn(x, ctx)
+    weight = attn.qkv_proj.weight
+
+    def loss(w_hat: torch.Tensor) -> float:
+        saved = weight.data
+        weight.data = w_hat.to(saved.dtype)
+        try:
+            return float(((attn(x, ctx) - ref).float() ** 2).sum())
+        finally:
+            weight.data = saved
+
+    return loss
+
+
 @torch.no_grad()
 def quantize_layer(cal: Calibrator, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """Quantize decoder layer i's four projections in order; returns the layer's outputs per batch."""
@@ -111,8 +134,10 @@ def quantize_layer(cal: Calibrator, i: int, hidden: list[torch.Tensor]) -> list[
     gemma = hasattr(layer, "pre_feedforward_layernorm")
     pre_mlp = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
     p = f"layers.{i}."
+    block = _attention_block_loss(cal, attn, layer.input_layernorm(hidden[0])) if cal.awq_block else None
     cal.quantize(p + "self_attn.qkv_proj", attn.qkv_proj,
-                 cal.stats([layer.input_layernorm(h) for h in hidden]), fold=layer.input_layernorm)
+                 cal.stats([layer.input_layernorm(h) for h in hidden]), fold=layer.input_layernorm,
+                 block_loss=block)
     att = [_attention_output(attn, layer.input_layernorm(h), cal.ctx(b)) for h, b in zip(hidden, cal.ids)]
     cal.quantize(p + "self_attn.o_proj", attn.o_proj, cal.stats(att))
     h1 = []

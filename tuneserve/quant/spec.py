@@ -40,6 +40,7 @@ class QuantSpec:
     true_sequential: bool = True  # within a layer, later projections see the quantized earlier ones
     # AWQ
     awq_grid: int = 20
+    awq_block_loss: bool = True  # choose q|k|v's scales on the attention output (False: on q|k|v's own output)
 
     def to_dict(self) -> dict:
         """JSON-able form (written into checkpoints)."""
@@ -50,7 +51,7 @@ def parse_quantization(name: str, **overrides: object) -> QuantSpec:
     """QuantSpec for a quantization= name, with TUNESERVE_QUANT_* environment overrides, then kwargs.
 
     Environment (for engines built from flags): TUNESERVE_QUANT_GROUP_SIZE, _SAMPLES, _SEQ_LEN, _CORPUS,
-    _SEED, _ACT_ORDER (0/1), _SYMMETRIC (0/1).
+    _SEED, _ACT_ORDER (0/1), _SYMMETRIC (0/1), _AWQ_BLOCK_LOSS (0/1).
     """
     if name not in METHODS:
         raise ValueError(f"unknown quantization {name!r}; one of {sorted(METHODS)}, 'gguf' or a checkpoint "
@@ -61,7 +62,7 @@ def parse_quantization(name: str, **overrides: object) -> QuantSpec:
         return v not in ("0", "false", "")
 
     env = {"group_size": int, "samples": int, "seq_len": int, "corpus": str, "seed": int, "act_order": flag,
-           "symmetric": flag}
+           "symmetric": flag, "awq_block_loss": flag}
     for key, conv in env.items():
         v = os.environ.get(f"TUNESERVE_QUANT_{key.upper()}")
         if v is not None:
