@@ -253,9 +253,9 @@ class LLMEngine:
         self._pending_outputs = []
         early = [aborted_output(p) for p in self._aborted_before_start]
         self._aborted_before_start = []
+        t0 = time.perf_counter()  # the step's cost includes scheduling: it grows with the drafts too
         sched = self.scheduler.schedule()
         if sched.requests:
-            t0 = time.perf_counter()
             out = self.runner.execute(sched)
             self.scheduler.update(sched, out)
             self.stats.num_steps += 1

@@ -4,11 +4,12 @@ Two measured quantities drive the choice:
   - acceptance: the probability that the draft at position i is accepted given that positions < i were
     (counted over all verified drafts), which gives the expected tokens a request emits with k drafts,
     E(k) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k;
-  - cost: the step time T(N) as a function of the tokens in the step, a table over N that is seeded by a
-    short calibration at start and refined with every step's measured time; plus the draft model's time
-    per drafted position, D(B), for draft-model speculation.
+  - cost: the step time T(N) (scheduling and the forward) as a function of the tokens in the step, a
+    table over N that is seeded by a short calibration at start and refined with every step's measured
+    time; plus the draft model's time per drafted position, D(B), for draft-model speculation, or the
+    n-gram lookups' time per step, P(B).
 With B requests of which a fraction h gets drafts (n-gram lookups can miss), k is chosen to maximise
-  B (1 + h (E(k) - 1)) / (T(N0 + h B k) + k D(B)).
+  B (1 + h (E(k) - 1)) / (T(N0 + h B k) + k D(B) + P(B)).
 At large batches T grows with N (the step is compute-bound), so k shrinks or drops to 0: speculation
 turns itself off where verifying costs more than it saves.
 The acceptance the choice needs can only be measured by speculating, so the controller explores: until
@@ -124,6 +125,7 @@ class KController:
         self.stats = AcceptanceStats(max_k)
         self.target = CostTable()
         self.draft_per_position = CostTable()  # draft model time for one drafted position at batch B
+        self.propose_time = CostTable()  # n-gram lookups of a step at batch B (a cost only when k > 0)
         self.last_k = max_k
         self.off_steps = 0  # steps since speculation was last chosen
 
@@ -154,6 +156,8 @@ class KController:
             cost = self.target.estimate(base_tokens + h * batch * k)
             if not self.draft_per_position.empty:
                 cost += k * self.draft_per_position.estimate(batch)
+            if not self.propose_time.empty:
+                cost += self.propose_time.estimate(batch)
             if tokens / cost > best:
                 best_k, best = k, tokens / cost
         self.last_k = best_k

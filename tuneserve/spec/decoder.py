@@ -58,9 +58,12 @@ class SpecDecoder:
         ks = [max(0, min(k, r.max_tokens - r.num_output_tokens - 1, self.max_model_len - r.num_tokens - 1))
               if i < n else 0 for i, r in enumerate(decoding)]
         if self.draft is None:
+            t0 = time.perf_counter()
             for r, kr in zip(decoding, ks):
                 self._record_hit(kr, self._set(r, propose_ngram(r.all_token_ids, kr, self.spec.prompt_lookup_min,
                                                                    self.spec.prompt_lookup_max) if kr else [], None))
+            if any(ks):
+                self.ctl.propose_time.observe(sum(1 for kr in ks if kr), time.perf_counter() - t0)
             return
         t0 = time.perf_counter()
         proposals = self.draft.propose(decoding, ks)
