@@ -17,8 +17,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--symmetric", action="store_true",
                    help="int4 with a fixed zero point (default asymmetric)")
     g.add_argument("--calib-corpus", default=None,
-                   help="calibration corpus (default wikipedia); several joined by + share the samples, "
-                        "e.g. wikipedia+python-docs")
+                   help="calibration corpus; several joined by + share the samples "
+                        "(default wikipedia+python-docs)")
     g.add_argument("--samples", type=int, default=None, help="calibration windows (default 128)")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     g.add_argument("--calib-seed", type=int, default=None, help="seed of the window sampling (default 0)")

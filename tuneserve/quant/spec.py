@@ -29,7 +29,9 @@ class QuantSpec:
     symmetric: bool = False  # int4 only; int8 is always symmetric
     embeddings: bool = True  # also quantize the token embedding and an untied LM head
     # calibration (GPTQ, AWQ)
-    corpus: str = "wikipedia"
+    # prose and code: calibrating on wikipedia alone left GPTQ at 5-47% recovery on python-docs (Qwen2.5-Coder-0.5B,
+    # SmolLM2); with half of the samples from each, 47-69% there and as good or better on wikipedia
+    corpus: str = "wikipedia+python-docs"
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
