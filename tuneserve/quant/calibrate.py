@@ -10,6 +10,7 @@ per-layer windows and an imposed sliding window with its sink tokens, as the eng
 from __future__ import annotations
 
 import random
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ def calibration_windows(tokenizer, corpus: str, samples: int, seq_len: int,  # n
     if len(names) > 1 and not Path(corpus).is_file():
         parts = [_windows_of(tokenizer, c, samples // len(names) + (i < samples % len(names)), seq_len, seed)
                  for i, c in enumerate(names)]
-        return [w for group in zip(*parts) for w in group] + [w for p in parts for w in p[len(parts[-1]):]]
+        return [w for group in zip_longest(*parts) for w in group if w is not None]  # round robin
     return _windows_of(tokenizer, corpus, samples, seq_len, seed)
 
 

@@ -126,7 +126,6 @@ class KController:
         self.target = CostTable()
         self.draft_per_position = CostTable()  # draft model time for one drafted position at batch B
         self.propose_time = CostTable()  # n-gram lookups of a step at batch B (a cost only when k > 0)
-        self.last_k = max_k
         self.off_steps = 0  # steps since speculation was last chosen
 
     def plan(self, batch: int, base_tokens: int) -> tuple[int, int]:
@@ -160,5 +159,4 @@ class KController:
                 cost += self.propose_time.estimate(batch)
             if tokens / cost > best:
                 best_k, best = k, tokens / cost
-        self.last_k = best_k
         return best_k

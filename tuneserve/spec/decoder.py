@@ -57,18 +57,18 @@ class SpecDecoder:
             return
         ks = [max(0, min(k, r.max_tokens - r.num_output_tokens - 1, self.max_model_len - r.num_tokens - 1))
               if i < n else 0 for i, r in enumerate(decoding)]
+        drafting = sum(1 for kr in ks if kr)  # costs are observed at the number of requests that drafted
+        t0 = time.perf_counter()
         if self.draft is None:
-            t0 = time.perf_counter()
             for r, kr in zip(decoding, ks):
                 self._record_hit(kr, self._set(r, propose_ngram(r.all_token_ids, kr, self.spec.prompt_lookup_min,
                                                                    self.spec.prompt_lookup_max) if kr else [], None))
-            if any(ks):
-                self.ctl.propose_time.observe(sum(1 for kr in ks if kr), time.perf_counter() - t0)
+            if drafting:
+                self.ctl.propose_time.observe(drafting, time.perf_counter() - t0)
             return
-        t0 = time.perf_counter()
         proposals = self.draft.propose(decoding, ks)
-        if any(ks):  # the draft's time per drafted position, at the number of requests that drafted
-            self.ctl.draft_per_position.observe(sum(1 for kr in ks if kr), (time.perf_counter() - t0) / max(ks))
+        if drafting:  # the draft's time per drafted position
+            self.ctl.draft_per_position.observe(drafting, (time.perf_counter() - t0) / max(ks))
         for r, kr, (toks, probs) in zip(decoding, ks, proposals):
             self._record_hit(kr, self._set(r, toks, probs))
 
