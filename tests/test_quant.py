@@ -134,6 +134,10 @@ def test_parse_quantization_names_and_env(monkeypatch):
     assert parse_quantization("awq-int4", group_size=32).samples == 7
     with pytest.raises(ValueError, match="unknown quantization"):
         parse_quantization("int3")
+    monkeypatch.setenv("TUNESERVE_QUANT_AWQ_ROUNDING", "gptq")
+    assert parse_quantization("awq-int4").awq_rounding == "gptq"
+    with pytest.raises(ValueError, match="use 'rtn' or 'gptq'"):
+        parse_quantization("awq-int4", awq_rounding="nearest")
 
 
 def test_calibration_windows_split_between_joined_corpora(tmp_path):
@@ -173,3 +177,31 @@ def test_awq_search_minimises_the_given_block_loss():
         errors.append(loss(_quant_dequant(w * s, 4, 32, False, None, False)[0] / s))
     _, alpha = awq_search(w, h, abs_mean, 4, 32, loss=loss)
     assert alpha == errors.index(min(errors)) / 20
+
+
+def test_awq_clips_every_projection_but_gate_up(tiny_dirs, monkeypatch):
+    """Clipping gate|up's ranges cost Qwen perplexity (see sequential.AWQ_UNCLIPPED); the rest are clipped."""
+    from tuneserve.models.loader import load_model
+    from tuneserve.quant import sequential
+    from tuneserve.weights import open_checkpoint
+
+    src = str(tiny_dirs["qwen2"])
+    model = load_model(src, open_checkpoint(src).arch_config(), torch.device("cpu"), progress=False)
+    names, clips = [], []
+    real_quantize, real_awq = sequential.Calibrator.quantize, sequential.awq_quantize
+
+    def quantize(self, name, *a, **k):
+        names.append(name)
+        return real_quantize(self, name, *a, **k)
+
+    def awq(*a):
+        clips.append(a[7])  # clip_search
+        return real_awq(*a)
+
+    monkeypatch.setattr(sequential.Calibrator, "quantize", quantize)
+    monkeypatch.setattr(sequential, "awq_quantize", awq)
+    windows = [[(7 * i + j) % 50 + 3 for j in range(32)] for i in range(4)]
+    sequential.quantize_sequential(model, QuantSpec(method="awq", bits=4, group_size=32), windows, progress=False)
+    assert len(names) == len(clips) == 4 * len(model.layers) + 1
+    assert [n for n, c in zip(names, clips) if not c] == [f"layers.{i}.mlp.gate_up_proj"
+                                                           for i in range(len(model.layers))]

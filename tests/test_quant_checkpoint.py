@@ -34,13 +34,15 @@ def _logits(model, ids):
     return model.compute_logits(model(torch.tensor(ids), ctx))
 
 
-@pytest.mark.parametrize("method,bits", [("gptq", 4), ("awq", 4), ("rtn", 8)])
-def test_saved_checkpoint_reloads_to_identical_outputs(tiny_dirs, corpus_file, tmp_path, method, bits):
+@pytest.mark.parametrize("method,bits,rounding", [("gptq", 4, "rtn"), ("awq", 4, "rtn"), ("awq", 4, "gptq"),
+                                                   ("rtn", 8, "rtn")])
+def test_saved_checkpoint_reloads_to_identical_outputs(tiny_dirs, corpus_file, tmp_path, method, bits, rounding):
     src = str(tiny_dirs["qwen2"])
     arch = open_checkpoint(src).arch_config()
     model = load_model(src, arch, torch.device("cpu"), progress=False)
     tok = load_tokenizer(src)
-    spec = QuantSpec(method=method, bits=bits, corpus=corpus_file, samples=4, seq_len=64, group_size=32)
+    spec = QuantSpec(method=method, bits=bits, corpus=corpus_file, samples=4, seq_len=64, group_size=32,
+                     awq_rounding=rounding)
     report = quantize_with_spec(model, spec, src, progress=False, tokenizer=tok)
     out = save_quantized(model, tmp_path / "q", {"method": method, "bits": bits, "group_size": 32,
                                                  "source": src, "calibration": report["spec"]}, tok)
@@ -51,6 +53,9 @@ def test_saved_checkpoint_reloads_to_identical_outputs(tiny_dirs, corpus_file, t
     want = _logits(model, ids)
     again = load_model(str(out), open_checkpoint(str(out)).arch_config(), torch.device("cpu"), progress=False)
     assert isinstance(again.layers[1].self_attn.qkv_proj, QuantLinear)
+    if rounding == "gptq":  # AWQ's scales with GPTQ's act-order: o_proj keeps both its input scale and order
+        o = again.layers[1].self_attn.o_proj
+        assert o.input_scale is not None and o.perm is not None
     torch.testing.assert_close(_logits(again, ids), want, rtol=0, atol=0)
     via_q = load_model(src, arch, torch.device("cpu"), progress=False, quantization=str(out))
     torch.testing.assert_close(_logits(via_q, ids), want, rtol=0, atol=0)

@@ -25,12 +25,15 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their stored order")
     g.add_argument("--damp", type=float, default=None, help="GPTQ damping, fraction of mean diag(H) (0.01)")
     g.add_argument("--no-clip-search", action="store_true", help="GPTQ/AWQ: no MSE search of group ranges")
+    g.add_argument("--awq-rounding", choices=("rtn", "gptq"), default=None,
+                   help="AWQ: round the scaled weights to nearest (default) or with GPTQ's error compensation")
     g.add_argument("--no-embeddings", action="store_true", help="leave the embedding and LM head unquantized")
 
 
 def _overrides(ns: argparse.Namespace) -> dict:
     out = {"group_size": ns.group_size, "corpus": ns.calib_corpus, "samples": ns.samples,
-           "seq_len": ns.seq_len, "seed": ns.calib_seed, "damp": ns.damp}
+           "seq_len": ns.seq_len, "seed": ns.calib_seed, "damp": ns.damp,
+           "awq_rounding": ns.awq_rounding}
     if ns.symmetric:
         out["symmetric"] = True
     if ns.no_act_order:

@@ -43,6 +43,7 @@ class QuantSpec:
     # AWQ
     awq_grid: int = 20
     awq_block_loss: bool = True  # choose q|k|v's scales on the attention output (False: on q|k|v's own output)
+    awq_rounding: str = "rtn"  # rtn (AWQ as published) | gptq (AWQ's scales, then GPTQ's error-compensating rounding)
 
     def to_dict(self) -> dict:
         """JSON-able form (written into checkpoints)."""
@@ -53,7 +54,7 @@ def parse_quantization(name: str, **overrides: object) -> QuantSpec:
     """QuantSpec for a quantization= name, with TUNESERVE_QUANT_* environment overrides, then kwargs.
 
     Environment (for engines built from flags): TUNESERVE_QUANT_GROUP_SIZE, _SAMPLES, _SEQ_LEN, _CORPUS,
-    _SEED, _ACT_ORDER (0/1), _SYMMETRIC (0/1), _AWQ_BLOCK_LOSS (0/1).
+    _SEED, _ACT_ORDER (0/1), _SYMMETRIC (0/1), _AWQ_BLOCK_LOSS (0/1), _AWQ_ROUNDING (rtn/gptq).
     """
     if name not in METHODS:
         raise ValueError(f"unknown quantization {name!r}; one of {sorted(METHODS)}, 'gguf' or a checkpoint "
@@ -64,12 +65,15 @@ def parse_quantization(name: str, **overrides: object) -> QuantSpec:
         return v not in ("0", "false", "")
 
     env = {"group_size": int, "samples": int, "seq_len": int, "corpus": str, "seed": int, "act_order": flag,
-           "symmetric": flag, "awq_block_loss": flag}
+           "symmetric": flag, "awq_block_loss": flag, "awq_rounding": str}
     for key, conv in env.items():
         v = os.environ.get(f"TUNESERVE_QUANT_{key.upper()}")
         if v is not None:
             spec = replace(spec, **{key: conv(v)})
-    return replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    if spec.awq_rounding not in ("rtn", "gptq"):
+        raise ValueError(f"awq_rounding {spec.awq_rounding!r}: use 'rtn' or 'gptq'")
+    return spec
 
 
 def linear_inputs(model: nn.Module, spec: QuantSpec) -> dict[str, int]:
