@@ -8,6 +8,7 @@ import sys
 import time
 
 from tuneserve.engine_args import EngineArgs
+from tuneserve.quant.spec import AWQ_ROUNDINGS
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,7 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in their stored order")
     g.add_argument("--damp", type=float, default=None, help="GPTQ damping, fraction of mean diag(H) (0.01)")
     g.add_argument("--no-clip-search", action="store_true", help="GPTQ/AWQ: no MSE search of group ranges")
-    g.add_argument("--awq-rounding", choices=("rtn", "gptq"), default=None,
+    g.add_argument("--awq-rounding", choices=AWQ_ROUNDINGS, default=None,
                    help="AWQ: round the scaled weights to nearest (default) or with GPTQ's error compensation")
     g.add_argument("--no-embeddings", action="store_true", help="leave the embedding and LM head unquantized")
 

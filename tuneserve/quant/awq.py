@@ -73,6 +73,11 @@ def awq_search(w: torch.Tensor, h: torch.Tensor, abs_mean: torch.Tensor, bits: i
     return best[1], best[2]
 
 
+def scaled_hessian(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """H of the inputs x / s that the scaled weight W diag(s) sees: diag(1/s) H diag(1/s)."""
+    return h / s.unsqueeze(0) / s.unsqueeze(1)
+
+
 @torch.no_grad()
 def awq_quantize(w: torch.Tensor, h: torch.Tensor, abs_mean: torch.Tensor, bits: int = 4, group: int = 128,
                  symmetric: bool = False, grid: int = 20, clip_search: bool = True,
@@ -80,6 +85,5 @@ def awq_quantize(w: torch.Tensor, h: torch.Tensor, abs_mean: torch.Tensor, bits:
     """w: (N, K) -> {'s': input scales (K,), 'alpha', 'q_w': the scaled weight W diag(s) quantized as
     (dequantized (N, K), scales, mins), 'w_hat': the effective weight (N, K)}."""
     s, alpha = awq_search(w, h, abs_mean, bits, group, symmetric, grid, loss)
-    h_scaled = h / s.unsqueeze(0) / s.unsqueeze(1)  # the inputs the scaled weight sees are x / s
-    deq, scales, mins = _quant_dequant(w.float() * s, bits, group, symmetric, h_scaled, clip_search)
+    deq, scales, mins = _quant_dequant(w.float() * s, bits, group, symmetric, scaled_hessian(h, s), clip_search)
     return {"s": s, "alpha": alpha, "deq": deq, "scales": scales, "mins": mins, "w_hat": deq / s}

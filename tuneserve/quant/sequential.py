@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tuneserve.quant.apply import from_quantized, pack_weight, replace_module
-from tuneserve.quant.awq import awq_quantize, awq_search
+from tuneserve.quant.awq import awq_quantize, awq_search, scaled_hessian
 from tuneserve.quant.calibrate import InputStats, fresh_context
 from tuneserve.quant.gptq import gptq_quantize, output_error
 from tuneserve.quant.rtn import fake_quant
@@ -102,7 +102,6 @@ class Calibrator:
         self.errors[name] = (output_error(w, r["w_hat"], h), output_error(w, rtn, h))
         replace_module(self.model, name, new)
 
-
     def _awq(self, name: str, w: torch.Tensor, h: torch.Tensor, st: InputStats, group: int, embedding: bool,
              block_loss: Callable[[torch.Tensor], float] | None) -> dict:
         """AWQ's input scales s and the scaled weight's codes: {'s', 'q', 'scales', 'mins', 'perm', 'w_hat'}."""
@@ -110,9 +109,8 @@ class Calibrator:
         clip = spec.clip_search and not name.endswith(AWQ_UNCLIPPED)
         if spec.awq_rounding == "gptq":  # AWQ's scales, then GPTQ on the scaled weight and inputs
             s, _ = awq_search(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, block_loss)
-            h_scaled = h / s.unsqueeze(0) / s.unsqueeze(1)
-            r = gptq_quantize(w * s, h_scaled, spec.bits, group, spec.symmetric, spec.act_order and not embedding,
-                              spec.damp, clip)
+            r = gptq_quantize(w * s, scaled_hessian(h, s), spec.bits, group, spec.symmetric,
+                              spec.act_order and not embedding, spec.damp, clip)
             return {**r, "s": s, "w_hat": r["w_hat"] / s}
         r = awq_quantize(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, clip, block_loss)
         return {**r, "q": _codes_from(r["deq"], r["scales"], r["mins"]), "perm": None}

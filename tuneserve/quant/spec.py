@@ -16,6 +16,7 @@ METHODS = {  # quantization= name -> (method, bits)
     "awq-int4": ("awq", 4),
 }
 GROUP_SIZES = (32, 64, 128)
+AWQ_ROUNDINGS = ("rtn", "gptq")  # how AWQ rounds its scaled weights: to nearest, or by GPTQ
 
 
 @dataclass
@@ -71,8 +72,8 @@ def parse_quantization(name: str, **overrides: object) -> QuantSpec:
         if v is not None:
             spec = replace(spec, **{key: conv(v)})
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
-    if spec.awq_rounding not in ("rtn", "gptq"):
-        raise ValueError(f"awq_rounding {spec.awq_rounding!r}: use 'rtn' or 'gptq'")
+    if spec.awq_rounding not in AWQ_ROUNDINGS:
+        raise ValueError(f"awq_rounding {spec.awq_rounding!r}: use {' or '.join(map(repr, AWQ_ROUNDINGS))}")
     return spec
 
 
