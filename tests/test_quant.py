@@ -134,8 +134,9 @@ def test_parse_quantization_names_and_env(monkeypatch):
     assert parse_quantization("awq-int4", group_size=32).samples == 7
     with pytest.raises(ValueError, match="unknown quantization"):
         parse_quantization("int3")
-    monkeypatch.setenv("TUNESERVE_QUANT_AWQ_ROUNDING", "gptq")
     assert parse_quantization("awq-int4").awq_rounding == "gptq"
+    monkeypatch.setenv("TUNESERVE_QUANT_AWQ_ROUNDING", "rtn")
+    assert parse_quantization("awq-int4").awq_rounding == "rtn"
     with pytest.raises(ValueError, match="use 'rtn' or 'gptq'"):
         parse_quantization("awq-int4", awq_rounding="nearest")
 
@@ -179,29 +180,60 @@ def test_awq_search_minimises_the_given_block_loss():
     assert alpha == errors.index(min(errors)) / 20
 
 
-def test_awq_clips_every_projection_but_gate_up(tiny_dirs, monkeypatch):
-    """Clipping gate|up's ranges cost Qwen perplexity (see sequential.AWQ_UNCLIPPED); the rest are clipped."""
+@pytest.mark.parametrize("method,rounding,target", [("awq", "rtn", "awq_quantize"), ("awq", "gptq", "gptq_quantize"),
+                                                     ("gptq", "gptq", "gptq_quantize")])
+def test_every_projection_but_gate_up_is_clipped(tiny_dirs, monkeypatch, method, rounding, target):
+    """Clipping gate|up's ranges cost Qwen perplexity (see sequential.UNCLIPPED); the rest are clipped."""
     from tuneserve.models.loader import load_model
     from tuneserve.quant import sequential
     from tuneserve.weights import open_checkpoint
 
     src = str(tiny_dirs["qwen2"])
     model = load_model(src, open_checkpoint(src).arch_config(), torch.device("cpu"), progress=False)
-    names, clips = [], []
-    real_quantize, real_awq = sequential.Calibrator.quantize, sequential.awq_quantize
+    names, clips = [], {}  # modules in order; module -> clip_search of each rounding call
+    real_quantize, real = sequential.Calibrator.quantize, getattr(sequential, target)
 
     def quantize(self, name, *a, **k):
         names.append(name)
         return real_quantize(self, name, *a, **k)
 
-    def awq(*a):
-        clips.append(a[7])  # clip_search
-        return real_awq(*a)
+    def rounding_call(*a):
+        clips.setdefault(names[-1], set()).add(a[7])  # clip_search, the eighth argument of both
+        return real(*a)
 
     monkeypatch.setattr(sequential.Calibrator, "quantize", quantize)
-    monkeypatch.setattr(sequential, "awq_quantize", awq)
+    monkeypatch.setattr(sequential, target, rounding_call)
     windows = [[(7 * i + j) % 50 + 3 for j in range(32)] for i in range(4)]
-    sequential.quantize_sequential(model, QuantSpec(method="awq", bits=4, group_size=32), windows, progress=False)
+    spec = QuantSpec(method=method, bits=4, group_size=32, awq_rounding=rounding)
+    sequential.quantize_sequential(model, spec, windows, progress=False)
     assert len(names) == len(clips) == 4 * len(model.layers) + 1
-    assert [n for n, c in zip(names, clips) if not c] == [f"layers.{i}.mlp.gate_up_proj"
-                                                           for i in range(len(model.layers))]
+    assert [n for n in names if clips[n] == {False}] == [f"layers.{i}.mlp.gate_up_proj"
+                                                         for i in range(len(model.layers))]
+    assert all(clips[n] == {True} for n in names if not n.endswith("gate_up_proj"))
+
+
+@pytest.mark.parametrize("prefer_scaled", [True, False])
+def test_awq_gptq_rounding_keeps_the_candidate_with_the_lower_loss(monkeypatch, prefer_scaled):
+    """With GPTQ rounding, AWQ's scales are kept only where GPTQ on the scaled weight beats GPTQ on the plain one."""
+    from types import SimpleNamespace
+
+    from tuneserve.quant import sequential
+    from tuneserve.quant.awq import scaled_hessian
+    from tuneserve.quant.calibrate import InputStats
+    from tuneserve.quant.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    st = InputStats(64)
+    st.add(torch.randn(256, 64, generator=g) * torch.linspace(0.1, 4, 64))
+    h = st.hessian
+    s = torch.linspace(0.5, 2.0, 64)
+    monkeypatch.setattr(sequential, "awq_search", lambda *a, **k: (s, 0.5))
+    spec = QuantSpec(method="awq", bits=4, group_size=32, awq_rounding="gptq")
+    scaled = gptq_quantize(w * s, scaled_hessian(h, s), 4, 32, False, True, spec.damp, True)["w_hat"] / s
+    plain = gptq_quantize(w, h, 4, 32, False, True, spec.damp, True)["w_hat"]
+    want = scaled if prefer_scaled else plain
+    r = sequential.Calibrator._awq_gptq(SimpleNamespace(spec=spec), w, h, st, 32, False, True,
+                                        lambda w_hat: float((w_hat - want).abs().sum()))
+    assert torch.equal(r["w_hat"], want)
+    assert torch.equal(r["s"], s if prefer_scaled else torch.ones(64))

@@ -53,9 +53,10 @@ def test_saved_checkpoint_reloads_to_identical_outputs(tiny_dirs, corpus_file, t
     want = _logits(model, ids)
     again = load_model(str(out), open_checkpoint(str(out)).arch_config(), torch.device("cpu"), progress=False)
     assert isinstance(again.layers[1].self_attn.qkv_proj, QuantLinear)
-    if rounding == "gptq":  # AWQ's scales with GPTQ's act-order: o_proj keeps both its input scale and order
-        o = again.layers[1].self_attn.o_proj
-        assert o.input_scale is not None and o.perm is not None
+    if rounding == "gptq":  # AWQ's scales with GPTQ's act-order: a scaled layer keeps its input scale and order
+        scaled = [m for layer in again.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)
+                  if m.input_scale is not None]
+        assert scaled and all(m.perm is not None for m in scaled)
     torch.testing.assert_close(_logits(again, ids), want, rtol=0, atol=0)
     via_q = load_model(src, arch, torch.device("cpu"), progress=False, quantization=str(out))
     torch.testing.assert_close(_logits(via_q, ids), want, rtol=0, atol=0)

@@ -27,7 +27,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damp", type=float, default=None, help="GPTQ damping, fraction of mean diag(H) (0.01)")
     g.add_argument("--no-clip-search", action="store_true", help="GPTQ/AWQ: no MSE search of group ranges")
     g.add_argument("--awq-rounding", choices=AWQ_ROUNDINGS, default=None,
-                   help="AWQ: round the scaled weights to nearest (default) or with GPTQ's error compensation")
+                   help="AWQ: round the scaled weights with GPTQ's error compensation (default) or to nearest "
+                        "(AWQ as published)")
     g.add_argument("--no-embeddings", action="store_true", help="leave the embedding and LM head unquantized")
 
 

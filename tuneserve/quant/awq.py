@@ -13,8 +13,9 @@ For q|k|v, alpha is chosen on the attention block's output instead (as AutoAWQ d
 pass through the softmax, so equal output error in q, k and v rows does not cost the same. Measured on
 Qwen2.5-Coder-0.5B with only q|k|v quantized (g128, wikipedia): perplexity 39.12 unquantized, RTN 41.81,
 AWQ on the layer's output error 40.06, AWQ on the attention output 39.51.
-gate|up's ranges are not clipped (sequential.AWQ_UNCLIPPED), and with `awq_rounding="gptq"` the scaled
-weights are rounded by GPTQ instead of to nearest (sequential.Calibrator.quantize).
+gate|up's ranges are not clipped (sequential.UNCLIPPED). The engine's default `awq_rounding="gptq"` rounds
+the scaled weights by GPTQ instead of to nearest, and keeps the scales only where they lower the loss after
+that rounding (sequential.Calibrator._awq_gptq); `awq_rounding="rtn"` is AWQ as published.
 """
 
 from __future__ import annotations

@@ -19,20 +19,19 @@ from torch import nn
 from tqdm import tqdm
 
 from tuneserve.quant.apply import from_quantized, pack_weight, replace_module
-from tuneserve.quant.awq import awq_quantize, awq_search, scaled_hessian
+from tuneserve.quant.awq import awq_quantize, awq_search, scaled_hessian, weighted_error
 from tuneserve.quant.calibrate import InputStats, fresh_context
 from tuneserve.quant.gptq import gptq_quantize, output_error
 from tuneserve.quant.rtn import fake_quant
 from tuneserve.quant.spec import QuantSpec
 
 BATCH_TOKENS = 4096  # calibration tokens per forward call
-# AWQ leaves gate|up's ranges unclipped: on Qwen2.5-Coder-0.5B g128 the clipping search lowered gate|up's
-# output error yet raised perplexity (AWQ with every other kind clipped: wikipedia 46.2 -> 50.8 when gate|up
-# was clipped too, python-docs 12.4 -> 12.9; docs/bench-scripts/awq_clip_swap.py). Clipping is a biased
-# error: it shrinks the largest weights, and per-layer output error does not see how that compounds. On SmolLM2
-# g64 AWQ recovers about as much either way (59.0 -> 59.9% of RTN's perplexity loss on wikipedia, 65.3 -> 60.9%
-# on python-docs).
-AWQ_UNCLIPPED = ("mlp.gate_up_proj",)
+# GPTQ and AWQ leave gate|up's ranges unclipped: on Qwen2.5-Coder-0.5B g128 the clipping search lowered
+# gate|up's output error yet raised perplexity. AWQ with every other kind clipped: wikipedia 46.2 -> 50.8 when
+# gate|up was clipped too, python-docs 12.4 -> 12.9 (docs/bench-scripts/awq_clip_swap.py). GPTQ: 41.88 / 11.73
+# unclipped against 42.31 / 11.90 clipped. Clipping is a biased error: it shrinks the largest weights, and
+# per-layer output error does not see how that compounds.
+UNCLIPPED = ("mlp.gate_up_proj",)
 
 
 def _mlp_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -90,14 +89,15 @@ class Calibrator:
         group = spec.group_size or w.shape[1]
         if spec.method == "gptq":
             act_order = spec.act_order and not embedding
-            r = gptq_quantize(w, h, spec.bits, group, spec.symmetric, act_order, spec.damp, spec.clip_search)
+            clip = spec.clip_search and not name.endswith(UNCLIPPED)
+            r = gptq_quantize(w, h, spec.bits, group, spec.symmetric, act_order, spec.damp, clip)
             new = from_quantized(r["q"], r["scales"], r["mins"], module, perm=r["perm"])
         else:
             r = self._awq(name, w, h, st, group, embedding, block_loss)
             if fold is not None:
                 fold.weight.data /= r["s"].to(fold.weight.dtype)
             new = from_quantized(r["q"], r["scales"], r["mins"], module, perm=r["perm"],
-                                 input_scale=None if fold is not None else 1.0 / r["s"])
+                                 input_scale=None if fold is not None or bool((r["s"] == 1).all()) else 1.0 / r["s"])
         rtn = fake_quant(w, spec.bits, group, spec.symmetric)
         self.errors[name] = (output_error(w, r["w_hat"], h), output_error(w, rtn, h))
         replace_module(self.model, name, new)
@@ -106,14 +106,31 @@ class Calibrator:
              block_loss: Callable[[torch.Tensor], float] | None) -> dict:
         """AWQ's input scales s and the scaled weight's codes: {'s', 'q', 'scales', 'mins', 'perm', 'w_hat'}."""
         spec = self.spec
-        clip = spec.clip_search and not name.endswith(AWQ_UNCLIPPED)
-        if spec.awq_rounding == "gptq":  # AWQ's scales, then GPTQ on the scaled weight and inputs
-            s, _ = awq_search(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, block_loss)
-            r = gptq_quantize(w * s, scaled_hessian(h, s), spec.bits, group, spec.symmetric,
-                              spec.act_order and not embedding, spec.damp, clip)
-            return {**r, "s": s, "w_hat": r["w_hat"] / s}
+        clip = spec.clip_search and not name.endswith(UNCLIPPED)
+        if spec.awq_rounding == "gptq":
+            return self._awq_gptq(w, h, st, group, embedding, clip, block_loss)
         r = awq_quantize(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, clip, block_loss)
         return {**r, "q": _codes_from(r["deq"], r["scales"], r["mins"]), "perm": None}
+
+
+    def _awq_gptq(self, w: torch.Tensor, h: torch.Tensor, st: InputStats, group: int, embedding: bool, clip: bool,
+                  block_loss: Callable[[torch.Tensor], float] | None) -> dict:
+        """AWQ's scales, then GPTQ on the scaled weight and inputs. The scales are searched with
+        round-to-nearest, and GPTQ's error feedback can undo what they buy: on Qwen2.5-Coder-0.5B g128,
+        GPTQ with AWQ-scaled q|k|v scored 43.99 / 12.32 wikipedia / python-docs perplexity against 42.31 /
+        11.90 unscaled (docs/bench-scripts/module_swap.py). So GPTQ rounds both the scaled and the unscaled
+        weight, and the one with the lower loss (block loss, else layer output error) is kept."""
+        spec = self.spec
+        s, _ = awq_search(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, block_loss)
+        best = None
+        for cand in (s, torch.ones_like(s)) if not bool((s == 1).all()) else (s,):
+            r = gptq_quantize(w * cand, scaled_hessian(h, cand), spec.bits, group, spec.symmetric,
+                              spec.act_order and not embedding, spec.damp, clip)
+            w_hat = r["w_hat"] / cand
+            err = block_loss(w_hat) if block_loss is not None else weighted_error(w_hat - w, h)
+            if best is None or err < best[0]:
+                best = (err, {**r, "s": cand, "w_hat": w_hat})
+        return best[1]
 
 
 def _codes_from(deq: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:

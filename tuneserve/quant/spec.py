@@ -44,7 +44,7 @@ class QuantSpec:
     # AWQ
     awq_grid: int = 20
     awq_block_loss: bool = True  # choose q|k|v's scales on the attention output (False: on q|k|v's own output)
-    awq_rounding: str = "rtn"  # rtn (AWQ as published) | gptq (AWQ's scales, then GPTQ's error-compensating rounding)
+    awq_rounding: str = "gptq"  # gptq: AWQ's scales where they help, GPTQ's rounding | rtn: AWQ as published
 
     def to_dict(self) -> dict:
         """JSON-able form (written into checkpoints)."""
