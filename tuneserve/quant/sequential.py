@@ -28,9 +28,10 @@ from tuneserve.quant.spec import QuantSpec
 BATCH_TOKENS = 4096  # calibration tokens per forward call
 # GPTQ and AWQ leave gate|up's ranges unclipped: on Qwen2.5-Coder-0.5B g128 the clipping search lowered
 # gate|up's output error yet raised perplexity. AWQ with every other kind clipped: wikipedia 46.2 -> 50.8 when
-# gate|up was clipped too, python-docs 12.4 -> 12.9 (docs/bench-scripts/awq_clip_swap.py). GPTQ: 41.88 / 11.73
-# unclipped against 42.31 / 11.90 clipped. Clipping is a biased error: it shrinks the largest weights, and
-# per-layer output error does not see how that compounds.
+# gate|up was clipped too, python-docs 12.4 -> 12.9 (docs/bench-scripts/awq_clip_swap.py). GPTQ (`tuneserve
+# eval --max-tokens 4096`, wikipedia / python-docs): 42.15 / 11.71 unclipped against 42.31 / 11.90 clipped.
+# Clipping is a biased error: it shrinks the largest weights, and per-layer output error does not see how that
+# compounds.
 UNCLIPPED = ("mlp.gate_up_proj",)
 
 
@@ -111,7 +112,6 @@ class Calibrator:
             return self._awq_gptq(w, h, st, group, embedding, clip, block_loss)
         r = awq_quantize(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, clip, block_loss)
         return {**r, "q": _codes_from(r["deq"], r["scales"], r["mins"]), "perm": None}
-
 
     def _awq_gptq(self, w: torch.Tensor, h: torch.Tensor, st: InputStats, group: int, embedding: bool, clip: bool,
                   block_loss: Callable[[torch.Tensor], float] | None) -> dict:
