@@ -5,7 +5,8 @@ from tuneserve.tokenizer import load_tokenizer
 from tuneserve.quant.calibrate import calibration_windows, InputStats
 from tuneserve.quant.sequential import Calibrator, _attention_output, _mlp_hidden
 from tuneserve.quant.spec import QuantSpec
-from tuneserve.quant.awq import _quant_dequant, weighted_error
+from tuneserve.quant.awq import _quant_dequant
+from tuneserve.quant.gptq import weighted_error
 from tuneserve.quant.rtn import fake_quant
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()

@@ -8,7 +8,8 @@ from tuneserve.tokenizer import load_tokenizer
 from tuneserve.quant.calibrate import calibration_windows, corpus_tokens, InputStats
 from tuneserve.quant.sequential import Calibrator
 from tuneserve.quant.spec import QuantSpec
-from tuneserve.quant.awq import _quant_dequant, awq_quantize, weighted_error
+from tuneserve.quant.awq import _quant_dequant, awq_quantize
+from tuneserve.quant.gptq import weighted_error
 from tuneserve.bench.quality import evaluate
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()

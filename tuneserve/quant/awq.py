@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from tuneserve.quant.gptq import group_params
+from tuneserve.quant.gptq import group_params, weighted_error
 
 
 def _quant_dequant(w: torch.Tensor, bits: int, group: int, symmetric: bool, h: torch.Tensor | None,
@@ -48,9 +48,10 @@ def _quant_dequant(w: torch.Tensor, bits: int, group: int, symmetric: bool, h: t
     return out, torch.stack(scales, 1), (torch.stack(mins, 1) if mins[0] is not None else None)
 
 
-def weighted_error(d: torch.Tensor, h: torch.Tensor) -> float:
-    """d: (N, K) weight error, h: (K, K) -> tr(d h d^T)."""
-    return float(((d @ h) * d).sum())
+def choice_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor,
+                loss: Callable[[torch.Tensor], float] | None) -> float:
+    """What AWQ chooses by: `loss(w_hat)` where given (a block's output error), else the layer's output error."""
+    return loss(w_hat) if loss is not None else weighted_error(w_hat - w, h)
 
 
 @torch.no_grad()
@@ -68,7 +69,7 @@ def awq_search(w: torch.Tensor, h: torch.Tensor, abs_mean: torch.Tensor, bits: i
         s = x.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()  # centred around 1 so the scaled weights keep their range
         w_hat = _quant_dequant(w * s, bits, group, symmetric, None, False)[0] / s
-        err = loss(w_hat) if loss is not None else weighted_error(w_hat - w, h)
+        err = choice_loss(w, w_hat, h, loss)
         if err < best[0]:
             best = (err, s, alpha)
     return best[1], best[2]

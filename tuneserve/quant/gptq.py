@@ -122,7 +122,11 @@ def _result(q: torch.Tensor, scales: list, mins: list, bits: int, group: int,
     return {"q": q, "scales": sc, "mins": mn, "perm": perm, "w_hat": w_hat}
 
 
+def weighted_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """d: (N, K) weight error, h: (K, K) -> tr(d h d^T)."""
+    return float(((d @ h) * d).sum())
+
+
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """tr((W - W_hat) H (W - W_hat)^T) / N: the mean squared output error per row on the inputs of H."""
-    d = (w - w_hat).float()
-    return float(((d @ h) * d).sum() / w.shape[0])
+    return weighted_error((w - w_hat).float(), h) / w.shape[0]

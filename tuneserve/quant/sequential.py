@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tuneserve.quant.apply import from_quantized, pack_weight, replace_module
-from tuneserve.quant.awq import awq_quantize, awq_search, scaled_hessian, weighted_error
+from tuneserve.quant.awq import awq_quantize, awq_search, choice_loss, scaled_hessian
 from tuneserve.quant.calibrate import InputStats, fresh_context
 from tuneserve.quant.gptq import gptq_quantize, output_error
 from tuneserve.quant.rtn import fake_quant
@@ -122,15 +122,13 @@ class Calibrator:
         weight, and the one with the lower loss (block loss, else layer output error) is kept."""
         spec = self.spec
         s, _ = awq_search(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, block_loss)
-        best = None
-        for cand in (s, torch.ones_like(s)) if not bool((s == 1).all()) else (s,):
+        tried = []  # (loss, result) per candidate; min keeps the first of equal losses, the scaled one
+        for cand in [s] if bool((s == 1).all()) else [s, torch.ones_like(s)]:
             r = gptq_quantize(w * cand, scaled_hessian(h, cand), spec.bits, group, spec.symmetric,
                               spec.act_order and not embedding, spec.damp, clip)
             w_hat = r["w_hat"] / cand
-            err = block_loss(w_hat) if block_loss is not None else weighted_error(w_hat - w, h)
-            if best is None or err < best[0]:
-                best = (err, {**r, "s": cand, "w_hat": w_hat})
-        return best[1]
+            tried.append((choice_loss(w, w_hat, h, block_loss), {**r, "s": cand, "w_hat": w_hat}))
+        return min(tried, key=lambda t: t[0])[1]
 
 
 def _codes_from(deq: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
