@@ -43,3 +43,14 @@ def test_stop_string_included_when_asked():
 def test_earliest_stop_string_wins():
     d = IncrementalDetokenizer(TOK, [], stop=("yy", "x"))
     assert "".join(feed(d, TOK("ayyx").input_ids, step=4)) == "a"
+
+
+def test_work_per_token_stays_bounded_over_a_long_output():
+    d = IncrementalDetokenizer(TOK, [], stop=("never appears",))
+    ids = TOK("the same words again and again " * 200).input_ids
+    out = []
+    for t in ids:
+        out.append(d.add([t]))
+        assert len(d.pending) <= len("never appears") - 1 + 40  # held-back tail + the newest piece, no more
+    out.append(d.flush())
+    assert "".join(out) == TOK.decode(ids)

@@ -8,6 +8,7 @@ import sys
 
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import SamplingParams
+from tuneserve.server.settings import add_server_flags
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -87,21 +88,17 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import os
-
     import uvicorn
 
-    from tuneserve.server.app import ServerSettings, build_app
+    from tuneserve.server.app import build_app
+    from tuneserve.server.settings import settings_from_args
 
-    settings = ServerSettings(served_model_name=ns.served_model_name,
-                              api_key=ns.api_key or os.environ.get("TUNESERVE_API_KEY") or None,
-                              max_waiting_requests=ns.max_waiting_requests, max_request_bytes=ns.max_request_bytes,
-                              drain_timeout=ns.drain_timeout)
+    settings = settings_from_args(ns)
     app = build_app(engine_args_from(ns), settings)
     print(f"[tuneserve] serving on http://{ns.host}:{ns.port} (OpenAI API at /v1, docs at /docs); "
           "the model loads in the background, /health turns 200 when ready", file=sys.stderr)
     uvicorn.run(app, host=ns.host, port=ns.port, timeout_graceful_shutdown=int(ns.drain_timeout),
-                log_level=ns.log_level)
+                log_level=ns.log_level, h11_max_incomplete_event_size=settings.max_header_bytes)
     return 0
 
 
@@ -135,14 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     add_model_arg(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require this bearer token on /v1 (or TUNESERVE_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
-    p.add_argument("--max-waiting-requests", type=int, default=256, help="queue limit before 503")
-    p.add_argument("--max-request-bytes", type=int, default=8 << 20, help="request body limit (413 above)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
-    p.add_argument("--log-level", default="info")
+    add_server_flags(p)
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(func=cmd_serve)
 

@@ -16,17 +16,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneserve import faults
 from tuneserve.config import EngineConfig
 from tuneserve.context_policy import fit_prompt
 from tuneserve.core.kv_manager import KVGroupSpec, KVManager, split_kv_blocks
 from tuneserve.core.scheduler import Scheduler
 from tuneserve.engine_args import EngineArgs
+from tuneserve.errors import RequestError
+from tuneserve.isolation import count_error, fail_request, reset_after_failed_step
 from tuneserve.models.loader import DTYPES, load_model
 from tuneserve.output_processor import OutputProcessor, ParentState
 from tuneserve.outputs import RequestOutput
 from tuneserve.request import Request, RequestStatus, count_spec_step
 from tuneserve.runner import ModelRunner
-from tuneserve.sampling_params import SamplingParams
+from tuneserve.sampling_params import ParamError, SamplingParams, utf8_error
 from tuneserve.summarize import (
     SummaryJob,
     aborted_output,
@@ -75,6 +78,10 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts at position 0, 1, ...
+    errors: dict[str, int] = field(default_factory=dict)  # engine errors by kind (engine_errors.py)
+    num_blocks_in_use: int = 0  # leak checks: 0 once every request has ended
+    num_block_refs: int = 0
+    num_live_requests: int = 0
 
 
 def kv_groups(config: EngineConfig) -> list[KVGroupSpec]:
@@ -102,11 +109,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(m.path, m.tokenizer)
         self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization)
         self.groups = kv_groups(config)
-        num_blocks = self._num_blocks()
-        self.kv = KVManager(self.groups, num_blocks, config.cache.block_size,
-                            config.cache.enable_prefix_caching, config.scheduler.max_num_batched_tokens)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.runner = ModelRunner(config, self.model, self.groups, num_blocks)
+        self.num_blocks = self._num_blocks()
+        self.build_scheduler()
+        self.runner = ModelRunner(config, self.model, self.groups, self.num_blocks)
         self.output = OutputProcessor(self.tokenizer)
         self.spec = None
         if config.spec is not None:
@@ -117,10 +122,21 @@ class LLMEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._pending_outputs: list[str] = []  # parents aborted outside step(), reported by the next step
-        self._summaries: dict[str, PreparedRequest] = {}  # requests waiting for their prompt's summary
-        self._aborted_before_start: list[PreparedRequest] = []  # aborted while summarizing: reported next step
+        self.summaries: dict[str, PreparedRequest] = {}  # requests waiting for their prompt's summary
+        self.unstarted_outputs: list[RequestOutput] = []  # ended while summarizing: reported next step
+        self.step_ids: list[str] | None = None  # the running step's requests (None: not yet scheduled)
+        self.resetting = False  # recovering from a failed step (isolation.py)
         log(f"loaded {m.model} ({m.arch.architecture}, {m.arch.num_layers} layers) in "
             f"{time.perf_counter() - t0:.1f}s on {config.device}, dtype {m.dtype}")
+
+    log = staticmethod(log)
+
+    def build_scheduler(self) -> None:
+        """A fresh KV manager (every block free) and scheduler (no requests): at start and after a reset."""
+        c = self.config
+        self.kv = KVManager(self.groups, self.num_blocks, c.cache.block_size, c.cache.enable_prefix_caching,
+                            c.scheduler.max_num_batched_tokens)
+        self.scheduler = Scheduler(c.scheduler, self.kv)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -163,14 +179,18 @@ class LLMEngine:
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise ParamError("prompt", "a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            if (err := utf8_error(prompt)) is not None:  # the tokenizer would raise deep inside
+                raise ParamError("prompt", f"prompt {err}")
             return prompt, self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, (list, tuple)):
+            raise ParamError("prompt", f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         ids = list(prompt)
         vocab = self.config.model.arch.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            raise ParamError("prompt", f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
         return None, ids
 
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
@@ -185,14 +205,21 @@ class LLMEngine:
         Raises ValueError, saying what to change, for anything that could never run."""
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
+        params.check_vocab(self.config.model.arch.vocab_size)
         text, ids = self.tokenize_prompt(prompt)
-        plan = fit_prompt(ids, params.max_tokens, self.config.model.max_model_len, self.config.overflow_policy)
+        limit = self.config.model.max_model_len
+        try:
+            plan = fit_prompt(ids, params.max_tokens, limit, self.config.overflow_policy)
+        except ValueError as e:  # the field to change: max_tokens, unless the prompt alone fills the context
+            field = "max_tokens" if params.max_tokens is not None and 0 < len(ids) < limit else "prompt"
+            raise ParamError(field, str(e)) from None
         params = dataclasses.replace(params, max_tokens=plan.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentState(request_id, text, plan.ids, {}, arrival, metadata=plan.metadata)
         if plan.middle is not None:  # overflow_policy summarize: first the summary, then the request
             job = plan_summary(self, parent, plan, params, priority)
             self.scheduler.check_admissible(job.request)
+            self.scheduler.check_fits(len(plan.ids), plan.max_tokens)  # the request that follows the summary
             return PreparedRequest(parent, [], params, priority, job)
         prepared = PreparedRequest(parent, [], params, priority)
         self.make_children(prepared)
@@ -212,13 +239,13 @@ class LLMEngine:
     def submit(self, prepared: PreparedRequest) -> str:
         """Queue a prepared request (engine thread only)."""
         parent = prepared.parent
-        if parent.request_id in self.output.parents or parent.request_id in self._summaries:
+        if parent.request_id in self.output.parents or parent.request_id in self.summaries:
             raise ValueError(f"request id {parent.request_id!r} is already in use")
         if prepared.summary is not None:
             job = prepared.summary
             self.scheduler.add_request(job.request)
             self.requests[job.request.request_id] = job.request
-            self._summaries[parent.request_id] = prepared
+            self.summaries[parent.request_id] = prepared
             return parent.request_id
         for req in prepared.children:
             self.scheduler.add_request(req)
@@ -230,11 +257,11 @@ class LLMEngine:
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Abort user requests (all their samples); their KV blocks are free on return."""
         for pid in [request_ids] if isinstance(request_ids, str) else list(request_ids):
-            waiting_summary = self._summaries.pop(pid, None)
+            waiting_summary = self.summaries.pop(pid, None)
             if waiting_summary is not None:
                 self.scheduler.abort([waiting_summary.summary.request.request_id])
                 self.requests.pop(waiting_summary.summary.request.request_id, None)
-                self._aborted_before_start.append(waiting_summary)
+                self.unstarted_outputs.append(aborted_output(waiting_summary))
                 continue
             parent = self.output.parents.get(pid)
             if parent is None:
@@ -243,63 +270,99 @@ class LLMEngine:
             for cid in parent.children:
                 req = self.requests.get(cid)
                 if req is not None and req.is_finished:
-                    self._finish_child(req)
+                    self.finish_child(req)
             self._pending_outputs.append(pid)
 
     # ----- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the outputs of user requests that changed."""
+        """Run one scheduler step; returns the outputs of user requests that changed.
+
+        A failure pinned to one request ends that request in error and the step goes on; any other
+        failure ends the step's requests in error and resets the engine (isolation.py). Raises only
+        EngineFatalError, when that reset fails."""
+        self.step_ids = None
+        try:
+            return self._step()
+        except Exception as e:  # noqa: BLE001 - not pinned to one request
+            return reset_after_failed_step(self, e)
+
+    def _step(self) -> list[RequestOutput]:
         touched: dict[str, None] = dict.fromkeys(self._pending_outputs)
         self._pending_outputs = []
-        early = [aborted_output(p) for p in self._aborted_before_start]
-        self._aborted_before_start = []
+        results, self.unstarted_outputs = self.unstarted_outputs, []
         t0 = time.perf_counter()  # the step's cost includes scheduling: it grows with the drafts too
         sched = self.scheduler.schedule()
+        self.step_ids = [sr.req_id for sr in sched.requests]
         if sched.requests:
             out = self.runner.execute(sched)
-            self.scheduler.update(sched, out)
+            update_errors = self.scheduler.update(sched, out)
             self.stats.num_steps += 1
             self._count_spec(out)
             if self.spec is not None:
                 self.spec.observe(sched, out, time.perf_counter() - t0)
             for i, sr in enumerate(sched.requests):
                 req = self.requests.get(sr.req_id)
-                if req is None:
-                    continue
+                if req is not None:
+                    touched[self._apply(req, i, out, update_errors.get(sr.req_id))] = None
+        self._propose()
+        for pid in touched:
+            ro = self.output.output(pid) if pid in self.output.parents else None
+            if ro is not None:
+                results.append(ro)
+                if ro.finished:
+                    self.output.pop(pid)
+        return results
+
+    def _apply(self, req: Request, i: int, out, update_error: Exception | None) -> str | None:  # noqa: ANN001
+        """Take one request's step results into its output; returns its user request's id (None: a
+        summary). An error pinned to it (runner, scheduler update, or here) ends it in error."""
+        err = out.errors.get(i) or (update_error and RequestError.from_exception(update_error, "stop_check"))
+        if err is None:
+            try:
                 if is_summary(req):
                     self._on_summary_progress(req)
-                    continue
-                if out.prompt_logprobs[i]:
-                    self.output.on_prompt_logprobs(req, out.prompt_logprobs[i])
-                if out.sampled[i]:
-                    before = len(self.output.parents[self.output.parent_of(req.request_id)].children[
-                        req.request_id].token_ids)
-                    if self.output.on_tokens(req, out.sampled[i], out.logprobs[i]):
-                        self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-                    self.stats.generation_tokens += req.num_output_tokens - before
-                if req.is_finished:
-                    self._finish_child(req)
-                touched[self.output.parent_of(req.request_id)] = None
-        elif sched.finished_req_ids:
-            self.runner.execute(sched)  # lets the runner drop state of finished requests
-        if self.spec is not None:
+                    return None
+                self._take_output(req, out.sampled[i], out.logprobs[i], out.prompt_logprobs[i])
+            except Exception as e:  # noqa: BLE001 - pinned to this request
+                err = RequestError.from_exception(e, "detokenize")
+        if err is not None:
+            return fail_request(self, req, RequestError.from_exception(err, "request"))
+        return self.output.parent_of(req.request_id)
+
+    def _take_output(self, req: Request, sampled: list[int], logprobs, prompt_logprobs) -> None:  # noqa: ANN001
+        if prompt_logprobs:
+            self.output.on_prompt_logprobs(req, prompt_logprobs)
+        if sampled:
+            faults.hit("detokenize", req.request_id)
+            before = self.output.num_tokens(req.request_id)
+            if self.output.on_tokens(req, sampled, logprobs):
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            self.stats.generation_tokens += req.num_output_tokens - before
+        if req.is_finished:
+            self.finish_child(req)
+
+    def _propose(self) -> None:
+        """Drafts for the next step. Drafting is optional work: if it fails, this step's drafts are dropped
+        and the draft model's state is released (it catches up again), and serving goes on."""
+        if self.spec is None:
+            return
+        try:
+            faults.hit("propose")
             self.spec.propose(self.scheduler.running)
-        results = early
-        for pid in touched:
-            if pid is None or pid not in self.output.parents:
-                continue
-            ro = self.output.output(pid)
-            results.append(ro)
-            if ro.finished:
-                self.output.pop(pid)
-        return results
+        except Exception as e:  # noqa: BLE001 - speculation is an optimization
+            count_error(self, "propose")
+            log(f"drafting failed ({type(e).__name__}: {e}); this step goes on without drafts")
+            for r in self.scheduler.running:
+                r.spec_token_ids, r.spec_draft_probs = [], None
+            if self.spec.draft is not None:
+                self.spec.draft.release_except(set())
 
     def _count_spec(self, out) -> None:  # noqa: ANN001 - RunnerOutput
         for drafted, accepted in zip(out.num_draft_tokens, out.num_accepted):
             if drafted:
                 count_spec_step(self.stats, drafted, accepted)
 
-    def _finish_child(self, req: Request) -> None:
+    def finish_child(self, req: Request) -> None:
         if self.requests.pop(req.request_id, None) is None:
             return
         self.output.on_finished(req)
@@ -311,7 +374,7 @@ class LLMEngine:
         if not req.is_finished:
             return
         self.requests.pop(req.request_id, None)
-        prepared = self._summaries.pop(parent_id_of_summary(req), None)
+        prepared = self.summaries.pop(parent_id_of_summary(req), None)
         if prepared is None:
             return
         finish_summary(self, prepared)
@@ -320,8 +383,8 @@ class LLMEngine:
         self.submit(prepared)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.output.parents) or bool(self._pending_outputs) or bool(self._summaries) or bool(
-            self._aborted_before_start)
+        return bool(self.output.parents) or bool(self._pending_outputs) or bool(self.summaries) or bool(
+            self.unstarted_outputs)
 
     def get_stats(self) -> EngineStats:
         s = self.stats
@@ -329,6 +392,8 @@ class LLMEngine:
         s.kv_cache_usage = self.kv.usage
         s.prefix_cache_queries, s.prefix_cache_hits = self.kv.prefix_queries, self.kv.prefix_hits
         s.num_preemptions = self.scheduler.num_preemptions
+        s.num_blocks_in_use, s.num_block_refs = self.kv.num_blocks_in_use, self.kv.num_block_refs
+        s.num_live_requests = len(self.output.parents) + len(self.summaries)
         return s
 
 

@@ -40,10 +40,18 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         engine = self.llm_engine
+        # validate every prompt before queueing any, so that a bad one leaves nothing queued behind it
+        prepared = [engine.prepare_request(None, prompt, p or SamplingParams(), priority=priority[i] if priority else 0)
+                    for i, (prompt, p) in enumerate(zip(prompts, params))]
         ids = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            ids.append(engine.add_request(None, prompt, p or SamplingParams(),
-                                          priority=priority[i] if priority else 0))
+        try:
+            for prep in prepared:
+                prep.parent.output_kind = "final"  # only finished outputs are read: no per-step copies
+                ids.append(engine.submit(prep))
+        except BaseException:
+            engine.abort_request(ids)
+            engine.step()
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(

@@ -2,6 +2,12 @@
 
 A user request with n > 1 fans out into n scheduler requests ("children"); this class gathers them
 back into one RequestOutput.
+
+Appending a step's tokens costs time in the new tokens only: text is kept as a list of pieces, the
+cumulative logprob as a running sum. What a step reports depends on the request's output kind:
+  cumulative  everything so far, every step (a copy of the output: the convenience mode of engine.step)
+  delta       only what is new since the last report (the server's streams)
+  final       nothing until the request finishes, then everything once (LLM.generate, non-streaming)
 """
 
 from __future__ import annotations
@@ -9,9 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneserve.core.outputs import TokenLogprobs
+from tuneserve.errors import RequestError
 from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tuneserve.request import FINISH_REASONS, Request
 from tuneserve.tokenizer import IncrementalDetokenizer
+
+OUTPUT_KINDS = ("cumulative", "delta", "final")
 
 
 @dataclass
@@ -19,11 +28,18 @@ class ChildState:
     index: int
     detok: IncrementalDetokenizer | None
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text_parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     req: Request | None = None
+    sent_tokens: int = 0  # delta kind: tokens and text pieces already reported
+    sent_parts: int = 0
+
+    def add_text(self, piece: str) -> None:
+        if piece:
+            self.text_parts.append(piece)
 
 
 @dataclass
@@ -35,6 +51,8 @@ class ParentState:
     arrival_time: float
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     metadata: dict = field(default_factory=dict)
+    output_kind: str = "cumulative"
+    error: RequestError | None = None
 
     @property
     def finished(self) -> bool:
@@ -50,6 +68,8 @@ class OutputProcessor:
         self.child_to_parent: dict[str, str] = {}
 
     def add(self, parent: ParentState, child_reqs: list[Request]) -> None:
+        if parent.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {parent.output_kind!r}")
         self.parents[parent.request_id] = parent
         for i, req in enumerate(child_reqs):
             p = req.params
@@ -70,9 +90,11 @@ class OutputProcessor:
         new_tokens = new_tokens[: max(0, req.num_output_tokens - len(c.token_ids))]
         c.token_ids.extend(new_tokens)
         if c.logprobs is not None and logprobs:
-            c.logprobs.extend(logprobs[: len(new_tokens)])
+            kept = logprobs[: len(new_tokens)]
+            c.logprobs.extend(kept)
+            c.cumulative_logprob += sum(t.logprob for t in kept)
         if c.detok is not None:
-            c.text += c.detok.add(new_tokens)
+            c.add_text(c.detok.add(new_tokens))
             if c.detok.stopped is not None:
                 c.finish_reason, c.stop_reason = "stop", c.detok.stopped
                 return True
@@ -93,18 +115,36 @@ class OutputProcessor:
             c.finish_reason = FINISH_REASONS[req.status]
             c.stop_reason = req.stop_reason
         if c.detok is not None:
-            c.text += c.detok.flush()
+            c.add_text(c.detok.flush())
 
-    def output(self, parent_id: str) -> RequestOutput:
-        """The current cumulative RequestOutput of a user request."""
+    def fail(self, parent_id: str, error: RequestError) -> None:
+        """Mark a user request as failed: its output says finish_reason "error" and carries the error."""
+        parent = self.parents.get(parent_id)
+        if parent is not None and parent.error is None:
+            parent.error = error
+
+    def output(self, parent_id: str) -> RequestOutput | None:
+        """What the request reports now under its output kind (None: nothing to report yet)."""
         p = self.parents[parent_id]
-        outs = [CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
-                                 list(c.logprobs) if c.logprobs is not None else None,
-                                 sum(t.logprob for t in c.logprobs) if c.logprobs else None)
-                for c in sorted(p.children.values(), key=lambda c: c.index)]
+        finished = p.finished
+        if p.output_kind == "final" and not finished:
+            return None
+        delta = p.output_kind == "delta"
+        outs = [self._completion(c, delta, p.error) for c in sorted(p.children.values(), key=lambda c: c.index)]
         metrics = self._metrics(p)
-        return RequestOutput(parent_id, p.prompt, p.prompt_token_ids, outs, p.finished, metrics,
-                             p.prompt_logprobs, metrics.num_cached_tokens, dict(p.metadata))
+        return RequestOutput(parent_id, p.prompt, p.prompt_token_ids, outs, finished, metrics,
+                             p.prompt_logprobs, metrics.num_cached_tokens, dict(p.metadata), p.error)
+
+    @staticmethod
+    def _completion(c: ChildState, delta: bool, error: RequestError | None) -> CompletionOutput:
+        t0, k0 = (c.sent_parts, c.sent_tokens) if delta else (0, 0)
+        text = "".join(c.text_parts[t0:])
+        if delta:
+            c.sent_parts, c.sent_tokens = len(c.text_parts), len(c.token_ids)
+        reason = "error" if error is not None and c.finish_reason is not None else c.finish_reason
+        return CompletionOutput(c.index, text, c.token_ids[k0:], reason, c.stop_reason,
+                                c.logprobs[k0:] if c.logprobs is not None else None,
+                                c.cumulative_logprob if c.logprobs else None)
 
     @staticmethod
     def _metrics(p: ParentState) -> RequestMetrics:
@@ -132,6 +172,10 @@ class OutputProcessor:
         if p is not None:
             for cid in p.children:
                 self.child_to_parent.pop(cid, None)
+
+    def num_tokens(self, child_id: str) -> int:
+        """Tokens a child's output holds so far."""
+        return len(self.parents[self.child_to_parent[child_id]].children[child_id].token_ids)
 
     def parent_of(self, child_id: str) -> str | None:
         return self.child_to_parent.get(child_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tuneserve.core.outputs import TokenLogprobs
+from tuneserve.errors import RequestError
 
 
 @dataclass
@@ -75,7 +76,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None
@@ -96,3 +97,4 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metadata: dict = field(default_factory=dict)  # e.g. what an overflow policy did to the prompt
+    error: RequestError | None = None  # set when the engine failed the request (finish_reason "error")

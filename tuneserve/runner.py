@@ -1,6 +1,7 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass over a ragged batch, then samples.
 
-It owns the model, the paged KV cache tensors and the per-request random generators. Everything it
+It owns the model and the paged KV cache tensors; a seeded request's randomness is a function of its seed
+and output position (sample.position_generator), so the runner keeps no per-request state. Everything it
 knows about requests comes from the SchedulerOutput; everything it returns goes in a RunnerOutput.
 """
 
@@ -10,13 +11,23 @@ import time
 
 import torch
 
+from tuneserve import faults
 from tuneserve.config import EngineConfig
 from tuneserve.core.kv_manager import KVGroupSpec
-from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs, scatter_output
+from tuneserve.errors import RequestError
 from tuneserve.kernels.attention import build_metadata
 from tuneserve.models.layers import ForwardContext
-from tuneserve.sample import SamplingRow, apply_penalties, processed_probs, sample, token_logprobs
-from tuneserve.spec.rejection import rejection_sample, verify_greedy
+from tuneserve.sample import (
+    SamplingRow,
+    apply_penalties,
+    exponential_noise,
+    position_generator,
+    processed_probs,
+    sample,
+    token_logprobs,
+)
+from tuneserve.spec.rejection import rejection_sample, verify_coupled, verify_greedy
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,20 +54,42 @@ class ModelRunner:
             for j, layer in enumerate(spec.layers):
                 self.kv_caches[layer] = (cache[j, 0], cache[j, 1])
                 self.layer_group[layer] = g
-        self.generators: dict[str, torch.Generator] = {}
 
     # ----- one step -------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run the scheduled tokens through the model and sample where the requests need it."""
-        for rid in sched.finished_req_ids:
-            self.generators.pop(rid, None)
         reqs = sched.requests
         if not reqs:
             return RunnerOutput([], [], [])
-        ctx, input_ids = self._prepare(reqs)
-        hidden = self.model(input_ids, ctx)  # (N, hidden)
-        return self._sample(reqs, hidden)
+        errors = self._check_requests(reqs)
+        live = [i for i in range(len(reqs)) if i not in errors]
+        out = RunnerOutput([], [], [])
+        if live:
+            run = [reqs[i] for i in live]
+            ctx, input_ids = self._prepare(run)
+            faults.hit("forward")
+            hidden = self.model(input_ids, ctx)  # (N, hidden): an exception here fails the whole step
+            out = self._sample(run, hidden)
+        return scatter_output(out, live, len(reqs), errors) if errors else out
+
+    def _check_requests(self, reqs: list[ScheduledRequest]) -> dict[int, Exception]:
+        """Per-request checks before the batch is built: a request that fails one is left out of the
+        forward and ends in error, so that one bad request cannot fail the others' step."""
+        errors: dict[int, Exception] = {}
+        vocab = self.config.model.arch.vocab_size
+        for i, r in enumerate(reqs):
+            try:
+                faults.hit("prepare", r.req_id)
+                if not r.token_ids or min(r.token_ids) < 0 or max(r.token_ids) >= vocab:
+                    raise ValueError(f"token ids outside [0, {vocab}) or none to run")
+                end = r.start_pos + r.num_tokens
+                for g, table in enumerate(r.block_table):
+                    if len(table) * self.block_size < end:
+                        raise RuntimeError(f"KV group {g}: {len(table)} blocks cannot hold {end} tokens")
+            except Exception as e:  # noqa: BLE001 - pinned to this request
+                errors[i] = RequestError.from_exception(e, "prepare")
+        return errors
 
     @torch.inference_mode()
     def time_forward(self, n: int) -> float:
@@ -103,7 +136,27 @@ class ModelRunner:
             n = len(reqs)
             return RunnerOutput([[] for _ in reqs], [None] * n, [None] * n, [0] * n, [0] * n)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # (R, V) fp32
-        return self._pick_tokens(reqs, spans, logits)
+        try:
+            return self._pick_tokens(reqs, spans, logits)
+        except Exception:  # noqa: BLE001 - pinned below by picking each request's tokens alone
+            return self._pick_each(reqs, spans, logits)
+
+    def _pick_each(self, reqs: list[ScheduledRequest], spans: list, logits: torch.Tensor) -> RunnerOutput:
+        """Batched picking failed: pick each request's tokens on its own, so that the requests at fault
+        end in error and the others get what a clean step gives them (greedy and seeded picks repeat)."""
+        parts, errors = [], {}
+        for i, (r, (p0, _, _, s1)) in enumerate(zip(reqs, spans)):
+            own = [tuple(x - p0 for x in spans[i])]
+            try:
+                parts.append(self._pick_tokens([r], own, logits[p0:s1]))
+            except Exception as e:  # noqa: BLE001 - pinned to this request
+                kind = "verify" if r.num_draft_tokens else "sample"
+                errors[i] = RequestError.from_exception(e, kind)
+                parts.append(RunnerOutput([[]], [None], [None], [0], [0]))
+        out = RunnerOutput(*([x for p in parts for x in getattr(p, f)]
+                             for f in ("sampled", "logprobs", "prompt_logprobs", "num_draft_tokens", "num_accepted")))
+        out.errors = errors
+        return out
 
     def _pick_tokens(self, reqs: list[ScheduledRequest], spans: list, logits: torch.Tensor) -> RunnerOutput:
         # requests without drafts: one row each, sampled together
@@ -112,12 +165,15 @@ class ModelRunner:
         emitted: list[list[int]] = [[] for _ in reqs]
         accepted = [0] * len(reqs)
         if plain:
+            for i, _ in plain:
+                faults.hit("sample", reqs[i].req_id)
             rows = [self._sampling_row(reqs[i]) for i, _ in plain]
             chosen = sample(logits[[row for _, row in plain]], rows).tolist()
             for (i, _), tok in zip(plain, chosen):
                 emitted[i] = [tok]
         for i, (r, (_, _, s0, s1)) in enumerate(zip(reqs, spans)):
             if s1 > s0 and r.num_draft_tokens:
+                faults.hit("verify", r.req_id)
                 emitted[i], accepted[i] = self._verify(r, logits[s0:s1])
         need_lp = any(r.params.logprobs is not None for r in reqs) or any(p1 > p0 for p0, p1, _, _ in spans)
         lp_all = torch.log_softmax(logits, dim=-1) if need_lp else None
@@ -129,21 +185,28 @@ class ModelRunner:
                 chosen = torch.tensor(emitted[i], dtype=torch.long, device=logits.device)
                 lps = token_logprobs(lp_all[s0:s0 + n], chosen, [r.params.logprobs] * n)
             logprobs.append(lps)
+            if p1 > p0:
+                faults.hit("prompt_logprobs", r.req_id)
             prompt_lps.append(self._prompt_logprobs(r, lp_all[p0:p1]) if p1 > p0 else None)
         return RunnerOutput(emitted, logprobs, prompt_lps, [r.num_draft_tokens for r in reqs], accepted)
 
     def _verify(self, r: ScheduledRequest, logits: torch.Tensor) -> tuple[list[int], int]:
-        """Check r's draft tokens against the target logits at their k + 1 positions (spec/rejection.py)."""
+        """Check r's draft tokens against the target logits at their k + 1 positions (spec/rejection.py).
+
+        Seeded requests verify by coupling: each position's token is what `sample` draws there without
+        drafts (the same processing, the position's own noise), so their text does not depend on drafting.
+        """
         k = r.num_draft_tokens
         drafts = r.token_ids[-k:]
-        gen = self._generator(r)
-        rows = [self._sampling_row(r, drafts[:j], gen) for j in range(k + 1)]
+        rows = [self._sampling_row(r, drafts[:j]) for j in range(k + 1)]
         if any(row.params.uses_penalties or row.params.min_tokens for row in rows):
             logits = apply_penalties(logits.clone(), rows)
         if r.params.greedy:
             return verify_greedy(logits.argmax(-1).tolist(), drafts)
         probs = processed_probs(logits, rows)
-        return rejection_sample(probs, drafts, r.draft_probs, gen)
+        if r.params.seed is not None:
+            return verify_coupled(probs, drafts, exponential_noise(probs.shape, rows, logits.device))
+        return rejection_sample(probs, drafts, r.draft_probs)
 
     def _prompt_logprobs(self, r: ScheduledRequest, lp: torch.Tensor) -> list[TokenLogprobs]:
         """Logprobs of the prompt tokens following each of this chunk's positions."""
@@ -151,20 +214,17 @@ class ModelRunner:
         chosen = torch.tensor(nxt, dtype=torch.long, device=lp.device)
         return token_logprobs(lp, chosen, [r.params.prompt_logprobs] * lp.shape[0])
 
-    def _generator(self, r: ScheduledRequest) -> torch.Generator | None:
-        """The request's own random generator when it is seeded (created at its first sample)."""
+    def _generator(self, r: ScheduledRequest, position: int) -> torch.Generator | None:
+        """A seeded request's generator for its output token `position`: reseeded from (seed, position)
+        alone, not carried from step to step, so that neither the batch, nor drafts and their
+        verification, nor preemption change what the request draws."""
         if r.params.seed is None or r.params.greedy:
             return None
-        gen = self.generators.get(r.req_id)
-        if gen is None:
-            gen = self.generators[r.req_id] = torch.Generator(device=self.device)
-            gen.manual_seed(r.params.seed)
-        return gen
+        return position_generator(r.params.seed, position, self.device)
 
-    def _sampling_row(self, r: ScheduledRequest, extra: list[int] | None = None,
-                      gen: torch.Generator | None = None) -> SamplingRow:
+    def _sampling_row(self, r: ScheduledRequest, extra: list[int] | None = None) -> SamplingRow:
         """Sampling state at r's first sampled position (plus `extra` drafts already accepted before it)."""
         end = r.start_pos + r.num_tokens - r.num_draft_tokens
         outputs = r.all_token_ids[r.prompt_len:end] + (extra or [])
-        return SamplingRow(r.params, gen if gen is not None else self._generator(r),
-                           r.all_token_ids[:r.prompt_len], outputs, self.eos_ids)
+        return SamplingRow(r.params, self._generator(r, len(outputs)), r.all_token_ids[:r.prompt_len], outputs,
+                           self.eos_ids)

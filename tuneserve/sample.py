@@ -29,11 +29,12 @@ class SamplingRow:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Repetition (prompt + output), presence and frequency (output) penalties, and min_tokens, in place."""
+    """Repetition (prompt + output), presence and frequency (output) penalties, then logit_bias, then
+    min_tokens, in place (so a bias cannot revive a token that min_tokens bans)."""
     vocab = logits.shape[1]
     for i, r in enumerate(rows):
         p = r.params
-        if p.uses_penalties:
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
             out = torch.tensor(r.output_ids, dtype=torch.long, device=logits.device)
             counts = torch.zeros(vocab, device=logits.device)
             counts.index_add_(0, out, torch.ones_like(out, dtype=torch.float))
@@ -44,10 +45,22 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
                 penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
                 logits[i] = torch.where(seen, penalized, row)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        if p.logit_bias:
+            apply_logit_bias(logits[i], p.logit_bias)
         if len(r.output_ids) < p.min_tokens:
             banned = [t for t in (*([] if p.ignore_eos else r.eos_ids), *p.stop_token_ids) if t < vocab]
             logits[i, banned] = float("-inf")
     return logits
+
+
+def apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    """OpenAI's logit_bias on one row of logits, in place: each token's bias is added to its logit.
+
+    Ids past the row (validated away at the edge) are skipped rather than trusted."""
+    items = [(t, b) for t, b in bias.items() if t < row.shape[0]]
+    if items:
+        ids = torch.tensor([t for t, _ in items], dtype=torch.long, device=row.device)
+        row.index_add_(0, ids, torch.tensor([b for _, b in items], dtype=row.dtype, device=row.device))
 
 
 def processed_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -86,6 +99,23 @@ def exponential_noise(shape: tuple[int, int], rows: list[SamplingRow], device: t
         if r.generator is not None:
             noise[i].exponential_(generator=r.generator)
     return noise
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_generator(seed: int, position: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a seeded request's output position: a function of (seed, position) only.
+
+    Tokens then do not depend on what drew randomness before them (the batch, drafts, verification,
+    preemption). The pair is hashed (splitmix64's finalizer) rather than added, so that neighbouring seeds
+    do not share noise rows shifted by one, and so that the low 32 bits, all that the CPU generator uses,
+    depend on every bit of both.
+    """
+    z = ((seed & _MASK64) ^ ((position + 1) * 0x9E3779B97F4A7C15)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return torch.Generator(device=device).manual_seed(z ^ (z >> 31))
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from tuneserve.errors import RequestError
 from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tuneserve.request import Request
 from tuneserve.sampling_params import SamplingParams
@@ -69,11 +70,13 @@ def finish_summary(engine, prepared) -> None:  # noqa: ANN001 - LLMEngine, Prepa
     engine.stats.prompt_tokens += len(job.request.prompt_token_ids)
 
 
-def aborted_output(prepared) -> RequestOutput:  # noqa: ANN001
-    """The final output of a request aborted while its prompt was being summarized."""
+def aborted_output(prepared, error: RequestError | None = None) -> RequestOutput:  # noqa: ANN001
+    """The final output of a request aborted (or, with `error`, failed) while its prompt was being
+    summarized."""
     p = prepared.parent
     n = prepared.params.n if prepared.params else 1
-    outs = [CompletionOutput(i, "", [], "abort") for i in range(n)]
+    outs = [CompletionOutput(i, "", [], "abort" if error is None else "error") for i in range(n)]
     m = RequestMetrics(arrival_time=p.arrival_time, finished_time=time.monotonic(),
                        num_prompt_tokens=len(p.prompt_token_ids))
-    return RequestOutput(p.request_id, p.prompt, p.prompt_token_ids, outs, True, m, metadata=dict(p.metadata))
+    return RequestOutput(p.request_id, p.prompt, p.prompt_token_ids, outs, True, m, metadata=dict(p.metadata),
+                         error=error)

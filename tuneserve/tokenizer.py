@@ -34,7 +34,10 @@ def load_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) 
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 and any tail
-    that could still become a stop string. The stop string itself is never part of the text."""
+    that could still become a stop string. The stop string itself is never part of the text.
+
+    Work per token is bounded: only the text not yet returned (at most the longest stop string plus the
+    newest piece) is kept and searched, and decoding looks at a few tokens around the newest one."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: tuple[str, ...] = (),
                  skip_special_tokens: bool = True, include_stop: bool = False) -> None:
@@ -47,8 +50,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids[-4:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""  # all output text so far (before any stop string)
-        self.sent = 0  # characters of self.text already returned as deltas
+        self.pending = ""  # text decoded but not yet returned (before any stop string)
         self.stopped: str | None = None
 
     def add(self, new_ids: list[int]) -> str:
@@ -59,7 +61,7 @@ class IncrementalDetokenizer:
                                      skip_special_tokens=self.skip)
             full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
             if len(full) > len(prefix) and not full.endswith("\ufffd"):
-                self.text += full[len(prefix):]
+                self.pending += full[len(prefix):]
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
                 if self._find_stop(len(full) - len(prefix)):
                     break
@@ -68,23 +70,23 @@ class IncrementalDetokenizer:
     def _find_stop(self, added: int) -> bool:
         if not self.stop:
             return False
-        search_from = max(0, len(self.text) - added - self.hold)
+        search_from = max(0, len(self.pending) - added - self.hold)
         best = None
         for s in self.stop:
-            i = self.text.find(s, search_from)
+            i = self.pending.find(s, search_from)
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
             return False
         i, s = best
-        self.text = self.text[: i + len(s)] if self.include_stop else self.text[:i]
+        self.pending = self.pending[: i + len(s)] if self.include_stop else self.pending[:i]
         self.stopped = s
         return True
 
     def _delta(self, final: bool) -> str:
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        out = self.text[self.sent:end]
-        self.sent = end
+        keep = 0 if final else min(self.hold, len(self.pending))
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
         return out
 
     def flush(self) -> str:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 
 def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    from tuneserve.bench import context, offline, peers, serve, spec
+    from tuneserve.bench import context, offline, overload, peers, serve, soak, spec
 
-    p = sub.add_parser("bench", help="benchmarks: offline, peers")
+    p = sub.add_parser("bench", help="benchmarks: offline, peers, context, serve, spec, soak, overload")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     offline.add_parser(bsub)
     peers.add_parser(bsub)
     context.add_parser(bsub)
     serve.add_parser(bsub)
     spec.add_parser(bsub)
+    soak.add_parser(bsub)
+    overload.add_parser(bsub)
     p.set_defaults(func=lambda ns: (p.print_help() or 2) if not getattr(ns, "bench_main", None)
                    else ns.bench_main(ns))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 
 from tuneserve.bench import load
+from tuneserve.bench.exchange import sse_events
 from tuneserve.bench.report import percentile, table, write_json
 
 SLO_KEYS = ("ttft", "tpot", "e2el")
@@ -161,14 +161,10 @@ async def _stream_one(client: httpx.AsyncClient, payload: dict, rec: RequestReco
                 body = (await resp.aread()).decode(errors="replace")
                 rec.error = f"HTTP {resp.status_code}: {body[:300]}"
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
+            async for obj in sse_events(resp):
                 now = time.perf_counter() - t0
-                data = line[5:].strip()
-                if data == "[DONE]":
+                if obj is None:  # [DONE]
                     break
-                obj = json.loads(data)
                 if "error" in obj:
                     rec.error = f"stream error: {obj['error']}"
                     return

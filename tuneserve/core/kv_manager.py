@@ -116,6 +116,21 @@ class KVManager:
     def num_free_blocks(self, group: int = 0) -> int:
         return self.pools[group].num_free_blocks
 
+    @property
+    def num_blocks_in_use(self) -> int:
+        """Blocks held by requests, over all groups (0 when no request is live: the leak check)."""
+        return sum(p.num_blocks - 1 - p.num_free_blocks for p in self.pools)
+
+    @property
+    def num_block_refs(self) -> int:
+        """References held on blocks, over all groups, not counting the null block's pin."""
+        return sum(b.ref_cnt for p in self.pools for b in p.blocks[1:])
+
+    @property
+    def num_tracked_requests(self) -> int:
+        """Requests with a block table in some group."""
+        return len({rid for d in self.req_blocks for rid in d})
+
     # ----- prefix cache ---------------------------------------------------------------------
     def update_block_hashes(self, req: Request) -> None:
         """Extend req.block_hashes over every full block of known tokens."""

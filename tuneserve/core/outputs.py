@@ -36,7 +36,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     requests: list[ScheduledRequest]
     num_batched_tokens: int
-    finished_req_ids: set[str] = field(default_factory=set)  # since the last step: runner drops their state
+    finished_req_ids: set[str] = field(default_factory=set)  # since the last step (for per-request state)
     num_preempted: int = 0
 
     @property
@@ -63,3 +63,19 @@ class RunnerOutput:
     prompt_logprobs: list[list[TokenLogprobs] | None]  # for the prompt positions of this chunk
     num_draft_tokens: list[int] = field(default_factory=list)
     num_accepted: list[int] = field(default_factory=list)
+    # index -> the exception that ended that request this step (tuneserve/errors.py); its other fields are
+    # empty and the scheduler leaves it alone, the engine finishes it with an error
+    errors: dict[int, Exception] = field(default_factory=dict)
+
+
+def scatter_output(out: RunnerOutput, live: list[int], n: int, errors: dict[int, Exception]) -> RunnerOutput:
+    """The RunnerOutput of n requests from that of the `live` ones that ran; the others failed with `errors`."""
+    full = RunnerOutput([[] for _ in range(n)], [None] * n, [None] * n, [0] * n, [0] * n, dict(errors))
+    for j, i in enumerate(live):
+        full.sampled[i], full.logprobs[i], full.prompt_logprobs[i] = out.sampled[j], out.logprobs[j], \
+            out.prompt_logprobs[j]
+        if out.num_draft_tokens:
+            full.num_draft_tokens[i], full.num_accepted[i] = out.num_draft_tokens[j], out.num_accepted[j]
+    for j, e in out.errors.items():
+        full.errors[live[j]] = e
+    return full

@@ -14,6 +14,7 @@ import bisect
 import itertools
 import time
 
+from tuneserve import faults
 from tuneserve.config import SchedulerConfig
 from tuneserve.core.kv_manager import KVManager
 from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -47,20 +48,28 @@ class Scheduler:
 
     def check_admissible(self, req: Request) -> None:
         """Raise ValueError, saying what to change, if req could never be scheduled."""
-        total = req.num_prompt_tokens + req.max_tokens
+        self.check_fits(req.num_prompt_tokens, req.max_tokens)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ValueError, saying what to change, if a request of this size could never be scheduled."""
+        total = num_prompt_tokens + max_tokens
         if total > self.config.max_model_len:
             raise ValueError(
-                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.max_tokens}) = {total} exceeds "
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
                 f"max_model_len ({self.config.max_model_len}); shorten the prompt or lower max_tokens")
         if not self.kv.can_ever_fit(total):
             raise ValueError(
                 f"request needs KV for {total} tokens, more than the whole KV cache holds "
                 f"({(self.kv.pools[0].num_blocks - 1) * self.kv.block_size} tokens); raise "
                 f"kv_cache_memory_bytes or lower max_tokens")
-        if not self.config.enable_chunked_prefill and req.num_prompt_tokens > self.config.max_num_batched_tokens:
+        if not self.config.enable_chunked_prefill and num_prompt_tokens > self.config.max_num_batched_tokens:
             raise ValueError(
-                f"prompt ({req.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+                f"prompt ({num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
                 f"({self.config.max_num_batched_tokens}) with chunked prefill off; enable it or raise the budget")
+
+    def queue_key(self, req_id: str) -> tuple[int, int]:
+        """(priority, arrival order) of a live request: its place in the queue."""
+        return self._queue_key[req_id]
 
     def _enqueue(self, req: Request) -> None:
         bisect.insort(self.waiting, (self._queue_key[req.request_id], req), key=lambda e: e[0])
@@ -178,31 +187,37 @@ class Scheduler:
         return given_back.num_tokens if given_back else 0
 
     # ----- results --------------------------------------------------------------------------
-    def update(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
-        """Apply a step's results: advance computed tokens, append samples, stop, free. Returns the
-        requests that got new tokens or finished."""
+    def update(self, sched: SchedulerOutput, out: RunnerOutput) -> dict[str, Exception]:
+        """Apply a step's results: advance computed tokens, append samples, stop, free. Requests the runner
+        failed are left alone; returns those whose own update raised (request id -> exception), which the
+        engine finishes in error like the runner's."""
         now = time.monotonic()
-        changed = []
+        errors: dict[str, Exception] = {}
         for i, sr in enumerate(sched.requests):
             req = self.requests.get(sr.req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted during the step
-            accepted = out.num_accepted[i] if out.num_accepted else 0
-            req.num_computed_tokens += sr.num_tokens - (sr.num_draft_tokens - accepted)
-            req.spec_token_ids, req.spec_draft_probs = [], None
-            if sr.num_draft_tokens and out.sampled[i]:
-                count_spec_step(req, sr.num_draft_tokens, accepted)
-            for token in out.sampled[i]:
-                req.append_token(token, now)
-                if req.check_stop(self.config.max_model_len):
-                    break
-            self.kv.cache_blocks(req)
-            self.kv.remove_skipped_blocks(req)
-            if out.sampled[i] or req.is_finished:
-                changed.append(req)
-            if req.is_finished:
-                self._release(req, now)
-        return changed
+            if req is None or req.status != RequestStatus.RUNNING or i in out.errors:
+                continue  # aborted during the step, or failed in the runner
+            try:
+                self._update_one(req, sr, out, i, now)
+            except Exception as e:  # noqa: BLE001 - pinned to this request
+                errors[req.request_id] = e
+        return errors
+
+    def _update_one(self, req: Request, sr: ScheduledRequest, out: RunnerOutput, i: int, now: float) -> None:
+        accepted = out.num_accepted[i] if out.num_accepted else 0
+        req.num_computed_tokens += sr.num_tokens - (sr.num_draft_tokens - accepted)
+        req.spec_token_ids, req.spec_draft_probs = [], None
+        if sr.num_draft_tokens and out.sampled[i]:
+            count_spec_step(req, sr.num_draft_tokens, accepted)
+        for token in out.sampled[i]:
+            req.append_token(token, now)
+            faults.hit("stop_check", req.request_id)
+            if req.check_stop(self.config.max_model_len):
+                break
+        self.kv.cache_blocks(req)
+        self.kv.remove_skipped_blocks(req)
+        if req.is_finished:
+            self._release(req, now)
 
     def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
         """End requests from outside (abort, or a stop string seen by the detokenizer)."""

@@ -2,39 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import os
 import threading
 import traceback
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tuneserve
 from tuneserve.engine import LLMEngine
 from tuneserve.engine_args import EngineArgs
-from tuneserve.server.async_engine import AsyncEngine, EngineDeadError
+from tuneserve.server.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestFailedError
 from tuneserve.server.metrics import ServerMetrics
-from tuneserve.server.openai_serving import OpenAIServing, now, sse, usage
+from tuneserve.server.middleware import BodyLimit, HeaderLimit
+from tuneserve.server.openai_serving import OpenAIServing, now, usage
 from tuneserve.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    validation_error,
 )
+from tuneserve.server.schema import server_openapi
+from tuneserve.server.settings import ServerSettings
+from tuneserve.server.streaming import GuardedBody, chat_events, completion_events
 from tuneserve.tokenizer import chat_prompt
 
-
-@dataclass
-class ServerSettings:
-    served_model_name: str | None = None
-    api_key: str | None = None
-    max_waiting_requests: int = 256
-    max_request_bytes: int = 8 << 20
-    drain_timeout: float = 30.0
+logger = logging.getLogger("tuneserve.server")
 
 
 class ServerState:
@@ -59,8 +60,16 @@ class ServerState:
 
     def _attach(self, engine: LLMEngine) -> None:
         self.metrics = ServerMetrics(engine, self.model_name)
-        self.engine = AsyncEngine(engine, on_finished=self.metrics.observe)
-        self.serving = OpenAIServing(self.engine, self.model_name, self.settings.max_waiting_requests)
+        self.engine = AsyncEngine(engine, on_finished=self.metrics.observe, on_fatal=self._fatal)
+        self.serving = OpenAIServing(self.engine, self.model_name, self.settings)
+
+    def _fatal(self, e: BaseException) -> None:
+        """The engine loop died (its reset failed): log the cause and exit non-zero, after a moment for the
+        clients' error events to go out, so that a supervisor restarts the process; never linger dead."""
+        logger.critical("the engine cannot recover: %r; exiting so that a supervisor restarts the server", e,
+                        exc_info=e)
+        if self.settings.exit_on_fatal:
+            threading.Timer(0.5, os._exit, args=(EXIT_ENGINE_DEAD,)).start()
 
     def ready(self) -> OpenAIServing:
         if self.load_error is not None:
@@ -71,39 +80,6 @@ class ServerState:
         if self.engine.dead is not None:
             raise APIError(503, f"the engine loop has died: {self.engine.dead!r}", code="engine_dead")
         return self.serving
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over a size limit (declared or streamed)."""
-
-    def __init__(self, app, limit: int) -> None:  # noqa: ANN001
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited():  # noqa: ANN202
-            nonlocal seen
-            msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                raise APIError(413, f"request body exceeds {self.limit} bytes")
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except APIError:
-            await self._reject(send)
-
-    async def _reject(self, send) -> None:  # noqa: ANN001
-        err = APIError(413, f"request body exceeds the limit of {self.limit} bytes; send a smaller request")
-        resp = JSONResponse(err.body(), status_code=413)
-        await resp({"type": "http"}, None, send)
 
 
 def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: LLMEngine | None = None) -> FastAPI:
@@ -123,7 +99,9 @@ def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: 
     app = FastAPI(title="tuneserve", version=tuneserve.__version__, lifespan=lifespan)
     app.state.tuneserve = state
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(HeaderLimit, limit=settings.max_header_bytes)
     _register_errors(app)
+    _register_engine_errors(app)
 
     def auth(request: Request) -> None:
         if not settings.api_key:
@@ -131,8 +109,12 @@ def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: 
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            if state.metrics is not None:
+                state.metrics.auth_failures.inc()
             raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+
+    guarded = [Depends(auth)]
 
     def check_model(name: str | None) -> None:
         if name and name != state.model_name:
@@ -148,62 +130,63 @@ def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: 
     async def version() -> dict:
         return {"version": tuneserve.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=guarded if settings.metrics_require_api_key else [])
     async def metrics() -> Response:
         state.ready()
+        state.metrics.tasks.set(len(asyncio.all_tasks()))
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict:
         serving = state.ready()
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": now(),
                                             "owned_by": "tuneserve", "max_model_len": serving.max_model_len}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         serving = state.ready()
-        prepared = serving.prepare_completion(body)
+        prepared = await serving.admit(body, serving.prepare_completion)
+        _log_request(settings, prepared)
         if body.stream:
-            return StreamingResponse(_stream_completion(serving, body, prepared), media_type="text/event-stream")
-        outs = await serving.collect(prepared, request.is_disconnected)
+            events = completion_events(serving, body, prepared, settings.max_request_seconds)
+            return _event_stream(serving, events, prepared)
+        outs = await _collect(serving, prepared, request)
+        if outs is None:
+            return Response(status_code=CLIENT_CLOSED)
         choices = [ch for i, o in enumerate(outs) for ch in
                    serving.completion_choice(o, i, body.n, body.echo, body.logprobs is not None)]
         return JSONResponse({"id": prepared[0].parent.request_id.rsplit("-", 1)[0], "object": "text_completion",
                              "created": now(), "model": state.model_name, "choices": choices,
                              "usage": usage(outs)})
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         serving = state.ready()
-        prepared = serving.prepare_chat(body)
+        prepared = await serving.admit(body, serving.prepare_chat)
+        _log_request(settings, [prepared])
         if body.stream:
-            return StreamingResponse(_stream_chat(serving, body, prepared), media_type="text/event-stream")
-        (out,) = await serving.collect([prepared], request.is_disconnected)
+            return _event_stream(serving, chat_events(serving, body, prepared, settings.max_request_seconds),
+                                 [prepared])
+        outs = await _collect(serving, [prepared], request)
+        if outs is None:
+            return Response(status_code=CLIENT_CLOSED)
+        (out,) = outs
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": serving.chat_logprobs(c.logprobs) if body.logprobs else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
         return JSONResponse({"id": out.request_id, "object": "chat.completion", "created": now(),
                              "model": state.model_name, "choices": choices, "usage": usage([out])})
 
-    @app.post("/tokenize", dependencies=[Depends(auth)])
+    @app.post("/tokenize", dependencies=guarded)
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
         serving = state.ready()
-        tok = serving.tokenizer
-        if body.messages is not None:
-            try:
-                ids = chat_prompt(tok, [{"role": m.role, "content": m.text()} for m in body.messages])
-            except ValueError as e:
-                raise APIError(400, str(e), "messages") from None
-        elif body.prompt is not None:
-            ids = tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
-        else:
-            raise APIError(400, "give either prompt or messages", "prompt")
+        ids = await asyncio.get_running_loop().run_in_executor(serving.pool, _tokenize, serving.tokenizer, body)
         return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
 
-    @app.post("/detokenize", dependencies=[Depends(auth)])
+    @app.post("/detokenize", dependencies=guarded)
     async def detokenize(body: DetokenizeRequest) -> dict:
         check_model(body.model)
         serving = state.ready()
@@ -216,87 +199,93 @@ def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: 
     return app
 
 
-async def _stream_completion(serving: OpenAIServing, body: CompletionRequest, prepared) -> object:  # noqa: ANN001
-    rid = prepared[0].parent.request_id.rsplit("-", 1)[0]
-    created, finals, sent = now(), {}, {}
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client is gone, nobody reads it
+EXIT_ENGINE_DEAD = 70  # EX_SOFTWARE
 
-    def chunk(choices: list[dict], **extra) -> str:
-        return sse({"id": rid, "object": "text_completion", "created": created, "model": serving.model_name,
-                    "choices": choices, **extra})
 
+def _tokenize(tok, body: TokenizeRequest) -> list[int]:  # noqa: ANN001 - an HF tokenizer
+    if body.messages is not None:
+        try:
+            return chat_prompt(tok, [{"role": m.role, "content": m.text()} for m in body.messages])
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+    if body.prompt is not None:
+        return tok(body.prompt, add_special_tokens=body.add_special_tokens).input_ids
+    raise APIError(400, "give either prompt or messages", "prompt")
+
+
+def _log_request(settings: ServerSettings, prepared: list) -> None:
+    """One debug line per request: ids and sizes, and the prompt text only if the operator asked for it."""
+    if logger.isEnabledFor(logging.DEBUG):
+        for p in prepared:
+            text = f" prompt={p.parent.prompt!r}" if settings.log_prompts else ""
+            logger.debug("request %s: %d prompt tokens%s", p.parent.request_id, len(p.parent.prompt_token_ids), text)
+
+
+async def _collect(serving: OpenAIServing, prepared: list, request: Request) -> list | None:
+    """Final outputs of a non-streaming request, within the server's time limit (None: client gone)."""
+    limit = serving.settings.max_request_seconds
     try:
-        async for i, out in serving.merged(prepared):
-            choices = []
-            for c in out.outputs:
-                key = (i, c.index)
-                t0, k0, done = sent.get(key, (0, 0, False))
-                if done:
-                    continue
-                text = c.text[t0:]
-                if body.echo and t0 == 0 and k0 == 0:
-                    text = (out.prompt or "") + text
-                if not text and c.finish_reason is None and len(c.token_ids) == k0:
-                    continue
-                lps = serving._completion_logprobs(c.logprobs[k0:]) if body.logprobs is not None and c.logprobs \
-                    else None
-                choices.append({"index": i * body.n + c.index, "text": text, "logprobs": lps,
-                                "finish_reason": c.finish_reason})
-                sent[key] = (len(c.text), len(c.token_ids), c.finish_reason is not None)
-            if choices:
-                yield chunk(choices)
-            if out.finished:
-                finals[i] = out
-        if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], usage=usage(list(finals.values())))
-    except (EngineDeadError, ValueError) as e:
-        yield sse(APIError(500, str(e)).body())
-    yield sse("[DONE]")
+        async with asyncio.timeout(limit):
+            return await serving.collect(prepared, request.is_disconnected)
+    except TimeoutError:
+        raise APIError(504, f"the request ran past the server's limit of {limit:g} s (--max-request-seconds); "
+                       "ask for fewer tokens or stream", code="timeout") from None
 
 
-async def _stream_chat(serving: OpenAIServing, body: ChatCompletionRequest, prepared) -> object:  # noqa: ANN001
-    rid = prepared.parent.request_id
-    created, sent, final = now(), {}, None
+def _event_stream(serving: OpenAIServing, events, prepared: list) -> StreamingResponse:  # noqa: ANN001
+    """An SSE response; if its body never starts (the client left at once), the requests' admission is
+    released, as the stream's own cleanup would have done."""
 
-    def chunk(choices: list[dict], **extra) -> str:
-        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": serving.model_name,
-                    "choices": choices, **extra})
+    def unstarted() -> None:
+        for p in prepared:
+            serving.engine.release(p.params.n)
 
-    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None} for i in range(body.n)])
-    try:
-        async for _, out in serving.merged([prepared]):
-            choices = []
-            for c in out.outputs:
-                t0, k0, done = sent.get(c.index, (0, 0, False))
-                if done or (len(c.text) == t0 and c.finish_reason is None):
-                    continue
-                lps = serving.chat_logprobs(c.logprobs[k0:]) if body.logprobs and c.logprobs else None
-                delta = {"content": c.text[t0:]} if len(c.text) > t0 else {}
-                choices.append({"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": c.finish_reason})
-                sent[c.index] = (len(c.text), len(c.token_ids), c.finish_reason is not None)
-            if choices:
-                yield chunk(choices)
-            final = out
-        if body.stream_options and body.stream_options.include_usage and final is not None:
-            yield chunk([], usage=usage([final]))
-    except (EngineDeadError, ValueError) as e:
-        yield sse(APIError(500, str(e)).body())
-    yield sse("[DONE]")
+    return StreamingResponse(GuardedBody(events, unstarted), media_type="text/event-stream")
+
+
+def _register_engine_errors(app: FastAPI) -> None:
+    @app.exception_handler(RequestFailedError)
+    async def failed(_: Request, e: RequestFailedError) -> JSONResponse:
+        err = APIError(e.error.status, e.error.message, code="engine_error")
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(EngineBusyError)
+    async def busy(_: Request, e: EngineBusyError) -> JSONResponse:
+        return JSONResponse(APIError(503, str(e), code="resetting").body(), status_code=503,
+                            headers={"Retry-After": "1"})
 
 
 def _register_errors(app: FastAPI) -> None:
+    """OpenAI-style error JSON for every failure, and an OpenAPI document that says so (FastAPI's would
+    promise a 422) and carries the bounds of this server's requests (schema.py)."""
+    state = app.state.tuneserve
+    base_openapi, served = app.openapi, {}
+
+    def openapi() -> dict:
+        if "schema" in served:
+            return served["schema"]
+        engine = state.engine.engine if state.engine is not None else None
+        schema = server_openapi(base_openapi(), state.settings, engine, state.model_name)
+        if engine is not None:  # complete once the model is loaded: keep it
+            served["schema"] = schema
+        return schema
+
+    app.openapi = openapi
+
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        param = ".".join(loc) or None
-        msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-        return JSONResponse(APIError(400, msg, param).body(), status_code=400)
+        return JSONResponse(validation_error(list(e.errors()), e.body).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not UTF-8 JSON, an unknown path or method) in OpenAI's shape
+        err = APIError(e.status_code, str(e.detail), "body" if e.status_code == 400 else None)
+        return JSONResponse(err.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(EngineDeadError)
     async def dead(_: Request, e: EngineDeadError) -> JSONResponse:

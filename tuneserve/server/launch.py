@@ -25,9 +25,10 @@ class BackgroundServer:
     def __init__(self, args: EngineArgs, settings: ServerSettings | None = None, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = build_app(args, settings or ServerSettings())
+        settings = settings or ServerSettings()
+        self.app = build_app(args, settings)
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                             timeout_graceful_shutdown=5)
+                             timeout_graceful_shutdown=5, h11_max_incomplete_event_size=settings.max_header_bytes)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -6,7 +6,7 @@ latency histograms are observed as requests finish.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tuneserve.outputs import RequestOutput
@@ -49,6 +49,16 @@ class _EngineCollector:
         for reason, n in sorted(s.finished.items()):
             ok.add_metric([self.model, reason], n)
         yield ok
+        yield gauge("kv_blocks_in_use", "KV blocks held by live requests (0 when idle: the leak check).",
+                    s.num_blocks_in_use)
+        yield gauge("kv_block_refs", "References held on KV blocks (0 when idle: the leak check).", s.num_block_refs)
+        yield gauge("engine_live_requests", "User requests the engine still tracks.", s.num_live_requests)
+        errors = CounterMetricFamily(P + "engine_errors", "Engine errors by kind (request: pinned to one "
+                                     "request; step: failed a whole step and reset the engine).",
+                                     labels=lbl + ["kind"])
+        for kind, n in sorted(s.errors.items()):
+            errors.add_metric([self.model, kind], n)
+        yield errors
         yield counter("spec_decode_num_drafts", "Speculative draft rounds.", s.spec_num_drafts)
         yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_num_draft_tokens)
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_num_accepted_tokens)
@@ -65,6 +75,7 @@ class ServerMetrics:
     def __init__(self, engine, model_name: str) -> None:  # noqa: ANN001
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine, model_name))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes etc. (Linux)
         self.model = model_name
         lbl = ["model_name"]
 
@@ -75,6 +86,12 @@ class ServerMetrics:
         self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of a request.")
         self.e2e = hist("e2e_request_latency_seconds", "Arrival to finish.")
         self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.")
+        self.auth_failures = Counter(P + "api_key_failures", "Requests refused for a missing or wrong API key.",
+                                     registry=self.registry)
+        self.rejected = Counter(P + "requests_rejected", "Requests refused before the engine, by reason.",
+                                ["reason"], registry=self.registry)
+        self.tasks = Gauge(P + "server_asyncio_tasks", "asyncio tasks alive in the server's event loop "
+                           "(the leak check: back to its idle value once requests end).", registry=self.registry)
 
     def observe(self, out: RequestOutput) -> None:
         """Record a finished request's latencies."""

@@ -3,63 +3,91 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from jinja2 import TemplateError
+
+from tuneserve.chat_template import render_untrusted
 from tuneserve.core.outputs import TokenLogprobs
 from tuneserve.engine import PreparedRequest
 from tuneserve.outputs import RequestOutput
+from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.server.async_engine import AsyncEngine
 from tuneserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from tuneserve.tokenizer import chat_prompt
 
+_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt"}
 
-def _param_of(message: str) -> str | None:
-    """The field a validation message names ("temperature must be ..." -> "temperature")."""
-    first = message.split(" ", 1)[0]
-    return first if first.isidentifier() else None
+
+def _param_of(error: ValueError, names: dict[str, str] | None = None) -> str | None:
+    """The body field an engine error is about: a ParamError's, else a field its message starts with
+    ("temperature must be ..."), spelled as the endpoint spells it (`names`: chat's prompt is its messages)."""
+    param = getattr(error, "param", None)
+    if param is None:
+        first = str(error).split(" ", 1)[0]
+        param = first if first in _FIELDS else None
+    return (names or {}).get(param, param)
 
 
 class OpenAIServing:
     """Shared logic of the two generation endpoints."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, max_waiting: int) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, settings) -> None:  # noqa: ANN001 - ServerSettings
         self.engine = engine
         self.model_name = model_name
-        self.max_waiting = max_waiting
+        self.settings = settings
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.model.max_model_len
+        # tokenizing an 8 MiB prompt or rendering a template takes a while: never on the event loop
+        self.pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="tuneserve-prepare")
+
+    async def admit(self, body, prepare: Callable) -> Any:  # noqa: ANN001, ANN401 - a body, what prepare returns
+        """Reserve the body's sequences (n x prompts) in the waiting queue, atomically (503 with
+        Retry-After when it is full), then run `prepare(body)` off the event loop. The reservation passes
+        to the engine with the request, or is released here if preparation fails."""
+        seqs = num_sequences(body)
+        limit = self.settings.max_waiting_requests
+        if not self.engine.reserve(seqs, limit):
+            raise APIError(503, f"the server has {self.engine.num_waiting} sequences waiting (limit {limit}); "
+                           "retry shortly", code="overloaded", headers={"Retry-After": "1"})
+        try:
+            self.engine.check_available()
+            return await asyncio.get_running_loop().run_in_executor(self.pool, prepare, body)
+        except BaseException:
+            self.engine.release(seqs)
+            raise
 
     # ----- request preparation ---------------------------------------------------------------
     def _prepare(self, rid: str, prompt: str | list[int], body, max_tokens: int | None,  # noqa: ANN001
-                 logprobs: int | None, prompt_logprobs: int | None = None) -> PreparedRequest:
+                 logprobs: int | None, prompt_logprobs: int | None = None,
+                 names: dict[str, str] | None = None) -> PreparedRequest:
         eng = self.engine.engine
         try:
             params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
             return eng.prepare_request(rid, prompt, params, priority=body.priority)
-        except ValueError as e:
-            raise APIError(400, str(e), _param_of(str(e))) from None
-
-    def _check_capacity(self, n: int) -> None:
-        if self.engine.num_waiting + n > self.max_waiting:
-            raise APIError(503, f"the server has {self.engine.num_waiting} requests waiting (limit "
-                           f"{self.max_waiting}); retry shortly", code="overloaded", headers={"Retry-After": "1"})
+        except ValueError as e:  # unnamed (a KV cache too small): the request's size is what to change
+            names = names or {}
+            fallback = "max_tokens" if max_tokens is not None else "prompt"
+            message = str(e).replace("max_tokens", names.get("max_tokens", "max_tokens"))  # as the body spells it
+            raise APIError(400, message, _param_of(e, names) or names.get(fallback, fallback)) from None
 
     # ----- completions -------------------------------------------------------------------------
     def prepare_completion(self, body: CompletionRequest) -> list[PreparedRequest]:
-        if body.suffix:
-            raise APIError(400, "suffix is not supported; leave it out", "suffix")
-        try:
-            prompts = body.prompts()
-        except ValueError as e:
-            raise APIError(400, str(e), "prompt") from None
+        prompts = body.prompts()
+        try:  # the server's request limits (the request models checked everything else)
+            self.settings.limits.check_sampling(body)
+            self.settings.limits.check_prompts(prompts)
+        except ParamError as e:
+            raise APIError(400, str(e), e.param) from None
         base = f"cmpl-{uuid.uuid4().hex}"
         reqs = [self._prepare(f"{base}-{i}", p, body, body.max_tokens, body.logprobs)
                 for i, p in enumerate(prompts)]
-        self._check_capacity(len(reqs))
         return reqs
 
     def completion_choice(self, out: RequestOutput, prompt_index: int, n: int, echo: bool,
@@ -88,8 +116,15 @@ class OpenAIServing:
 
     # ----- chat ------------------------------------------------------------------------------
     def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+        try:  # the server's request limits (the request models checked everything else)
+            self.settings.limits.check_sampling(body)
+            self.settings.limits.check_messages([m.text() for m in body.messages])
+        except ParamError as e:
+            raise APIError(400, str(e), e.param) from None
         try:
-            ids = chat_prompt(self.tokenizer, body.conversation(), body.add_generation_prompt, body.chat_template)
+            ids = self._chat_ids(body)
+        except APIError:
+            raise
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         except Exception as e:  # noqa: BLE001 - a template error is the client's message shape
@@ -98,9 +133,26 @@ class OpenAIServing:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        req = self._prepare(f"chatcmpl-{uuid.uuid4().hex}", ids, body, max_tokens, logprobs)
-        self._check_capacity(1)
-        return req
+        names = {"prompt": "messages", "logprobs": "top_logprobs",
+                 "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"}
+        return self._prepare(f"chatcmpl-{uuid.uuid4().hex}", ids, body, max_tokens, logprobs, names=names)
+
+    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+        """The conversation's token ids: the model's template, or (if the operator allows it) the
+        request's own, rendered in a time- and size-limited sandbox."""
+        if not body.chat_template:
+            return chat_prompt(self.tokenizer, body.conversation(), body.add_generation_prompt)
+        if not self.settings.trust_request_chat_template:
+            raise APIError(400, "this server does not render chat templates sent in requests; leave out "
+                           "chat_template (the operator can allow it with --trust-request-chat-template)",
+                           "chat_template")
+        tok = self.tokenizer
+        special = {k: getattr(tok, k) or "" for k in ("bos_token", "eos_token")}
+        try:
+            text = render_untrusted(body.chat_template, body.conversation(), body.add_generation_prompt, special)
+        except TemplateError as e:
+            raise APIError(400, f"chat_template: {e}", "chat_template") from None
+        return tok(text, add_special_tokens=False).input_ids
 
     def chat_logprobs(self, lps: list[TokenLogprobs] | None) -> dict | None:
         if lps is None:
@@ -114,44 +166,52 @@ class OpenAIServing:
                             for t in lps]}
 
     # ----- running ---------------------------------------------------------------------------
-    async def collect(self, prepared: list[PreparedRequest], is_disconnected) -> list[RequestOutput]:  # noqa: ANN001
-        """Run requests to completion; abort them all if the client goes away first."""
+    async def collect(self, prepared: list[PreparedRequest], is_disconnected) -> list[RequestOutput] | None:  # noqa: ANN001
+        """Run requests to completion (final outputs only). Returns None, with every request aborted, if
+        the client goes away first; raises RequestFailedError if the engine fails one (the others are
+        aborted too: the response can only be an error)."""
 
         async def one(p: PreparedRequest) -> RequestOutput:
+            p.parent.output_kind = "final"
             last = None
-            async for last in self.engine.generate(p):  # noqa: B007
+            async for last in self.engine.generate(p, reserved=p.params.n):  # noqa: B007
                 pass
             return last  # type: ignore[return-value]
 
         tasks = [asyncio.create_task(one(p)) for p in prepared]
-        gathered = asyncio.gather(*tasks)
-        while True:
-            done, _ = await asyncio.wait({gathered}, timeout=0.2)
-            if done:
-                return gathered.result()
-            if await is_disconnected():
-                for t in tasks:
-                    t.cancel()  # each generator's finally aborts its request
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise asyncio.CancelledError("client disconnected")
+        try:
+            while True:
+                done, _ = await asyncio.wait(tasks, timeout=0.2, return_when=asyncio.FIRST_EXCEPTION)
+                if any(t.done() and not t.cancelled() and t.exception() is not None for t in done):
+                    raise next(t.exception() for t in done if not t.cancelled() and t.exception() is not None)
+                if len(done) == len(tasks):
+                    return [t.result() for t in tasks]
+                if await is_disconnected():
+                    return None
+        finally:
+            for t in tasks:
+                t.cancel()  # each generator's finally aborts its request (a no-op for finished ones)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def merged(self, prepared: list[PreparedRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs of several requests as they come: (prompt index, output)."""
+        """Delta outputs of several requests as they come: (prompt index, output). An error in one ends
+        them all (the others are aborted)."""
+        for p in prepared:
+            p.parent.output_kind = "delta"
         if len(prepared) == 1:
-            async for out in self.engine.generate(prepared[0]):
+            async for out in self.engine.generate(prepared[0], reserved=prepared[0].params.n):
                 yield 0, out
             return
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, p: PreparedRequest) -> None:
             try:
-                async for out in self.engine.generate(p):
-                    await q.put((i, out))
-            except BaseException as e:  # noqa: BLE001
-                await q.put((i, e))
-                raise
+                async for out in self.engine.generate(p, reserved=p.params.n):
+                    q.put_nowait((i, out))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                q.put_nowait((i, e))
             finally:
-                await q.put((i, None))
+                q.put_nowait((i, None))
 
         tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prepared)]
         try:
@@ -167,11 +227,21 @@ class OpenAIServing:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def usage(outs: list[RequestOutput]) -> dict:
+def num_sequences(body) -> int:  # noqa: ANN001 - a completion or chat body
+    """Sequences a body asks for: n samples of each of its prompts."""
+    p = getattr(body, "prompt", None)
+    prompts = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+    return max(1, body.n) * prompts
+
+
+def usage(outs: list[RequestOutput], completion: int | None = None) -> dict:
+    """OpenAI's usage block for final outputs (`completion`: the count, when the outputs were deltas)."""
     prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    if completion is None:
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
     u: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
                          "total_tokens": prompt + completion}
     meta = [o.metadata for o in outs if o.metadata]

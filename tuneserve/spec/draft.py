@@ -3,8 +3,11 @@
 The draft model runs through its own ModelRunner with its own paged KV cache. For each request it keeps
 the tokens whose KV it holds ("fed"); every round it rolls that back to the prefix the target kept
 (rejected drafts are dropped), catches up on the new tokens in one ragged forward, then drafts k tokens
-with k - 1 more batched forwards. Greedy requests draft the argmax; sampled ones draw from the draft's
-processed distribution q, which is kept for rejection sampling.
+with k - 1 more batched forwards. Greedy requests draft the argmax. Seeded sampled requests draft the token
+the target's sampler would draw from the draft's distribution: the same processing (penalties included) and
+the same noise of the output position (argmax q / E), so that where q is close to p the draft is the
+target's own choice and coupled verification accepts it. Unseeded ones draw from the draft's processed
+distribution q, which is kept for rejection sampling.
 """
 
 from __future__ import annotations
@@ -19,14 +22,13 @@ from tuneserve.config import EngineConfig, SpecConfig
 from tuneserve.core.kv_manager import KVGroupSpec, KVManager
 from tuneserve.core.outputs import ScheduledRequest
 from tuneserve.request import Request
-from tuneserve.sample import SamplingRow, processed_probs
+from tuneserve.sample import SamplingRow, position_generator, processed_probs, sample
 
 
 @dataclass
 class _DraftState:
     shadow: Request  # the draft's view of the request (its num_computed_tokens is the draft's)
     fed: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds
-    generator: torch.Generator | None = None
 
 
 def check_same_tokenizer(target_tok, draft_tok, draft_name: str) -> None:  # noqa: ANN001
@@ -78,7 +80,7 @@ class DraftProposer:
 
     @torch.inference_mode()
     def propose(self, reqs: list[Request], ks: list[int]) -> list[tuple[list[int], torch.Tensor | None]]:
-        """Drafts (and their distributions, None for greedy requests) for each request."""
+        """Drafts (and their distributions, None for greedy and seeded requests) for each request."""
         out: list[tuple[list[int], torch.Tensor | None]] = [([], None)] * len(reqs)
         active = [i for i, (r, k) in enumerate(zip(reqs, ks)) if k > 0 and self._prepare(r, k)]
         if not active:
@@ -91,7 +93,7 @@ class DraftProposer:
             batch = [i for i in active if ks[i] > step]
             logits = self._forward(reqs, batch, feed)
             for row, i in enumerate(batch):
-                tok, q = self._draw(reqs[i], logits[row])
+                tok, q = self._draw(reqs[i], logits[row], drafts[i])
                 drafts[i].append(tok)
                 if q is not None:
                     probs[i].append(q)
@@ -105,11 +107,7 @@ class DraftProposer:
         """Roll the draft's state back to what the target kept and reserve KV for k more tokens."""
         st = self.states.get(r.request_id)
         if st is None:
-            gen = None
-            if r.params.seed is not None and not r.params.greedy:
-                gen = torch.Generator(device=self.runner.device).manual_seed(r.params.seed + 1)
-            st = self.states[r.request_id] = _DraftState(Request(r.request_id, r.prompt_token_ids, r.params),
-                                                         generator=gen)
+            st = self.states[r.request_id] = _DraftState(Request(r.request_id, r.prompt_token_ids, r.params))
         valid = 0
         limit = min(len(st.fed), r.num_tokens - 1)
         while valid < limit and st.fed[valid] == r.all_token_ids[valid]:
@@ -133,10 +131,15 @@ class DraftProposer:
         last = torch.tensor([c - 1 for c in accumulate(s.num_tokens for s in scheduled)], device=hidden.device)
         return self.runner.model.compute_logits(hidden[last])
 
-    def _draw(self, r: Request, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    def _draw(self, r: Request, logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None]:
+        """The next draft after `drafted`, and the distribution it was drawn from (for rejection sampling)."""
         if r.params.greedy:
             return int(logits.argmax()), None
-        st = self.states[r.request_id]
-        q = processed_probs(logits.unsqueeze(0), [SamplingRow(r.params, st.generator, [], [])])[0]
-        return int(torch.multinomial(q, 1, generator=st.generator)), q
+        if r.params.seed is not None:  # as the target's sampler draws at this output position
+            outputs = r.output_token_ids + drafted
+            gen = position_generator(r.params.seed, len(outputs), self.runner.device)
+            row = SamplingRow(r.params, gen, r.all_token_ids[:r.num_prompt_tokens], outputs, self.runner.eos_ids)
+            return int(sample(logits.unsqueeze(0), [row])[0]), None
+        q = processed_probs(logits.unsqueeze(0), [SamplingRow(r.params, None, [], [])])[0]
+        return int(torch.multinomial(q, 1)), q
 

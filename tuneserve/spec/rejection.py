@@ -10,6 +10,16 @@ The emitted tokens are then distributed exactly as sampling from the target alon
 without a distribution (n-gram lookup, greedy drafting) have q_i = one-hot(d_i).
 Greedy requests accept d_i iff it equals the target's argmax, and emit the argmax at the first mismatch
 (or as the bonus).
+
+Seeded requests are verified by coupling instead: the target's token at each position is its exponential
+race argmax_x p_i(x) / E_i(x), with noise E_i that is a function of the request's seed and the output
+position only (sample.position_generator). That is the token decoding without drafts would emit there, so
+the same greedy rule then emits exactly the tokens of non-speculative sampling: the target's distribution,
+and the same text whether, what and how much the request drafted. A draft is accepted with probability
+P(d_i = the target's race winner): p_i(d_i) for n-gram drafts, as with rejection sampling; a draft model
+that races q_i with the same noise agrees at least (1 - TV) / (1 + TV) of the time (TV the total variation
+distance of p_i and q_i; Daliri et al. 2024), less than rejection sampling's 1 - TV: the price of a result
+that cannot depend on the draft.
 """
 
 from __future__ import annotations
@@ -27,6 +37,12 @@ def verify_greedy(target_argmax: list[int], drafts: list[int]) -> tuple[list[int
         out.append(d)
     out.append(target_argmax[len(drafts)])
     return out, len(drafts)
+
+
+def verify_coupled(target_probs: torch.Tensor, drafts: list[int], noise: torch.Tensor) -> tuple[list[int], int]:
+    """Coupled verification. target_probs: (k + 1, V) processed; noise: (k + 1, V) Exp(1), each row that
+    position's own. Returns (emitted tokens, accepted count)."""
+    return verify_greedy((target_probs / noise).argmax(-1).tolist(), drafts)
 
 
 def rejection_sample(
