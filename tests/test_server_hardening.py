@@ -149,7 +149,8 @@ def test_admission_counts_sequences_atomically(hard):
     assert sorted(r.status_code for r in rs) == [200, 200] + [503] * 8
     r503 = next(r for r in rs if r.status_code == 503)
     assert r503.headers["retry-after"] == "1" and r503.json()["error"]["code"] == "overloaded"
-    assert post(hard, {"prompt": "x", "n": 5, **GREEDY}).status_code == 503  # 5 sequences never fit 4
+    r = post(hard, {"prompt": "x", "n": 5, **GREEDY})  # 5 sequences never fit a queue of 4: no retry helps
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     assert wait_idle(hard)
     assert hard.state.engine.num_waiting == 0
 

@@ -20,6 +20,7 @@ from tuneserve.kernels.attention import build_metadata
 from tuneserve.models.layers import ForwardContext
 from tuneserve.sample import (
     SamplingRow,
+    TokenSpan,
     apply_penalties,
     exponential_noise,
     position_generator,
@@ -225,6 +226,6 @@ class ModelRunner:
     def _sampling_row(self, r: ScheduledRequest, extra: list[int] | None = None) -> SamplingRow:
         """Sampling state at r's first sampled position (plus `extra` drafts already accepted before it)."""
         end = r.start_pos + r.num_tokens - r.num_draft_tokens
-        outputs = r.all_token_ids[r.prompt_len:end] + (extra or [])
-        return SamplingRow(r.params, self._generator(r, len(outputs)), r.all_token_ids[:r.prompt_len], outputs,
-                           self.eos_ids)
+        outputs = TokenSpan(r.all_token_ids, r.prompt_len, end, extra or ())
+        return SamplingRow(r.params, self._generator(r, len(outputs)), TokenSpan(r.all_token_ids, 0, r.prompt_len),
+                           outputs, self.eos_ids)

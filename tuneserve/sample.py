@@ -9,6 +9,7 @@ Logprobs are the model's raw log-softmax, before any processing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,14 +18,37 @@ from tuneserve.core.outputs import TokenLogprobs
 from tuneserve.sampling_params import SamplingParams
 
 
+class TokenSpan(Sequence):
+    """tokens[start:end] followed by `extra`, without copying `tokens`: a request's history as one sampling
+    row sees it. Building a row each step then costs nothing in the length of the output; only the
+    penalties, which need the history, read it."""
+
+    __slots__ = ("tokens", "start", "end", "extra")
+
+    def __init__(self, tokens: list[int], start: int, end: int, extra: Sequence[int] = ()) -> None:
+        self.tokens, self.start, self.end, self.extra = tokens, start, end, extra
+
+    def __len__(self) -> int:
+        return self.end - self.start + len(self.extra)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 - an index or a slice, as list
+        return self.tolist()[i]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.tolist())
+
+    def tolist(self) -> list[int]:
+        return self.tokens[self.start:self.end] + list(self.extra)
+
+
 @dataclass
 class SamplingRow:
     """One position to sample: the request's parameters, its generator and its token history."""
 
     params: SamplingParams
     generator: torch.Generator | None
-    prompt_ids: list[int]
-    output_ids: list[int]  # tokens generated before this position
+    prompt_ids: Sequence[int]  # a list or a TokenSpan
+    output_ids: Sequence[int]  # tokens generated before this position
     eos_ids: tuple[int, ...] = ()
 
 
@@ -35,12 +59,12 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     for i, r in enumerate(rows):
         p = r.params
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
-            out = torch.tensor(r.output_ids, dtype=torch.long, device=logits.device)
+            out = torch.tensor(list(r.output_ids), dtype=torch.long, device=logits.device)
             counts = torch.zeros(vocab, device=logits.device)
             counts.index_add_(0, out, torch.ones_like(out, dtype=torch.float))
             if p.repetition_penalty != 1.0:
                 seen = counts > 0
-                seen[torch.tensor(r.prompt_ids, dtype=torch.long, device=logits.device)] = True
+                seen[torch.tensor(list(r.prompt_ids), dtype=torch.long, device=logits.device)] = True
                 row = logits[i]
                 penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
                 logits[i] = torch.where(seen, penalized, row)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 
 def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    from tuneserve.bench import context, offline, overload, peers, serve, soak, spec
+    from tuneserve.bench import context, offline, overload, peers, responsiveness, serve, soak, spec
 
-    p = sub.add_parser("bench", help="benchmarks: offline, peers, context, serve, spec, soak, overload")
+    p = sub.add_parser("bench", help="benchmarks: offline, peers, context, serve, spec, soak, overload, health")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     offline.add_parser(bsub)
     peers.add_parser(bsub)
@@ -15,5 +15,6 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     spec.add_parser(bsub)
     soak.add_parser(bsub)
     overload.add_parser(bsub)
+    responsiveness.add_parser(bsub)
     p.set_defaults(func=lambda ns: (p.print_help() or 2) if not getattr(ns, "bench_main", None)
                    else ns.bench_main(ns))

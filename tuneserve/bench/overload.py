@@ -203,8 +203,9 @@ async def run_overload(cfg: OverloadConfig, progress: bool = True) -> dict:
             checks += level_checks(rows[-1], shots, cfg.max_reject_ms)
         after, idle, _, scrape_error = await probe.settle(client, cfg.idle_timeout, before.get(probe.TASKS))
     checks += probe.leak_checks(before, after, idle, cfg.max_rss_growth_mb, scrape_error)
-    return {"config": asdict(cfg), "model": model, "capacity_rps": capacity, "capacity_requests": len(cap_shots),
-            "capacity_run": cap, "levels": rows, "checks": [asdict(c) for c in checks], "ok": not probe.failed(checks),
+    return {"config": probe.public_config(cfg), "model": model, "capacity_rps": capacity,
+            "capacity_requests": len(cap_shots), "capacity_run": cap, "levels": rows,
+            "checks": [asdict(c) for c in checks], "ok": not probe.failed(checks),
             "metrics_before": before, "metrics_after": after}
 
 

@@ -59,6 +59,14 @@ async def served_model(client: httpx.AsyncClient) -> str:
     return r.json()["data"][0]["id"]
 
 
+def public_config(cfg: Any) -> dict:
+    """A run's config dataclass for its report, with the API key masked."""
+    out = asdict(cfg)
+    if out.get("api_key"):
+        out["api_key"] = "***"
+    return out
+
+
 # ----- /metrics ---------------------------------------------------------------------------------------
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {sample name: value summed over label sets}.

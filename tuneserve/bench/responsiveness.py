@@ -54,7 +54,8 @@ async def big_prompt(client: httpx.AsyncClient, model: str, mib: float) -> str:
     text = ("lorem ipsum dolor sit amet " * int(mib * (1 << 20) / 27 + 1))[: int(mib * (1 << 20))]
     t0 = time.perf_counter()
     r = await client.post("/v1/completions", json={"model": model, "prompt": text, "max_tokens": 1}, timeout=600)
-    return f"HTTP {r.status_code} after {time.perf_counter() - t0:.1f} s"
+    why = r.json().get("error", {}).get("message", "")[:48] if r.status_code >= 400 else ""
+    return f"HTTP {r.status_code} after {time.perf_counter() - t0:.1f} s {why}".rstrip()
 
 
 async def full_batch(client: httpx.AsyncClient, model: str, batch: int, max_tokens: int) -> str:

@@ -34,9 +34,10 @@ from tuneserve.bench.report import table, write_json
 from tuneserve.bench.soak_workload import CHAT, COMPLETIONS, MODES, Job, Workload
 
 KINDS = ("completed", "disconnected", "aborted", "failed")
-SERVER_COUNTERS = ("generation_tokens_total", "prefix_cache_hits_total", "prefix_cache_queries_total",
-                   "num_preemptions_total", "spec_decode_num_draft_tokens_total",
-                   "spec_decode_num_accepted_tokens_total")
+SERVER_COUNTERS = {"generation_tokens_total": "gen_tokens", "prefix_cache_queries_total": "prefix_queries",
+                   "prefix_cache_hits_total": "prefix_hits", "num_preemptions_total": "preemptions",
+                   "spec_decode_num_draft_tokens_total": "draft_tokens",
+                   "spec_decode_num_accepted_tokens_total": "accepted_drafts"}  # counter -> report name
 
 
 @dataclass
@@ -241,8 +242,8 @@ async def run_soak(cfg: SoakConfig) -> dict:
     timings = {"warm_up_s": t1 - t0, "soak_s": elapsed, "idle_wait_s": waited, "verify_s": greedy["seconds"]}
     checks = soak_checks(cfg, outcomes, idle_before, before, after, (idle, scrape_error), greedy)
     by_mode = [{"mode": m, **counts([o for o in outcomes if o.job.mode == m])} for m in MODES]
-    server = {k: after.get(probe.P + k, 0.0) - before.get(probe.P + k, 0.0) for k in SERVER_COUNTERS}
-    return {"config": asdict(cfg), "model": model, "duration_s": elapsed, "timings": timings,
+    server = {v: after.get(probe.P + k, 0.0) - before.get(probe.P + k, 0.0) for k, v in SERVER_COUNTERS.items()}
+    return {"config": probe.public_config(cfg), "model": model, "duration_s": elapsed, "timings": timings,
             "counts": counts(outcomes), "by_mode": by_mode, "server_deltas": server,
             "metrics_before": before, "metrics_after": after, "greedy": greedy,
             "checks": [asdict(c) for c in checks], "ok": not probe.failed(checks),
@@ -258,7 +259,7 @@ def print_report(result: dict) -> None:
              f"({c['sent'] / max(result['duration_s'], 1e-9):.1f}/s)")
     rows = [*result["by_mode"], {"mode": "total", **c}]
     print(table(rows, ["mode", "sent", *KINDS], title=title))
-    print(table([result["server_deltas"]], list(SERVER_COUNTERS), title="server counters during the soak"))
+    print(table([result["server_deltas"]], list(SERVER_COUNTERS.values()), title="server counters during the soak"))
     print(probe.checks_table([probe.Check(**d) for d in result["checks"]], title="checks"))
     print("seconds: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}"
                                   for k, v in result["timings"].items()))

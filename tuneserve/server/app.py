@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import tuneserve
 from tuneserve.engine import LLMEngine
 from tuneserve.engine_args import EngineArgs
+from tuneserve.sampling_params import ParamError
 from tuneserve.server.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestFailedError
 from tuneserve.server.metrics import ServerMetrics
 from tuneserve.server.middleware import BodyLimit, HeaderLimit
@@ -183,6 +184,13 @@ def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: 
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
         serving = state.ready()
+        try:
+            if body.messages is not None:
+                settings.limits.check_messages([m.text() for m in body.messages])
+            elif body.prompt is not None:
+                settings.limits.check_prompts([body.prompt])
+        except ParamError as e:
+            raise APIError(400, str(e), e.param) from None
         ids = await asyncio.get_running_loop().run_in_executor(serving.pool, _tokenize, serving.tokenizer, body)
         return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
 

@@ -45,6 +45,14 @@ class RequestLimits:
                 raise ValueError(f"{f.name} must be an integer in [1, {cap or 'inf'}], got {v!r}")
 
     # ----- checks (ParamError names the field; the server turns it into a 400) --------------------
+    def check_body(self, body) -> None:  # noqa: ANN001 - a completion or chat body
+        """Every limit the body can break: cheap, so it can run before any work is reserved for it."""
+        self.check_sampling(body)
+        if hasattr(body, "messages"):
+            self.check_messages([m.text() for m in body.messages])
+        else:
+            self.check_prompts(body.prompts())
+
     def check_sampling(self, body) -> None:  # noqa: ANN001 - a request body with the sampling fields
         """n, stop strings, stop_token_ids and logit_bias of a completion or chat body."""
         self._at_most("n", body.n, "max_n")

@@ -51,8 +51,16 @@ class OpenAIServing:
         """Reserve the body's sequences (n x prompts) in the waiting queue, atomically (503 with
         Retry-After when it is full), then run `prepare(body)` off the event loop. The reservation passes
         to the engine with the request, or is released here if preparation fails."""
+        try:  # the server's request limits first (cheap): a request over one is a 400, not a 503
+            self.settings.limits.check_body(body)
+        except ParamError as e:
+            raise APIError(400, str(e), e.param) from None
         seqs = num_sequences(body)
         limit = self.settings.max_waiting_requests
+        if seqs > limit:
+            raise APIError(400, f"this request asks for {seqs} sequences (n x prompts), more than the server's "
+                           f"queue holds ({limit}, --max-waiting-requests); send fewer prompts or samples",
+                           "n" if body.n > 1 else "prompt")
         if not self.engine.reserve(seqs, limit):
             raise APIError(503, f"the server has {self.engine.num_waiting} sequences waiting (limit {limit}); "
                            "retry shortly", code="overloaded", headers={"Retry-After": "1"})
@@ -79,12 +87,8 @@ class OpenAIServing:
 
     # ----- completions -------------------------------------------------------------------------
     def prepare_completion(self, body: CompletionRequest) -> list[PreparedRequest]:
+        """The body's requests, one per prompt (its limits were checked by `admit`)."""
         prompts = body.prompts()
-        try:  # the server's request limits (the request models checked everything else)
-            self.settings.limits.check_sampling(body)
-            self.settings.limits.check_prompts(prompts)
-        except ParamError as e:
-            raise APIError(400, str(e), e.param) from None
         base = f"cmpl-{uuid.uuid4().hex}"
         reqs = [self._prepare(f"{base}-{i}", p, body, body.max_tokens, body.logprobs)
                 for i, p in enumerate(prompts)]
@@ -116,11 +120,7 @@ class OpenAIServing:
 
     # ----- chat ------------------------------------------------------------------------------
     def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
-        try:  # the server's request limits (the request models checked everything else)
-            self.settings.limits.check_sampling(body)
-            self.settings.limits.check_messages([m.text() for m in body.messages])
-        except ParamError as e:
-            raise APIError(400, str(e), e.param) from None
+        """The conversation's request (its limits were checked by `admit`)."""
         try:
             ids = self._chat_ids(body)
         except APIError:

@@ -22,7 +22,7 @@ from tuneserve.config import EngineConfig, SpecConfig
 from tuneserve.core.kv_manager import KVGroupSpec, KVManager
 from tuneserve.core.outputs import ScheduledRequest
 from tuneserve.request import Request
-from tuneserve.sample import SamplingRow, position_generator, processed_probs, sample
+from tuneserve.sample import SamplingRow, TokenSpan, position_generator, processed_probs, sample
 
 
 @dataclass
@@ -136,9 +136,10 @@ class DraftProposer:
         if r.params.greedy:
             return int(logits.argmax()), None
         if r.params.seed is not None:  # as the target's sampler draws at this output position
-            outputs = r.output_token_ids + drafted
+            outputs = TokenSpan(r.all_token_ids, r.num_prompt_tokens, r.num_tokens, drafted)
             gen = position_generator(r.params.seed, len(outputs), self.runner.device)
-            row = SamplingRow(r.params, gen, r.all_token_ids[:r.num_prompt_tokens], outputs, self.runner.eos_ids)
+            prompt = TokenSpan(r.all_token_ids, 0, r.num_prompt_tokens)
+            row = SamplingRow(r.params, gen, prompt, outputs, self.runner.eos_ids)
             return int(sample(logits.unsqueeze(0), [row])[0]), None
         q = processed_probs(logits.unsqueeze(0), [SamplingRow(r.params, None, [], [])])[0]
         return int(torch.multinomial(q, 1)), q
