@@ -27,3 +27,19 @@ def test_large_batches_and_other_dtypes_take_torch():
     assert not dense_ops.kernel_applies(torch.zeros(2, 32), w.t())  # a non-contiguous weight
     x = torch.randn(2, 32)
     torch.testing.assert_close(dense_ops.linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+
+
+def test_loading_a_kernel_keeps_the_processes_floating_point_environment():
+    """-ffast-math libraries turn on flush-to-zero when loaded (gcc < 13); ours must not leak that into the
+    process (a fresh interpreter: a library loaded before would not run its constructor again)."""
+    import subprocess
+    import sys
+
+    from tuneserve.kernels import cpu_build
+
+    if not cpu_build.enabled():
+        pytest.skip("no compiled kernels here")
+    code = ("import numpy as np; from tuneserve.kernels import cpu_build; assert cpu_build.load('dense_matmul'); "
+            "t = np.float32(np.finfo(np.float32).tiny); print(bool(t / np.float32(4) != 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 from conftest import TINY_KV_BYTES
-from server_utils import LiveServer, free_port
+from server_utils import LiveServer, free_port, wait_until_healthy
 
 from tuneserve import faults
 from tuneserve.engine_args import EngineArgs
@@ -233,14 +233,7 @@ def test_a_failed_reset_exits_the_process_non_zero_after_answering(tiny_dirs):
                              str(TINY_KV_BYTES)], stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert time.time() < deadline and proc.poll() is None, "server did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until_healthy(url, proc)
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
         assert proc.wait(30) == 70

@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
-from server_utils import free_port
+from server_utils import free_port, wait_until_healthy
 
 
 @pytest.mark.model
@@ -24,15 +23,7 @@ def test_sigterm_drains_in_flight_requests_then_exits():
                              "--drain-timeout", "60", "--log-level", "warning"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert time.time() < deadline and proc.poll() is None, "server did not start"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_until_healthy(url, proc)
         chunks: list[dict] = []
         first = threading.Event()
 

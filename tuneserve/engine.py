@@ -78,7 +78,7 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts at position 0, 1, ...
-    errors: dict[str, int] = field(default_factory=dict)  # engine errors by kind (engine_errors.py)
+    errors: dict[str, int] = field(default_factory=dict)  # engine errors by kind (isolation.py)
     num_blocks_in_use: int = 0  # leak checks: 0 once every request has ended
     num_block_refs: int = 0
     num_live_requests: int = 0

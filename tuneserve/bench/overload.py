@@ -249,7 +249,6 @@ def main(ns: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = sub.add_parser("overload", help="capacity, then open-loop load at 0.8x and 3x: 503s, hangs, drops")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a loopback URL (others are refused)")
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop clients when measuring capacity "
                    "(near the server's max_num_seqs)")
     p.add_argument("--capacity-seconds", type=float, default=10.0)
@@ -262,7 +261,5 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers typ
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds to wait for the server to go idle")
     p.add_argument("--max-rss-growth-mb", type=float, default=256.0, help="server RSS growth allowed (MiB)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="model name to request (default: the first at /v1/models)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--json", default=None, help="write the levels, checks and metrics here")
+    probe.add_target_args(p, "write the levels, checks and metrics here")
     p.set_defaults(bench_main=main)

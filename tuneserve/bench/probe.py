@@ -51,6 +51,14 @@ def make_client(base_url: str, api_key: str | None = None, timeout: float | None
                              limits=limits, trust_env=False)
 
 
+def add_target_args(p, json_help: str) -> None:  # noqa: ANN001 - an argparse parser
+    """The flags every loopback tool shares: the server, the model to ask for, its key, the JSON report."""
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a loopback URL (others are refused)")
+    p.add_argument("--model", default=None, help="model name to request (default: the first at /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--json", default=None, help=json_help)
+
+
 async def served_model(client: httpx.AsyncClient) -> str:
     """The first model listed at /v1/models."""
     r = await client.get("/v1/models")

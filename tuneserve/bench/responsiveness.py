@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-from tuneserve.bench.probe import make_client, served_model
+from tuneserve.bench.probe import add_target_args, make_client, served_model
 from tuneserve.bench.report import table
 
 
@@ -99,14 +99,11 @@ def main(ns: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = sub.add_parser("health", help="/health latency while the server tokenizes a huge prompt and steps a full batch")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a loopback URL (others are refused)")
     p.add_argument("--prompt-mib", type=float, default=8.0, help="size of the big prompt")
     p.add_argument("--batch", type=int, default=32, help="concurrent streams of the full-batch phase")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per stream in the full-batch phase")
     p.add_argument("--every", type=float, default=0.02, help="seconds between /health probes")
     p.add_argument("--idle-seconds", type=float, default=2.0)
     p.add_argument("--p99-limit-ms", type=float, default=100.0, help="exit 1 if a phase's p99 is above this")
-    p.add_argument("--model", default=None)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--json", default=None)
+    add_target_args(p, "write the results here")
     p.set_defaults(bench_main=main)

@@ -293,7 +293,6 @@ def main(ns: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = sub.add_parser("soak", help="concurrent misbehaving clients, then leak, error and greedy-output checks")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a loopback URL (others are refused)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     p.add_argument("--concurrency", type=int, default=8, help="clients sending at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
@@ -305,7 +304,5 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers typ
     p.add_argument("--verify-max", type=int, default=64, help="distinct greedy bodies to resend alone")
     p.add_argument("--max-rss-growth-mb", type=float, default=256.0, help="server RSS growth allowed (MiB)")
     p.add_argument("--corpus", default=None, help="corpus name or text file for prompts (default: built-in words)")
-    p.add_argument("--model", default=None, help="model name to request (default: the first at /v1/models)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--json", default=None, help="write the counts, metrics, checks and failures here")
+    probe.add_target_args(p, "write the counts, metrics, checks and failures here")
     p.set_defaults(bench_main=main)

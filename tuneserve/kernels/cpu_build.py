@@ -12,6 +12,7 @@ Linux/x86-64/aarch64, `load()` returns None and callers use their portable PyTor
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import hashlib
 import os
 import platform
@@ -67,7 +68,21 @@ def load(name: str) -> ctypes.CDLL | None:
                   file=sys.stderr)
             return None
         os.replace(tmp, lib)
-    return ctypes.CDLL(str(lib))
+    return load_library(lib)
+
+
+def load_library(path: Path | str) -> ctypes.CDLL:
+    """ctypes.CDLL(path), keeping the calling thread's floating-point environment. A library linked with
+    -ffast-math (gcc < 13) runs crtfastmath on load, which turns on flush-to-zero and denormals-are-zero
+    for the whole thread, silently changing every later float computation in the process (numpy's,
+    torch's, a client library's). The kernels do not need it, so the environment is put back."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    env = ctypes.create_string_buffer(256)  # fenv_t is 32 bytes on x86-64, 8 on aarch64
+    libm.fegetenv(env)
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        libm.fesetenv(env)
 
 
 def load_functions(name: str, signatures: dict[str, list]) -> ctypes.CDLL | None:

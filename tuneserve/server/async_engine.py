@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from tuneserve.engine import LLMEngine, PreparedRequest
@@ -171,24 +171,24 @@ class AsyncEngine:
         if self.on_fatal is not None:
             self.on_fatal(e)
 
+    def _inbox_items(self) -> Iterator[tuple]:
+        """What handlers have put in the inbox so far, oldest first."""
+        while True:
+            try:
+                yield self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
     def _fail_inbox(self) -> None:
         """Answer every request still in the inbox with the loop's death (nothing waits forever)."""
         err = EngineDeadError(f"the engine loop has died: {self.dead!r}")
-        while True:
-            try:
-                kind, payload, stream = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload, stream in self._inbox_items():
             if kind == "add":
                 self.release(payload[1])
                 stream.loop.call_soon_threadsafe(stream.q.put_nowait, err)
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, payload, stream = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload, stream in self._inbox_items():
             if kind == "add":
                 self._submit(*payload, stream)
             elif payload in self._streams or payload in self.engine.output.parents:
