@@ -162,3 +162,15 @@ def test_delta_outputs_add_up_to_the_final_output(make_llm):
             text, ids, lps = text + c.text, ids + c.token_ids, lps + c.logprobs
     assert (text, ids, [t.token_id for t in lps]) == (full.text, full.token_ids, [t.token_id for t in full.logprobs])
     assert abs(c.cumulative_logprob - sum(t.logprob for t in lps)) < 1e-9
+
+
+def test_a_step_leaves_the_callers_floating_point_environment_as_it_was(make_llm):
+    import numpy as np
+
+    def subnormals_kept() -> bool:
+        return bool(np.float32(np.finfo(np.float32).tiny) / np.float32(4) != 0)
+
+    llm = make_llm()
+    assert subnormals_kept()
+    llm.generate(["x"], GREEDY, use_tqdm=False)  # steps flush denormals inside, and only there
+    assert subnormals_kept()

@@ -24,6 +24,7 @@ from tuneserve.core.scheduler import Scheduler
 from tuneserve.engine_args import EngineArgs
 from tuneserve.errors import RequestError
 from tuneserve.isolation import count_error, fail_request, reset_after_failed_step
+from tuneserve.kernels.cpu_build import flushing_denormals
 from tuneserve.models.loader import DTYPES, load_model
 from tuneserve.output_processor import OutputProcessor, ParentState
 from tuneserve.outputs import RequestOutput
@@ -282,7 +283,8 @@ class LLMEngine:
         EngineFatalError, when that reset fails."""
         self.step_ids = None
         try:
-            return self._step()
+            with flushing_denormals():  # this thread only, and only for the step
+                return self._step()
         except Exception as e:  # noqa: BLE001 - not pinned to one request
             return reset_after_failed_step(self, e)
 
@@ -383,8 +385,7 @@ class LLMEngine:
         self.submit(prepared)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.output.parents) or bool(self._pending_outputs) or bool(self.summaries) or bool(
-            self.unstarted_outputs)
+        return any((self.output.parents, self._pending_outputs, self.summaries, self.unstarted_outputs))
 
     def get_stats(self) -> EngineStats:
         s = self.stats
