@@ -17,12 +17,7 @@ import time
 import httpx
 
 from tuneserve.bench.probe import add_target_args, make_client, served_model
-from tuneserve.bench.report import table
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+from tuneserve.bench.report import percentile, table
 
 
 async def probe_health(client: httpx.AsyncClient, stop: asyncio.Event, every: float, min_probes: int) -> list[float]:
@@ -78,9 +73,9 @@ async def run(ns: argparse.Namespace) -> dict:
         batch, batch_note = await during(client, full_batch(client, model, ns.batch, ns.max_tokens), ns.every)
     phases = {"idle": (idle, ""), f"tokenizing a {ns.prompt_mib:g} MiB prompt": (tok, tok_note),
               f"full batch of {ns.batch}": (batch, batch_note)}
-    base = percentile(idle, 0.99)
-    return {name: {"probes": len(lat), "p50_ms": 1e3 * percentile(lat, 0.5), "p99_ms": 1e3 * percentile(lat, 0.99),
-                   "max_ms": 1e3 * max(lat), "p99_vs_idle": percentile(lat, 0.99) / base, "work": note}
+    base = percentile(idle, 99)
+    return {name: {"probes": len(lat), "p50_ms": 1e3 * percentile(lat, 50), "p99_ms": 1e3 * percentile(lat, 99),
+                   "max_ms": 1e3 * max(lat), "p99_vs_idle": percentile(lat, 99) / base, "work": note}
             for name, (lat, note) in phases.items()}
 
 
