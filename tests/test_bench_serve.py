@@ -218,7 +218,7 @@ def test_max_concurrency_is_respected(server):
 
 
 def test_cli_corpus_and_shared_prefix_through_the_servers_tokenizer(server, tmp_path, capsys):
-    from tuneserve.cli import main
+    from tuneserve.cli.main import main
 
     text_file = tmp_path / "corpus.txt"
     text_file.write_text(corpus_text(3000, seed=4))

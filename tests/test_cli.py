@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from tuneserve import cli
-from tuneserve.chat_repl import run_chat
+from tuneserve.cli import main as cli
+from tuneserve.cli.chat import run_chat
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import SamplingParams
 from tuneserve.weights import sources
@@ -29,7 +29,7 @@ def test_bad_flag_value_is_a_clear_error(tiny_llama, capsys):
 
 
 def test_chat_streams_and_keeps_the_conversation(tiny_llama, capsys, monkeypatch):
-    from tuneserve import chat_repl
+    from tuneserve.cli import chat as chat_repl
 
     calls = []
     real = chat_repl.stream_reply

@@ -4,7 +4,7 @@ import pytest
 from conftest import assert_all_blocks_free
 
 from tuneserve import SamplingParams
-from tuneserve.context_policy import default_reserve, fit_prompt
+from tuneserve.overflow.policy import default_reserve, fit_prompt
 
 IDS = list(range(100))
 

@@ -12,9 +12,9 @@ from conftest import assert_all_blocks_free, hf_greedy
 
 from tuneserve import LLM, SamplingParams
 from tuneserve.config import ArchConfig, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tuneserve.core.kv_layout import kv_groups
 from tuneserve.core.kv_manager import KVManager
-from tuneserve.engine import kv_groups
-from tuneserve.request import Request
+from tuneserve.core.request import Request
 from tuneserve.weights import open_checkpoint
 
 KV = 1 << 22

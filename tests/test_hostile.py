@@ -16,7 +16,7 @@ from conftest import TINY_KV_BYTES
 from server_utils import LiveServer
 
 from tuneserve.engine_args import EngineArgs
-from tuneserve.sample import SamplingRow, apply_penalties, sample
+from tuneserve.sample.sampler import SamplingRow, apply_penalties, sample
 from tuneserve.sampling_params import SamplingParams
 from tuneserve.server.app import ServerSettings
 from tuneserve.server.limits import RequestLimits

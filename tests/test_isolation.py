@@ -1,4 +1,4 @@
-"""Failure isolation in the engine (tuneserve/isolation.py), driven by injected faults (tuneserve/faults.py).
+"""Failure isolation in the engine (tuneserve/engine/isolation.py), driven by injected faults (tuneserve/faults.py).
 
 A fault pinned to one request ends that request in error; the others' greedy tokens equal a clean run,
 every block is free afterwards, the error is counted by kind, and the engine serves again. A failed

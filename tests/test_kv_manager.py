@@ -2,8 +2,9 @@
 
 import pytest
 
-from tuneserve.core.kv_manager import KVGroupSpec, KVManager
-from tuneserve.request import Request
+from tuneserve.core.kv_layout import KVGroupSpec
+from tuneserve.core.kv_manager import KVManager
+from tuneserve.core.request import Request
 from tuneserve.sampling_params import SamplingParams
 
 BS = 4

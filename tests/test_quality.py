@@ -5,8 +5,8 @@ import math
 import torch
 
 from tuneserve.bench.quality import evaluate, format_table, scored_rows
-from tuneserve.models.loader import load_model
-from tuneserve.quant import QuantSpec, quantize_with_spec
+from tuneserve.loading import load_model, quantize_with_recipe
+from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.weights import open_checkpoint
 
 
@@ -35,7 +35,7 @@ def test_perplexity_is_exp_mean_nll_and_self_kl_is_zero(tiny_dirs):
     assert r[0]["kl_divergence"] == 0 and r[1]["top1_agreement"] == 1 and r[1]["kl_divergence"] < 1e-6
     # the same from plain forwards of each window: windows (0, 32), (32, 64), (38, 70) score tokens
     # 1-31 (rows 0-30), 33-63 (rows 0-30) and 64-69 (rows 25-30); token 32 starts a window without context
-    from tuneserve.quant.calibrate import fresh_context
+    from tuneserve.calibration.calibrate import fresh_context
 
     nll, n = 0.0, 0
     for s, e, rows in [(0, 32, range(0, 31)), (32, 64, range(0, 31)), (38, 70, range(25, 31))]:
@@ -56,7 +56,7 @@ def test_quantized_model_diverges_measurably_and_int8_less_than_int4(tiny_dirs):
     models = {"fp32": (base, 0)}
     for bits in (8, 4):
         m = _model(tiny_dirs["qwen2"])
-        quantize_with_spec(m, QuantSpec(bits=bits, group_size=32), progress=False)
+        quantize_with_recipe(m, QuantRecipe(bits=bits, group_size=32), progress=False)
         models[f"int{bits}"] = (m, 0)
     r = {x["name"]: x for x in evaluate(models, ids, window=48, stride=48, progress=False)}
     assert 0 < r["int8"]["kl_divergence"] < r["int4"]["kl_divergence"]

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from tuneserve.kernels import quant_ops as Q
-from tuneserve.quant.apply import pack_weight, rtn_quantize
+from tuneserve.quant.apply import pack_weight, resolve_group_size, rtn_quantize
 from tuneserve.quant.linear import QuantEmbedding, QuantLinear, model_weight_bytes
+from tuneserve.quant.recipe import QuantRecipe, fitting_group_sizes, parse_quantization
 from tuneserve.quant.rtn import quantize_int4, quantize_int8, search_params
-from tuneserve.quant.spec import QuantSpec, fitting_group_sizes, parse_quantization, resolve_group_size
 
 
 def test_int4_pack_unpack_round_trip_is_exact():
@@ -75,7 +75,7 @@ def fp32_activations(monkeypatch):
 def test_quant_linear_matches_its_dequantized_weight(bits, fp32_activations):
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(40, 128, generator=g), torch.randn(40, generator=g)
-    layer = pack_weight(w, QuantSpec(bits=bits, group_size=64 if bits == 4 else None), bias=b)
+    layer = pack_weight(w, QuantRecipe(bits=bits, group_size=64 if bits == 4 else None), bias=b)
     assert isinstance(layer, QuantLinear) and layer.bits == bits
     x = torch.randn(3, 5, 128, generator=g)
     ref = x @ layer.dequantize().t() + b
@@ -88,7 +88,7 @@ def test_quant_linear_matches_its_dequantized_weight(bits, fp32_activations):
 def test_quant_embedding_lookup_and_tied_logits(fp32_activations):
     g = torch.Generator().manual_seed(5)
     w = torch.randn(300, 64, generator=g)
-    emb = pack_weight(w, QuantSpec(bits=4, group_size=32), embedding=True)
+    emb = pack_weight(w, QuantRecipe(bits=4, group_size=32), embedding=True)
     assert isinstance(emb, QuantEmbedding)
     full = emb.dequantize()
     ids = torch.tensor([0, 299, 7, 7, 150])
@@ -98,14 +98,14 @@ def test_quant_embedding_lookup_and_tied_logits(fp32_activations):
 
 
 def test_rtn_model_quantizes_embedding_and_head_and_counts_bytes(tiny_dirs):
-    from tuneserve.models.loader import load_model
+    from tuneserve.loading import load_model
     from tuneserve.weights import open_checkpoint
 
     path = str(tiny_dirs["qwen2"])
     arch = open_checkpoint(path).arch_config()
     model = load_model(path, arch, torch.device("cpu"), progress=False)
     fp32 = model_weight_bytes(model)
-    rtn_quantize(model, resolve_group_size(model, QuantSpec(bits=4)), progress=False)
+    rtn_quantize(model, resolve_group_size(model, QuantRecipe(bits=4)), progress=False)
     assert isinstance(model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert model.layers[0].self_attn.qkv_proj.bias is not None  # qwen2's q/k/v biases survive
@@ -113,16 +113,16 @@ def test_rtn_model_quantizes_embedding_and_head_and_counts_bytes(tiny_dirs):
 
 
 def test_group_size_must_fit_every_layer(tiny_dirs):
-    from tuneserve.models.loader import load_model
+    from tuneserve.loading import load_model
     from tuneserve.weights import open_checkpoint
 
     path = str(tiny_dirs["llama"])
     model = load_model(path, open_checkpoint(path).arch_config(), torch.device("cpu"), progress=False)
-    assert resolve_group_size(model, QuantSpec(bits=4)).group_size == 64  # hidden 64, intermediate 128
+    assert resolve_group_size(model, QuantRecipe(bits=4)).group_size == 64  # hidden 64, intermediate 128
     with pytest.raises(ValueError, match=r"group size 128 does not fit the input size 64 .*: 32, 64"):
-        resolve_group_size(model, QuantSpec(bits=4, group_size=128))
+        resolve_group_size(model, QuantRecipe(bits=4, group_size=128))
     with pytest.raises(ValueError, match="32-input blocks"):
-        resolve_group_size(model, QuantSpec(bits=4, group_size=16))
+        resolve_group_size(model, QuantRecipe(bits=4, group_size=16))
     assert fitting_group_sizes([576, 1536], 4) == [32, 64, 96, 192]  # SmolLM2: g128 does not fit
     assert 128 in fitting_group_sizes([896, 4864], 4)  # Qwen2.5-0.5B
 
@@ -142,7 +142,7 @@ def test_parse_quantization_names_and_env(monkeypatch):
 
 
 def test_calibration_windows_split_between_joined_corpora(tmp_path):
-    from tuneserve.quant.calibrate import calibration_windows
+    from tuneserve.calibration.calibrate import calibration_windows
 
     class Tok:  # one id per character: windows are slices of the text's code points
         def encode(self, text, add_special_tokens=False):
@@ -160,7 +160,7 @@ def test_calibration_windows_split_between_joined_corpora(tmp_path):
 
 
 def test_awq_search_minimises_the_given_block_loss():
-    from tuneserve.quant.awq import _quant_dequant, awq_search
+    from tuneserve.calibration.awq import _quant_dequant, awq_search
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=g)
@@ -184,8 +184,8 @@ def test_awq_search_minimises_the_given_block_loss():
                                                      ("gptq", "gptq", "gptq_quantize")])
 def test_every_projection_but_gate_up_is_clipped(tiny_dirs, monkeypatch, method, rounding, target):
     """Clipping gate|up's ranges cost Qwen perplexity (see sequential.UNCLIPPED); the rest are clipped."""
-    from tuneserve.models.loader import load_model
-    from tuneserve.quant import sequential
+    from tuneserve.calibration import sequential
+    from tuneserve.loading import load_model
     from tuneserve.weights import open_checkpoint
 
     src = str(tiny_dirs["qwen2"])
@@ -204,7 +204,7 @@ def test_every_projection_but_gate_up_is_clipped(tiny_dirs, monkeypatch, method,
     monkeypatch.setattr(sequential.Calibrator, "quantize", quantize)
     monkeypatch.setattr(sequential, target, rounding_call)
     windows = [[(7 * i + j) % 50 + 3 for j in range(32)] for i in range(4)]
-    spec = QuantSpec(method=method, bits=4, group_size=32, awq_rounding=rounding)
+    spec = QuantRecipe(method=method, bits=4, group_size=32, awq_rounding=rounding)
     sequential.quantize_sequential(model, spec, windows, progress=False)
     assert len(names) == len(clips) == 4 * len(model.layers) + 1
     assert [n for n in names if clips[n] == {False}] == [f"layers.{i}.mlp.gate_up_proj"
@@ -217,10 +217,10 @@ def test_awq_gptq_rounding_keeps_the_candidate_with_the_lower_loss(monkeypatch, 
     """With GPTQ rounding, AWQ's scales are kept only where GPTQ on the scaled weight beats GPTQ on the plain one."""
     from types import SimpleNamespace
 
-    from tuneserve.quant import sequential
-    from tuneserve.quant.awq import scaled_hessian
-    from tuneserve.quant.calibrate import InputStats
-    from tuneserve.quant.gptq import gptq_quantize
+    from tuneserve.calibration import sequential
+    from tuneserve.calibration.awq import scaled_hessian
+    from tuneserve.calibration.calibrate import InputStats
+    from tuneserve.calibration.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=g)
@@ -229,7 +229,7 @@ def test_awq_gptq_rounding_keeps_the_candidate_with_the_lower_loss(monkeypatch, 
     h = st.hessian
     s = torch.linspace(0.5, 2.0, 64)
     monkeypatch.setattr(sequential, "awq_search", lambda *a, **k: (s, 0.5))
-    spec = QuantSpec(method="awq", bits=4, group_size=32, awq_rounding="gptq")
+    spec = QuantRecipe(method="awq", bits=4, group_size=32, awq_rounding="gptq")
     scaled = gptq_quantize(w * s, scaled_hessian(h, s), 4, 32, False, True, spec.damp, True)["w_hat"] / s
     plain = gptq_quantize(w, h, 4, 32, False, True, spec.damp, True)["w_hat"]
     want = scaled if prefer_scaled else plain

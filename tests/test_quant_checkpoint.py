@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 from tuneserve import LLM, SamplingParams
-from tuneserve.models.loader import load_model
-from tuneserve.quant import QuantSpec, quantize_with_spec
-from tuneserve.quant.calibrate import fresh_context
+from tuneserve.calibration.calibrate import fresh_context
+from tuneserve.loading import load_model, quantize_with_recipe
 from tuneserve.quant.checkpoint import quant_kind, save_quantized
 from tuneserve.quant.linear import QuantLinear
+from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.tokenizer import load_tokenizer
 from tuneserve.weights import open_checkpoint
 
@@ -41,9 +41,9 @@ def test_saved_checkpoint_reloads_to_identical_outputs(tiny_dirs, corpus_file, t
     arch = open_checkpoint(src).arch_config()
     model = load_model(src, arch, torch.device("cpu"), progress=False)
     tok = load_tokenizer(src)
-    spec = QuantSpec(method=method, bits=bits, corpus=corpus_file, samples=4, seq_len=64, group_size=32,
+    spec = QuantRecipe(method=method, bits=bits, corpus=corpus_file, samples=4, seq_len=64, group_size=32,
                      awq_rounding=rounding)
-    report = quantize_with_spec(model, spec, src, progress=False, tokenizer=tok)
+    report = quantize_with_recipe(model, spec, src, progress=False, tokenizer=tok)
     out = save_quantized(model, tmp_path / "q", {"method": method, "bits": bits, "group_size": 32,
                                                  "source": src, "calibration": report["spec"]}, tok)
     assert quant_kind(out) == "tuneserve"

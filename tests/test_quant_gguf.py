@@ -56,9 +56,8 @@ def _smollm2_path():
 
 
 def test_smollm2_native_blocks_match_the_dequantized_model(monkeypatch):
-    from tuneserve.models.loader import load_model
-    from tuneserve.quant import quantize_model
-    from tuneserve.quant.calibrate import fresh_context
+    from tuneserve.calibration.calibrate import fresh_context
+    from tuneserve.loading import load_model, quantize_model
     from tuneserve.quant.linear import QuantEmbedding, QuantLinear, model_weight_bytes
     from tuneserve.weights import open_checkpoint
 

@@ -4,15 +4,15 @@ generation against the unquantized model through the engine."""
 import pytest
 import torch
 
-from tuneserve.quant.awq import awq_quantize
-from tuneserve.quant.calibrate import InputStats, calibration_windows, fresh_context
-from tuneserve.quant.gptq import gptq_quantize, output_error
+from tuneserve.calibration.awq import awq_quantize
+from tuneserve.calibration.calibrate import InputStats, calibration_windows, fresh_context
+from tuneserve.calibration.gptq import gptq_quantize, output_error
 from tuneserve.quant.rtn import fake_quant
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tuneserve.models.loader import load_model
+    from tuneserve.loading import load_model
     from tuneserve.tokenizer import load_tokenizer
     from tuneserve.weights import open_checkpoint
     from tuneserve.weights.sources import alias_path
@@ -111,9 +111,8 @@ def test_quantized_greedy_generation_stays_close(smollm2, case, monkeypatch):
 # Teacher-forced on 2048 tokens of the Python docs, measured: int8 top-1 TOP1_INT8, int4 TOP1_INT4.
 def test_teacher_forced_agreement_floors(smollm2):
     from tuneserve.bench.quality import evaluate
-    from tuneserve.models.loader import load_model
-    from tuneserve.quant import quantize_model
-    from tuneserve.quant.calibrate import corpus_tokens
+    from tuneserve.calibration.calibrate import corpus_tokens
+    from tuneserve.loading import load_model, quantize_model
 
     path, base, tok = smollm2
     models = {"fp32": (base, 0)}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tuneserve.sample import SamplingRow, apply_penalties, processed_probs, sample, token_logprobs
+from tuneserve.sample.sampler import SamplingRow, apply_penalties, processed_probs, sample, token_logprobs
 from tuneserve.sampling_params import SamplingParams
 
 INVALID = [

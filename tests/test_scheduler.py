@@ -3,10 +3,11 @@
 import pytest
 
 from tuneserve.config import SchedulerConfig
-from tuneserve.core.kv_manager import KVGroupSpec, KVManager
-from tuneserve.core.outputs import RunnerOutput
+from tuneserve.core.kv_layout import KVGroupSpec
+from tuneserve.core.kv_manager import KVManager
+from tuneserve.core.request import Request, RequestStatus
 from tuneserve.core.scheduler import Scheduler
-from tuneserve.request import Request, RequestStatus
+from tuneserve.core.step_io import RunnerOutput
 from tuneserve.sampling_params import SamplingParams
 
 BS = 4

@@ -1,7 +1,7 @@
 """A request's seed gives the same tokens whatever else is in the batch, with speculation on or off.
 
 Seeded sampling draws each output position's noise from (seed, position) alone, and seeded drafts are
-verified by coupling (spec/rejection.py verify_coupled): the emitted tokens are the ones sampling without
+verified by coupling (sample/rejection.py verify_coupled): the emitted tokens are the ones sampling without
 drafts draws, so neither the batch, nor which rows the adaptive controller lets draft, nor preemption
 change them. The statistical tests check that coupling still samples the target's distribution."""
 
@@ -12,8 +12,8 @@ import torch
 from conftest import TINY_KV_BYTES
 
 from tuneserve import LLM, SamplingParams
-from tuneserve.sample import position_generator
-from tuneserve.spec.rejection import verify_coupled
+from tuneserve.sample.rejection import verify_coupled
+from tuneserve.sample.sampler import position_generator
 
 PROMPTS = ["abc abc abc abc abc abc abc", "one two one two one two one two", "The cat sat. The cat sat. The cat"]
 SEEDED = [SamplingParams(temperature=0.8, top_p=0.95, seed=s, max_tokens=28, ignore_eos=True) for s in (1, 2, 3)]

@@ -267,7 +267,7 @@ def test_queue_limit_is_503_with_retry_after(strict_server, monkeypatch):
 def test_health_is_503_while_loading(tiny_dirs, monkeypatch):
     import threading
 
-    from tuneserve.engine import LLMEngine
+    from tuneserve.engine.llm_engine import LLMEngine
 
     gate = threading.Event()
     real = LLMEngine.from_engine_args

@@ -18,7 +18,7 @@ from server_utils import free_port, wait_until_healthy
 def test_sigterm_drains_in_flight_requests_then_exits():
     port = free_port()
     env = {**os.environ, "TUNESERVE_QUIET": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tuneserve.cli", "serve", "smollm2-135m", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "tuneserve.cli.main", "serve", "smollm2-135m", "--port", str(port),
                              "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
                              "--drain-timeout", "60", "--log-level", "warning"], env=env)
     url = f"http://127.0.0.1:{port}"

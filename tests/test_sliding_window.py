@@ -11,8 +11,9 @@ from test_kv_manager import compute  # allocate, then pretend the runner compute
 
 from tuneserve import SamplingParams
 from tuneserve.core.block_pool import NULL_BLOCK_ID
-from tuneserve.core.kv_manager import KVGroupSpec, KVManager, split_kv_blocks
-from tuneserve.request import Request
+from tuneserve.core.kv_layout import KVGroupSpec, kv_groups, split_kv_blocks
+from tuneserve.core.kv_manager import KVManager
+from tuneserve.core.request import Request
 
 BS = 4
 
@@ -210,7 +211,6 @@ def test_an_imposed_window_leaves_native_windows_without_sinks():
     from dataclasses import replace
 
     from tuneserve.config import ArchConfig, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-    from tuneserve.engine import kv_groups
 
     arch = ArchConfig("gemma3", 10, 8, 8, 6, 1, 1, 8, 1e-6, 1e6, 64, True, layer_windows=(32,) * 5 + (0,))
     config = EngineConfig(ModelConfig("m", "m", arch), CacheConfig(sliding_window=32), SchedulerConfig())

@@ -9,9 +9,9 @@ from conftest import assert_all_blocks_free
 from tiny_models import build_tiny
 
 from tuneserve import SamplingParams
-from tuneserve.spec.adaptive import KController
-from tuneserve.spec.ngram import propose_ngram
-from tuneserve.spec.rejection import rejection_sample, verify_greedy
+from tuneserve.sample.rejection import rejection_sample, verify_greedy
+from tuneserve.speculative.adaptive import KController
+from tuneserve.speculative.ngram import propose_ngram
 
 
 def test_ngram_takes_the_latest_longest_match():
@@ -106,7 +106,7 @@ def test_controller_turns_speculation_off_when_verification_is_compute_bound():
 
 
 def test_controller_explores_before_trusting_its_prior_and_probes_while_off():
-    from tuneserve.spec.adaptive import EXPLORE_POSITIONS, PROBE_EVERY, PROBE_REQUESTS
+    from tuneserve.speculative.adaptive import EXPLORE_POSITIONS, PROBE_EVERY, PROBE_REQUESTS
 
     ctl = KController(4)
     for n in (1, 8, 32):
@@ -133,7 +133,7 @@ def test_controller_explores_before_trusting_its_prior_and_probes_while_off():
 
 
 def test_acceptance_counts_fade():
-    from tuneserve.spec.adaptive import DECAY_AT
+    from tuneserve.speculative.adaptive import DECAY_AT
 
     ctl = KController(2)
     for _ in range(DECAY_AT):
@@ -256,7 +256,7 @@ def test_bench_spec_runs_rounds_and_writes_json(tiny_llama, tmp_path):
 
 
 def test_a_real_step_replaces_the_calibration_seed_of_its_bucket():
-    from tuneserve.spec.adaptive import CostTable
+    from tuneserve.speculative.adaptive import CostTable
 
     t = CostTable()
     t.observe(128, 0.1, seed=True)

@@ -12,7 +12,7 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy: importing tuneserve should n
 
         return LLM
     if name == "LLMEngine":
-        from tuneserve.engine import LLMEngine
+        from tuneserve.engine.llm_engine import LLMEngine
 
         return LLMEngine
     if name == "EngineArgs":

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -190,11 +188,8 @@ def default_kv_memory(device: str) -> int:
     if device.startswith("cuda"):
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_getlog()
         return int(free * 0.4)
     return min(int(available_memory_bytes() * KV_MEMORY_FRACTION), KV_MEMORY_CAP)
 
 
-def _info(msg: str) -> None:
-    if os.environ.get("TUNESERVE_QUIET") != "1":
-        print(f"[tuneserve] {msg}", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from tuneserve.engine import LLMEngine, PromptType
+from tuneserve.engine.llm_engine import LLMEngine, PromptType
 from tuneserve.engine_args import EngineArgs
 from tuneserve.outputs import RequestOutput
 from tuneserve.sampling_params import SamplingParams

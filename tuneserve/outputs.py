@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from tuneserve.core.outputs import TokenLogprobs
+from tuneserve.core.step_io import TokenLogprobs
 from tuneserve.errors import RequestError
 
 

@@ -6,11 +6,11 @@ import copy, os, sys
 os.environ["TUNESERVE_QUIET"] = "1"
 import torch
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant import quantize_model, quantize_with_spec
-from tuneserve.quant.calibrate import corpus_tokens
-from tuneserve.quant.spec import QuantSpec
+from tuneserve.loading import quantize_model, quantize_with_recipe
+from tuneserve.calibration.calibrate import corpus_tokens
+from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.quant.apply import replace_module
 from tuneserve.bench.quality import evaluate
 torch.set_grad_enabled(False)
@@ -21,7 +21,7 @@ fp = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 clipped = copy.deepcopy(fp)
 quantize_model(clipped, clipped_dir, progress=False)
 noclip = fp
-quantize_with_spec(noclip, QuantSpec(method="awq", bits=4, group_size=G, clip_search=False), progress=False, tokenizer=tok)
+quantize_with_recipe(noclip, QuantRecipe(method="awq", bits=4, group_size=G, clip_search=False), progress=False, tokenizer=tok)
 KINDS = {"qkv": ["self_attn.qkv_proj", "input_layernorm"], "o": ["self_attn.o_proj"],
          "gate_up": ["mlp.gate_up_proj", "post_attention_layernorm"], "down": ["mlp.down_proj"]}
 ids = {c: corpus_tokens(tok, c, 4096) for c in ("wikipedia", "python-docs")}

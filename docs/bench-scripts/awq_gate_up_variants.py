@@ -6,14 +6,14 @@ import copy, os, sys
 os.environ["TUNESERVE_QUIET"] = "1"
 import torch
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant import quantize_model
-from tuneserve.quant.calibrate import corpus_tokens, calibration_windows, InputStats
-from tuneserve.quant.sequential import Calibrator, _codes_from
-from tuneserve.quant.spec import QuantSpec
+from tuneserve.loading import quantize_model
+from tuneserve.calibration.calibrate import corpus_tokens, calibration_windows, InputStats
+from tuneserve.calibration.sequential import Calibrator, _codes_from
+from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.quant.apply import replace_module, from_quantized, pack_weight
-from tuneserve.quant.awq import awq_search, _quant_dequant
+from tuneserve.calibration.awq import awq_search, _quant_dequant
 from tuneserve.bench.quality import evaluate
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()
@@ -23,7 +23,7 @@ tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
 fp = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 m = copy.deepcopy(fp)
 quantize_model(m, awq_dir, progress=False)
-spec = QuantSpec(method="awq", bits=4, group_size=G)
+spec = QuantRecipe(method="awq", bits=4, group_size=G)
 wins = calibration_windows(tok, spec.corpus, samples, 512, 0)
 cal = Calibrator(m, spec, wins)
 hidden = [m.embed(b) for b in cal.ids]

@@ -1,12 +1,12 @@
 import torch, sys, time
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant.calibrate import calibration_windows, InputStats
-from tuneserve.quant.sequential import Calibrator, _attention_output, _mlp_hidden
-from tuneserve.quant.spec import QuantSpec
-from tuneserve.quant.awq import _quant_dequant
-from tuneserve.quant.gptq import weighted_error
+from tuneserve.calibration.calibrate import calibration_windows, InputStats
+from tuneserve.calibration.sequential import Calibrator, _attention_output, _mlp_hidden
+from tuneserve.quant.recipe import QuantRecipe
+from tuneserve.calibration.awq import _quant_dequant
+from tuneserve.calibration.gptq import weighted_error
 from tuneserve.quant.rtn import fake_quant
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()
@@ -14,7 +14,7 @@ G = int(sys.argv[2])
 tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
 model = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 wins = calibration_windows(tok, "wikipedia", 16, 512, 0)
-cal = Calibrator(model, QuantSpec(method="gptq"), wins)
+cal = Calibrator(model, QuantRecipe(method="gptq"), wins)
 hidden = [model.embed(b) for b in cal.ids]
 def st(xs):
     s = InputStats(xs[0].shape[-1]); [s.add(x) for x in xs]; return s

@@ -3,13 +3,13 @@ import copy, sys, os, time
 os.environ["TUNESERVE_QUIET"] = "1"
 import torch
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant.calibrate import calibration_windows, corpus_tokens, InputStats
-from tuneserve.quant.sequential import Calibrator
-from tuneserve.quant.spec import QuantSpec
-from tuneserve.quant.awq import _quant_dequant, awq_quantize
-from tuneserve.quant.gptq import weighted_error
+from tuneserve.calibration.calibrate import calibration_windows, corpus_tokens, InputStats
+from tuneserve.calibration.sequential import Calibrator
+from tuneserve.quant.recipe import QuantRecipe
+from tuneserve.calibration.awq import _quant_dequant, awq_quantize
+from tuneserve.calibration.gptq import weighted_error
 from tuneserve.bench.quality import evaluate
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()
@@ -17,7 +17,7 @@ G = int(sys.argv[2]); which = sys.argv[3]  # qkv | gu
 tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
 model = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 wins = calibration_windows(tok, "wikipedia", 16, 512, 0)
-cal = Calibrator(model, QuantSpec(method="awq"), wins)
+cal = Calibrator(model, QuantRecipe(method="awq"), wins)
 ids = corpus_tokens(tok, "wikipedia", 4096)
 hidden = [model.embed(b) for b in cal.ids]
 lin = copy.deepcopy(model); blk = copy.deepcopy(model)

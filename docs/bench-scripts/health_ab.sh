@@ -10,7 +10,7 @@ git worktree add -q "$base" "$base_rev"
 trap 'git worktree remove --force "$base"' EXIT
 run() {  # name, source dir, port, extra serve flags
   # run from the source dir: `python -m` puts the working directory first on sys.path
-  (cd "$2" && TUNESERVE_QUIET=1 "$root/.venv/bin/python" -m tuneserve.cli serve smollm2-135m --port "$3" \
+  (cd "$2" && TUNESERVE_QUIET=1 "$root/.venv/bin/python" -m tuneserve.cli.main serve smollm2-135m --port "$3" \
      --max-num-seqs 32 --max-request-bytes 16777216 --log-level warning $4 >/dev/null 2>&1) &
   local pid=$!
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$3/health" >/dev/null && break; sleep 0.5; done

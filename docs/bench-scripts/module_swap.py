@@ -7,11 +7,11 @@ import copy, os, sys
 os.environ["TUNESERVE_QUIET"] = "1"
 import torch
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant import quantize_model, quantize_with_spec
-from tuneserve.quant.calibrate import corpus_tokens, fresh_context
-from tuneserve.quant.spec import QuantSpec
+from tuneserve.loading import quantize_model, quantize_with_recipe
+from tuneserve.calibration.calibrate import corpus_tokens, fresh_context
+from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.quant.apply import replace_module
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()
@@ -24,7 +24,7 @@ fp = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 def make(d):
     m = copy.deepcopy(fp)
     if d == "rtn":
-        quantize_with_spec(m, QuantSpec(method="rtn", bits=4, group_size=G), progress=False)
+        quantize_with_recipe(m, QuantRecipe(method="rtn", bits=4, group_size=G), progress=False)
     else:
         quantize_model(m, d, progress=False)
     return m

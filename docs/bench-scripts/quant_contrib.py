@@ -4,11 +4,11 @@ os.environ["TUNESERVE_QUIET"] = "1"
 import torch
 from torch import nn
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant.calibrate import corpus_tokens
+from tuneserve.calibration.calibrate import corpus_tokens
 from tuneserve.quant.apply import target_layers, pack_weight, replace_module
-from tuneserve.quant.spec import QuantSpec
+from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.bench.quality import evaluate
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()
@@ -16,7 +16,7 @@ G = int(sys.argv[2]); corpus = sys.argv[3]
 tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
 model = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 ids = corpus_tokens(tok, corpus, 4096)
-spec = QuantSpec(method="rtn", bits=4, group_size=G)
+spec = QuantRecipe(method="rtn", bits=4, group_size=G)
 def variant(pred):
     m = copy.deepcopy(model)
     for name, mod in list(target_layers(m, True)):

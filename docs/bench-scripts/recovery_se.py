@@ -7,11 +7,11 @@ import copy, os, sys
 os.environ["TUNESERVE_QUIET"] = "1"
 import torch
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant import quantize_model, quantize_with_spec
-from tuneserve.quant.calibrate import corpus_tokens, fresh_context
-from tuneserve.quant.spec import QuantSpec
+from tuneserve.loading import quantize_model, quantize_with_recipe
+from tuneserve.calibration.calibrate import corpus_tokens, fresh_context
+from tuneserve.quant.recipe import QuantRecipe
 torch.set_grad_enabled(False)
 cfg = EngineArgs(model=sys.argv[1]).create_engine_config()
 G, tokens, dirs = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
@@ -19,7 +19,7 @@ tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
 fp = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 models = {"fp32": fp}
 models["rtn"] = copy.deepcopy(fp)
-quantize_with_spec(models["rtn"], QuantSpec(method="rtn", bits=4, group_size=G), progress=False)
+quantize_with_recipe(models["rtn"], QuantRecipe(method="rtn", bits=4, group_size=G), progress=False)
 for d in dirs:
     models[d] = copy.deepcopy(fp)
     quantize_model(models[d], d, progress=False)

@@ -3,17 +3,17 @@
 import os; os.environ["TUNESERVE_QUIET"]="1"
 import torch
 from tuneserve.engine_args import EngineArgs
-from tuneserve.models.loader import load_model
+from tuneserve.loading import load_model
 from tuneserve.tokenizer import load_tokenizer
-from tuneserve.quant.calibrate import calibration_windows
-from tuneserve.quant.sequential import Calibrator, _mlp_hidden
-from tuneserve.quant.spec import QuantSpec
+from tuneserve.calibration.calibrate import calibration_windows
+from tuneserve.calibration.sequential import Calibrator, _mlp_hidden
+from tuneserve.quant.recipe import QuantRecipe
 torch.set_grad_enabled(False); torch.set_num_threads(1)
 cfg = EngineArgs(model="qwen2.5-coder-0.5b").create_engine_config()
 tok = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
 m = load_model(cfg.model.path, cfg.model.arch, torch.device("cpu"), "float32")
 wins = calibration_windows(tok, "wikipedia+python-docs", 8, 512, 0)
-cal = Calibrator(m, QuantSpec(method="awq"), wins)
+cal = Calibrator(m, QuantRecipe(method="awq"), wins)
 h = m.embed(cal.ids[0])
 for i, l in enumerate(m.layers):
     x = l.input_layernorm(h)

@@ -2,8 +2,8 @@ import os, time, sys
 os.environ["TUNESERVE_QUIET"] = "1"
 from tuneserve import LLM, SamplingParams
 from tuneserve.bench.spec import grounded_prompts
-from tuneserve.engine import LLMEngine
-from tuneserve.spec.decoder import SpecDecoder
+from tuneserve.engine.llm_engine import LLMEngine
+from tuneserve.speculative.decoder import SpecDecoder
 k = int(sys.argv[1]); adaptive = sys.argv[2] == "1"
 spec = {"method": "ngram", "num_speculative_tokens": k, "adaptive": adaptive} if k else None
 llm = LLM("smollm2-135m", speculative_config=spec)

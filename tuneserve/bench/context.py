@@ -36,7 +36,7 @@ def kv_bytes_held(engine, req) -> tuple[int, int]:  # noqa: ANN001 - LLMEngine, 
 
 def make_engine(args: EngineArgs, drop_windows: bool = False):  # noqa: ANN201 - LLMEngine
     """An engine for args; drop_windows removes the model's own sliding windows (full attention)."""
-    from tuneserve.engine import LLMEngine
+    from tuneserve.engine.llm_engine import LLMEngine
 
     config = args.create_engine_config()
     if drop_windows:

@@ -58,7 +58,7 @@ def scored_rows(windows: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 
 
 def _hidden(model: nn.Module, ids: torch.Tensor, sliding_window: int) -> tuple[torch.Tensor, float]:
-    from tuneserve.quant.calibrate import fresh_context
+    from tuneserve.calibration.calibrate import fresh_context
 
     p = next(model.parameters())
     t0 = time.perf_counter()

@@ -28,8 +28,8 @@ def measure_quality(model: str, quantizations: list[str | None], max_tokens: int
     import torch
 
     from tuneserve.bench.quality import evaluate
-    from tuneserve.models.loader import load_model
-    from tuneserve.quant.calibrate import corpus_tokens
+    from tuneserve.calibration.calibrate import corpus_tokens
+    from tuneserve.loading import load_model
     from tuneserve.tokenizer import load_tokenizer
     from tuneserve.weights import open_checkpoint
     from tuneserve.weights.sources import resolve

@@ -13,67 +13,9 @@ No torch here: the runner owns the tensors, this class owns the bookkeeping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tuneserve.core.block_pool import NULL_BLOCK_ID, BlockPool, KVBlock, hash_block_tokens
-from tuneserve.request import Request
-
-
-@dataclass(frozen=True)
-class KVGroupSpec:
-    """Layers sharing block tables. window 0 = full attention."""
-
-    layers: tuple[int, ...]
-    window: int = 0
-    num_sink_tokens: int = 0  # tokens at the start a windowed group keeps (StreamingLLM sinks)
-
-    def sink_blocks(self, block_size: int) -> int:
-        """Blocks at the start of a request that a windowed group never frees."""
-        return -(-self.num_sink_tokens // block_size)
-
-    def first_needed_block(self, pos: int, block_size: int) -> int:
-        """First block (after the sinks) that queries at positions >= pos can attend to."""
-        return max(0, pos - self.window + 1) // block_size if self.window else 0
-
-    def max_blocks_per_request(self, num_tokens: int, block_size: int, max_step_tokens: int) -> int:
-        """Most blocks a request of num_tokens holds at once when a step computes <= max_step_tokens of it.
-
-        While a chunk [C, C + L) is computed a windowed group holds blocks first_needed_block(C) ..
-        (C + L - 1) // block_size plus the sinks: at most ceil((L + window - 1) / block_size) + 1 + sinks.
-        """
-        n = -(-num_tokens // block_size)
-        if not self.window:
-            return n
-        step = min(max_step_tokens, num_tokens)
-        return min(n, -(-(step + self.window - 1) // block_size) + 1 + self.sink_blocks(block_size))
-
-
-def split_kv_blocks(groups: list[KVGroupSpec], block_bytes: list[int], memory: int, block_size: int,
-                    max_num_seqs: int, max_step_tokens: int) -> list[int]:
-    """Blocks per group (null block included) out of `memory` bytes.
-
-    A windowed group never needs more than max_num_seqs requests' worth of in-window blocks plus one
-    step's new tokens (and the null block); it gets that much, or as many as the full groups when memory
-    is short. Full-attention groups share the rest equally. Without a full group, all groups share evenly.
-    """
-    caps: list[int | None] = []
-    for spec in groups:
-        if not spec.window:
-            caps.append(None)
-            continue
-        per_seq = -(-(spec.window - 1) // block_size) + 2 + spec.sink_blocks(block_size)
-        caps.append(max_num_seqs * per_seq + -(-max_step_tokens // block_size) + 1)
-    if all(c is not None for c in caps):
-        caps = [None] * len(groups)
-    fixed: dict[int, int] = {}
-    while True:  # water-filling: cap the windowed groups that need less than an equal share
-        free = [g for g in range(len(groups)) if g not in fixed]
-        left = memory - sum(n * block_bytes[g] for g, n in fixed.items())
-        equal = max(0, left) // sum(block_bytes[g] for g in free)
-        newly = [g for g in free if caps[g] is not None and caps[g] < equal]
-        if not newly:
-            return [fixed.get(g, equal) for g in range(len(groups))]
-        fixed.update((g, caps[g]) for g in newly)
+from tuneserve.core.kv_layout import KVGroupSpec
+from tuneserve.core.request import Request
 
 
 class KVManager:

@@ -17,8 +17,8 @@ import time
 from tuneserve import faults
 from tuneserve.config import SchedulerConfig
 from tuneserve.core.kv_manager import KVManager
-from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
-from tuneserve.request import Request, RequestStatus, count_spec_step
+from tuneserve.core.request import Request, RequestStatus, count_spec_step
+from tuneserve.core.step_io import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from tuneserve.quant.linear import QuantEmbedding, QuantLinear
+from tuneserve.quant.recipe import GROUP_SIZES, QuantRecipe, fitting_group_sizes
 from tuneserve.quant.rtn import quantize_int4, quantize_int8
-from tuneserve.quant.spec import QuantSpec
 
 LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
@@ -35,7 +36,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def pack_weight(w: torch.Tensor, spec: QuantSpec, embedding: bool = False, bias: torch.Tensor | None = None,
+def pack_weight(w: torch.Tensor, spec: QuantRecipe, embedding: bool = False, bias: torch.Tensor | None = None,
                 search: bool = False, input_scale: torch.Tensor | None = None) -> QuantLinear:
     """Quantize w (N, K) round-to-nearest into a QuantLinear (QuantEmbedding when embedding)."""
     cls = QuantEmbedding if embedding else QuantLinear
@@ -60,7 +61,7 @@ def from_quantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | N
 
 
 @torch.no_grad()
-def rtn_quantize(model: nn.Module, spec: QuantSpec, progress: bool = True) -> None:
+def rtn_quantize(model: nn.Module, spec: QuantRecipe, progress: bool = True) -> None:
     """Round-to-nearest quantization of every target layer, in place."""
     layers = list(target_layers(model, spec.embeddings))
     for name, m in tqdm(layers, desc=f"quantizing int{spec.bits} (RTN)", disable=not progress, leave=False):
@@ -69,3 +70,30 @@ def rtn_quantize(model: nn.Module, spec: QuantSpec, progress: bool = True) -> No
                           bias.detach() if bias is not None else None)
         new.out_dtype = m.weight.dtype
         replace_module(model, name, new)
+
+
+def linear_inputs(model: nn.Module, spec: QuantRecipe) -> dict[str, int]:
+    """Input size of every layer the spec quantizes (name -> K)."""
+    return {name: int(m.weight.shape[1]) for name, m in target_layers(model, spec.embeddings)}
+
+
+def resolve_group_size(model: nn.Module, spec: QuantRecipe) -> QuantRecipe:
+    """Fill in the default group size, or check the requested one against every layer."""
+    sizes = linear_inputs(model, spec)
+    fits = fitting_group_sizes(list(sizes.values()), spec.bits)
+    g = spec.group_size
+    if g is None:
+        if spec.bits == 8:
+            return spec
+        g = next((c for c in reversed(GROUP_SIZES) if c in fits), None)
+        if g is None:
+            raise ValueError(f"no int4 group size in {GROUP_SIZES} divides the input sizes "
+                             f"{sorted(set(sizes.values()))}; sizes that fit: {fits or 'none'}")
+        return replace(spec, group_size=g)
+    bad = {name: k for name, k in sizes.items() if k % g}
+    if bad or (spec.bits == 4 and g % 32):
+        name, k = next(iter(bad.items())) if bad else ("", 0)
+        where = f"the input size {k} of {name}" if bad else "int4's 32-input blocks"
+        raise ValueError(f"group size {g} does not fit {where}; group sizes that fit every layer of this "
+                         f"model: {', '.join(map(str, fits)) or 'none'}")
+    return spec

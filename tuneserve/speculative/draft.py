@@ -19,10 +19,11 @@ from itertools import accumulate
 import torch
 
 from tuneserve.config import EngineConfig, SpecConfig
-from tuneserve.core.kv_manager import KVGroupSpec, KVManager
-from tuneserve.core.outputs import ScheduledRequest
-from tuneserve.request import Request
-from tuneserve.sample import SamplingRow, TokenSpan, position_generator, processed_probs, sample
+from tuneserve.core.kv_layout import KVGroupSpec
+from tuneserve.core.kv_manager import KVManager
+from tuneserve.core.request import Request
+from tuneserve.core.step_io import ScheduledRequest
+from tuneserve.sample.sampler import SamplingRow, TokenSpan, position_generator, processed_probs, sample
 
 
 @dataclass
@@ -43,11 +44,12 @@ class DraftProposer:
     """Runs the draft model for the requests that speculate this step."""
 
     def __init__(self, spec: SpecConfig, target: EngineConfig, target_tokenizer) -> None:  # noqa: ANN001
-        from tuneserve.engine import kv_groups, log
+        from tuneserve.core.kv_layout import kv_groups
         from tuneserve.engine_args import EngineArgs
-        from tuneserve.models.loader import load_model
-        from tuneserve.runner import ModelRunner
+        from tuneserve.loading import load_model
+        from tuneserve.log import log
         from tuneserve.tokenizer import load_tokenizer
+        from tuneserve.worker.model_runner import ModelRunner
 
         if not spec.model and not spec.quantization:
             raise ValueError('speculative_config with method "draft" needs "model" (the draft model) or '

@@ -2,7 +2,7 @@
 model), with a length chosen by the adaptive controller; learns acceptance and cost from the results.
 
 Drafts become extra tokens of their request in the next step's token budget and are verified in the
-same target forward pass as everything else (runner.py, spec/rejection.py).
+same target forward pass as everything else (worker/model_runner.py, sample/rejection.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import time
 import torch
 
 from tuneserve.config import SpecConfig
-from tuneserve.core.outputs import RunnerOutput, SchedulerOutput
-from tuneserve.request import Request, RequestStatus
-from tuneserve.spec.adaptive import KController
-from tuneserve.spec.ngram import propose_ngram
+from tuneserve.core.request import Request, RequestStatus
+from tuneserve.core.step_io import RunnerOutput, SchedulerOutput
+from tuneserve.speculative.adaptive import KController
+from tuneserve.speculative.ngram import propose_ngram
 
 
 class SpecDecoder:
@@ -25,7 +25,7 @@ class SpecDecoder:
         self.ctl = KController(spec.num_speculative_tokens, spec.adaptive)
         self.draft = None
         if spec.method == "draft":
-            from tuneserve.spec.draft import DraftProposer
+            from tuneserve.speculative.draft import DraftProposer
 
             self.draft = DraftProposer(spec, engine.config, engine.tokenizer)
         if spec.adaptive:

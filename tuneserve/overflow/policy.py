@@ -3,7 +3,7 @@
   error            reject it, stating the context length, the prompt length and max_tokens (the default)
   truncate-left    drop the oldest tokens
   truncate-middle  keep the head and the tail, drop the middle
-  summarize        replace the middle by a short summary the model writes first (engine.py runs it)
+  summarize        replace the middle by a short summary the model writes first (engine/llm_engine.py runs it)
 Whatever is done is reported in the request's output metadata, never silently.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tuneserve.engine import LLMEngine
+from tuneserve.engine.llm_engine import LLMEngine
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import SamplingParams
 from tuneserve.tokenizer import chat_prompt

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tuneserve.core.outputs import TokenLogprobs
+from tuneserve.core.request import FINISH_REASONS, Request
+from tuneserve.core.step_io import TokenLogprobs
 from tuneserve.errors import RequestError
 from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tuneserve.request import FINISH_REASONS, Request
 from tuneserve.tokenizer import IncrementalDetokenizer
 
 OUTPUT_KINDS = ("cumulative", "delta", "final")

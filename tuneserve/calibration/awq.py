@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from tuneserve.quant.gptq import group_params, weighted_error
+from tuneserve.calibration.gptq import group_params, weighted_error
 
 
 def _quant_dequant(w: torch.Tensor, bits: int, group: int, symmetric: bool, h: torch.Tensor | None,

@@ -8,7 +8,7 @@ import sys
 import time
 
 from tuneserve.engine_args import EngineArgs
-from tuneserve.quant.spec import AWQ_ROUNDINGS
+from tuneserve.quant.recipe import AWQ_ROUNDINGS
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:
@@ -51,11 +51,10 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
     """Quantize MODEL with a recipe and write the checkpoint directory."""
     import torch
 
-    from tuneserve.models.loader import load_model
-    from tuneserve.quant import quantize_with_spec
+    from tuneserve.loading import load_model, quantize_with_recipe
     from tuneserve.quant.checkpoint import save_quantized
     from tuneserve.quant.linear import model_weight_bytes
-    from tuneserve.quant.spec import parse_quantization
+    from tuneserve.quant.recipe import parse_quantization
     from tuneserve.tokenizer import load_tokenizer
 
     name = f"{ns.method}-int{ns.bits}" if ns.method != "rtn" else f"int{ns.bits}"
@@ -65,7 +64,7 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
     model = load_model(cfg.model.path, cfg.model.arch, torch.device(cfg.device), "float32")
     fp32_bytes = model_weight_bytes(model)
     t0 = time.perf_counter()
-    report = quantize_with_spec(model, spec, cfg.model.path, tokenizer=tok)
+    report = quantize_with_recipe(model, spec, cfg.model.path, tokenizer=tok)
     spec_d = report.pop("spec")
     meta = {"method": spec_d["method"], "bits": spec_d["bits"], "group_size": spec_d["group_size"],
             "symmetric": spec_d["symmetric"], "recipe": spec_d, "source": str(cfg.model.path),
@@ -87,11 +86,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     from tuneserve.bench.quality import evaluate, format_table
     from tuneserve.bench.report import write_json
-    from tuneserve.models.loader import load_model
-    from tuneserve.quant import quantize_model
-    from tuneserve.quant.calibrate import corpus_tokens
+    from tuneserve.calibration.calibrate import corpus_tokens
+    from tuneserve.loading import load_model, quantize_model
     from tuneserve.quant.checkpoint import quant_kind
-    from tuneserve.quant.spec import METHODS
+    from tuneserve.quant.recipe import METHODS
     from tuneserve.tokenizer import load_tokenizer
 
     args = EngineArgs.from_cli_args(ns)

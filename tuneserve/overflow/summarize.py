@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from tuneserve.core.request import Request
 from tuneserve.errors import RequestError
 from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tuneserve.request import Request
 from tuneserve.sampling_params import SamplingParams
 
 INSTRUCTION = ("Summarize the following text in a few sentences. Keep names, numbers and facts.\n\n"

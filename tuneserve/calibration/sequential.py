@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from tuneserve.calibration.awq import awq_quantize, awq_search, choice_loss, scaled_hessian
+from tuneserve.calibration.calibrate import InputStats, fresh_context
+from tuneserve.calibration.gptq import gptq_quantize, output_error
 from tuneserve.quant.apply import from_quantized, pack_weight, replace_module
-from tuneserve.quant.awq import awq_quantize, awq_search, choice_loss, scaled_hessian
-from tuneserve.quant.calibrate import InputStats, fresh_context
-from tuneserve.quant.gptq import gptq_quantize, output_error
+from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.quant.rtn import fake_quant
-from tuneserve.quant.spec import QuantSpec
 
 BATCH_TOKENS = 4096  # calibration tokens per forward call
 # GPTQ and AWQ leave gate|up's ranges unclipped: on Qwen2.5-Coder-0.5B g128 the clipping search lowered
@@ -54,7 +54,7 @@ def _attention_output(attn: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor:  #
 class Calibrator:
     """Holds the calibration batches and quantizes one module at a time from its input statistics."""
 
-    def __init__(self, model: nn.Module, spec: QuantSpec, windows: list[list[int]]) -> None:
+    def __init__(self, model: nn.Module, spec: QuantRecipe, windows: list[list[int]]) -> None:
         self.model, self.spec = model, spec
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -191,7 +191,7 @@ def quantize_layer(cal: Calibrator, i: int, hidden: list[torch.Tensor]) -> list[
 
 
 @torch.no_grad()
-def quantize_sequential(model: nn.Module, spec: QuantSpec, windows: list[list[int]],
+def quantize_sequential(model: nn.Module, spec: QuantRecipe, windows: list[list[int]],
                         progress: bool = True) -> dict:
     """GPTQ or AWQ for every projection, then the LM head; returns per-layer output errors vs RTN."""
     cal = Calibrator(model, spec, windows)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,20 +16,21 @@ import torch
 
 from tuneserve import faults
 from tuneserve.config import EngineConfig
-from tuneserve.context_policy import fit_prompt
-from tuneserve.core.kv_manager import KVGroupSpec, KVManager, split_kv_blocks
+from tuneserve.core.kv_layout import kv_groups, split_kv_blocks
+from tuneserve.core.kv_manager import KVManager
+from tuneserve.core.request import Request, RequestStatus, count_spec_step
 from tuneserve.core.scheduler import Scheduler
+from tuneserve.dtypes import element_bytes
+from tuneserve.engine.isolation import count_error, fail_request, reset_after_failed_step
+from tuneserve.engine.output_processor import OutputProcessor, ParentState
 from tuneserve.engine_args import EngineArgs
 from tuneserve.errors import RequestError
-from tuneserve.isolation import count_error, fail_request, reset_after_failed_step
 from tuneserve.kernels.cpu_build import flushing_denormals
-from tuneserve.models.loader import DTYPES, load_model
-from tuneserve.output_processor import OutputProcessor, ParentState
+from tuneserve.loading import load_model
+from tuneserve.log import log
 from tuneserve.outputs import RequestOutput
-from tuneserve.request import Request, RequestStatus, count_spec_step
-from tuneserve.runner import ModelRunner
-from tuneserve.sampling_params import ParamError, SamplingParams, utf8_error
-from tuneserve.summarize import (
+from tuneserve.overflow.policy import fit_prompt
+from tuneserve.overflow.summarize import (
     SummaryJob,
     aborted_output,
     finish_summary,
@@ -39,14 +38,11 @@ from tuneserve.summarize import (
     parent_id_of_summary,
     plan_summary,
 )
+from tuneserve.sampling_params import ParamError, SamplingParams, utf8_error
 from tuneserve.tokenizer import load_tokenizer
+from tuneserve.worker.model_runner import ModelRunner
 
 PromptType = str | list[int] | dict
-
-
-def log(msg: str) -> None:
-    if os.environ.get("TUNESERVE_QUIET") != "1":
-        print(f"[tuneserve] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -79,24 +75,10 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts at position 0, 1, ...
-    errors: dict[str, int] = field(default_factory=dict)  # engine errors by kind (isolation.py)
+    errors: dict[str, int] = field(default_factory=dict)  # engine errors by kind (engine/isolation.py)
     num_blocks_in_use: int = 0  # leak checks: 0 once every request has ended
     num_block_refs: int = 0
     num_live_requests: int = 0
-
-
-def kv_groups(config: EngineConfig) -> list[KVGroupSpec]:
-    """Layers grouped by attention window: one KV group per distinct (window, sinks).
-
-    A model's own windows (Gemma 3) come without sinks; an imposed `sliding_window` applies to the
-    full-attention layers, with `num_sink_tokens` sinks, in a group of its own."""
-    arch, cache = config.model.arch, config.cache
-    imposed = (cache.sliding_window, cache.num_sink_tokens) if cache.sliding_window else (0, 0)
-    by_kind: dict[tuple[int, int], list[int]] = {}
-    for layer in range(arch.num_layers):
-        native = arch.window_of(layer)
-        by_kind.setdefault((native, 0) if native else imposed, []).append(layer)
-    return [KVGroupSpec(tuple(layers), w, sinks) for (w, sinks), layers in sorted(by_kind.items())]
 
 
 class LLMEngine:
@@ -116,7 +98,7 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer)
         self.spec = None
         if config.spec is not None:
-            from tuneserve.spec.decoder import SpecDecoder
+            from tuneserve.speculative.decoder import SpecDecoder
 
             self.spec = SpecDecoder(config.spec, self)
         self.requests: dict[str, Request] = {}  # live child requests
@@ -126,11 +108,9 @@ class LLMEngine:
         self.summaries: dict[str, PreparedRequest] = {}  # requests waiting for their prompt's summary
         self.unstarted_outputs: list[RequestOutput] = []  # ended while summarizing: reported next step
         self.step_ids: list[str] | None = None  # the running step's requests (None: not yet scheduled)
-        self.resetting = False  # recovering from a failed step (isolation.py)
+        self.resetting = False  # recovering from a failed step (engine/isolation.py)
         log(f"loaded {m.model} ({m.arch.architecture}, {m.arch.num_layers} layers) in "
             f"{time.perf_counter() - t0:.1f}s on {config.device}, dtype {m.dtype}")
-
-    log = staticmethod(log)
 
     def build_scheduler(self) -> None:
         """A fresh KV manager (every block free) and scheduler (no requests): at start and after a reset."""
@@ -146,7 +126,7 @@ class LLMEngine:
     def kv_block_bytes(self) -> list[int]:
         """Bytes of one KV block in each group (K and V of every layer of the group)."""
         c, a = self.config, self.config.model.arch
-        elem = torch.finfo(DTYPES[c.model.dtype]).bits // 8
+        elem = element_bytes(c.model.dtype)
         per_layer_token = 2 * a.num_kv_heads * a.head_dim * elem
         return [per_layer_token * len(g.layers) * c.cache.block_size for g in self.groups]
 
@@ -279,7 +259,7 @@ class LLMEngine:
         """Run one scheduler step; returns the outputs of user requests that changed.
 
         A failure pinned to one request ends that request in error and the step goes on; any other
-        failure ends the step's requests in error and resets the engine (isolation.py). Raises only
+        failure ends the step's requests in error and resets the engine (engine/isolation.py). Raises only
         EngineFatalError, when that reset fails."""
         self.step_ids = None
         try:

@@ -1,12 +1,10 @@
-"""What to quantize and how: QuantSpec, the `quantization=` names, and group-size checks."""
+"""What to quantize and how: QuantRecipe, the `quantization=` names, and group-size checks."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
 from math import gcd
-
-from torch import nn
 
 METHODS = {  # quantization= name -> (method, bits)
     "int8": ("rtn", 8),
@@ -20,7 +18,7 @@ AWQ_ROUNDINGS = ("rtn", "gptq")  # how AWQ rounds its scaled weights: to nearest
 
 
 @dataclass
-class QuantSpec:
+class QuantRecipe:
     """A quantization recipe. group_size None: per output channel for int8; for int4 the largest of
     128 / 64 / 32 that divides every layer's input size."""
 
@@ -51,8 +49,8 @@ class QuantSpec:
         return asdict(self)
 
 
-def parse_quantization(name: str, **overrides: object) -> QuantSpec:
-    """QuantSpec for a quantization= name, with TUNESERVE_QUANT_* environment overrides, then kwargs.
+def parse_quantization(name: str, **overrides: object) -> QuantRecipe:
+    """QuantRecipe for a quantization= name, with TUNESERVE_QUANT_* environment overrides, then kwargs.
 
     Environment (for engines built from flags): TUNESERVE_QUANT_GROUP_SIZE, _SAMPLES, _SEQ_LEN, _CORPUS,
     _SEED, _ACT_ORDER (0/1), _SYMMETRIC (0/1), _AWQ_BLOCK_LOSS (0/1), _AWQ_ROUNDING (rtn/gptq).
@@ -61,7 +59,7 @@ def parse_quantization(name: str, **overrides: object) -> QuantSpec:
         raise ValueError(f"unknown quantization {name!r}; one of {sorted(METHODS)}, 'gguf' or a checkpoint "
                          "directory")
     method, bits = METHODS[name]
-    spec = QuantSpec(method=method, bits=bits)
+    spec = QuantRecipe(method=method, bits=bits)
     def flag(v: str) -> bool:
         return v not in ("0", "false", "")
 
@@ -77,13 +75,6 @@ def parse_quantization(name: str, **overrides: object) -> QuantSpec:
     return spec
 
 
-def linear_inputs(model: nn.Module, spec: QuantSpec) -> dict[str, int]:
-    """Input size of every layer the spec quantizes (name -> K)."""
-    from tuneserve.quant.apply import target_layers
-
-    return {name: int(m.weight.shape[1]) for name, m in target_layers(model, spec.embeddings)}
-
-
 def fitting_group_sizes(sizes: list[int], bits: int) -> list[int]:
     """Group sizes that divide every input size (multiples of 32 for int4's block layout), up to 256."""
     g = 0
@@ -91,25 +82,3 @@ def fitting_group_sizes(sizes: list[int], bits: int) -> list[int]:
         g = gcd(g, k)
     step = 32 if bits == 4 else 16
     return [d for d in range(step, min(g, 256) + 1, step) if g % d == 0]
-
-
-def resolve_group_size(model: nn.Module, spec: QuantSpec) -> QuantSpec:
-    """Fill in the default group size, or check the requested one against every layer."""
-    sizes = linear_inputs(model, spec)
-    fits = fitting_group_sizes(list(sizes.values()), spec.bits)
-    g = spec.group_size
-    if g is None:
-        if spec.bits == 8:
-            return spec
-        g = next((c for c in reversed(GROUP_SIZES) if c in fits), None)
-        if g is None:
-            raise ValueError(f"no int4 group size in {GROUP_SIZES} divides the input sizes "
-                             f"{sorted(set(sizes.values()))}; sizes that fit: {fits or 'none'}")
-        return replace(spec, group_size=g)
-    bad = {name: k for name, k in sizes.items() if k % g}
-    if bad or (spec.bits == 4 and g % 32):
-        name, k = next(iter(bad.items())) if bad else ("", 0)
-        where = f"the input size {k} of {name}" if bad else "int4's 32-input blocks"
-        raise ValueError(f"group size {g} does not fit {where}; group sizes that fit every layer of this "
-                         f"model: {', '.join(map(str, fits)) or 'none'}")
-    return spec

@@ -13,12 +13,14 @@ import torch
 
 from tuneserve import faults
 from tuneserve.config import EngineConfig
-from tuneserve.core.kv_manager import KVGroupSpec
-from tuneserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs, scatter_output
+from tuneserve.core.kv_layout import KVGroupSpec
+from tuneserve.core.step_io import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs, scatter_output
+from tuneserve.dtypes import torch_dtype
 from tuneserve.errors import RequestError
 from tuneserve.kernels.attention import build_metadata
 from tuneserve.models.layers import ForwardContext
-from tuneserve.sample import (
+from tuneserve.sample.rejection import rejection_sample, verify_coupled, verify_greedy
+from tuneserve.sample.sampler import (
     SamplingRow,
     TokenSpan,
     apply_penalties,
@@ -28,9 +30,6 @@ from tuneserve.sample import (
     sample,
     token_logprobs,
 )
-from tuneserve.spec.rejection import rejection_sample, verify_coupled, verify_greedy
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelRunner:
@@ -43,7 +42,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.groups = groups
         self.block_size = config.cache.block_size
-        self.dtype = _DTYPES[config.model.dtype]
+        self.dtype = torch_dtype(config.model.dtype)
         arch = config.model.arch
         self.eos_ids = arch.eos_token_ids
         self.layer_group = [0] * arch.num_layers
@@ -192,7 +191,7 @@ class ModelRunner:
         return RunnerOutput(emitted, logprobs, prompt_lps, [r.num_draft_tokens for r in reqs], accepted)
 
     def _verify(self, r: ScheduledRequest, logits: torch.Tensor) -> tuple[list[int], int]:
-        """Check r's draft tokens against the target logits at their k + 1 positions (spec/rejection.py).
+        """Check r's draft tokens against the target logits at their k + 1 positions (sample/rejection.py).
 
         Seeded requests verify by coupling: each position's token is what `sample` draws there without
         drafts (the same processing, the position's own noise), so their text does not depend on drafting.

@@ -1,0 +1,1 @@
+"""The engine: requests in, one step at a time (schedule, execute, update), outputs out."""

@@ -1,0 +1,82 @@
+"""Loading a servable model: build it, fill it from the checkpoint, cast it, quantize it.
+
+This is where the layers below meet: models/ builds and fills, quant/ packs weights at load time
+(round-to-nearest, GGUF-native blocks, quantized checkpoints), calibration/ runs the model to quantize
+with GPTQ / AWQ. Neither quant/ nor models/ imports the other's heavier half.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tuneserve.calibration.calibrate import calibration_windows
+from tuneserve.calibration.sequential import quantize_sequential
+from tuneserve.config import ArchConfig
+from tuneserve.dtypes import DTYPES
+from tuneserve.log import log, quiet
+from tuneserve.models.layers import Rotary
+from tuneserve.models.loader import build_model, load_weights
+from tuneserve.quant.apply import resolve_group_size, rtn_quantize
+from tuneserve.quant.checkpoint import load_quantized, quant_kind
+from tuneserve.quant.gguf_native import load_native
+from tuneserve.quant.recipe import METHODS, QuantRecipe, parse_quantization
+from tuneserve.tokenizer import load_tokenizer
+
+
+def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "float32",
+               progress: bool | None = None, quantization: str | None = None) -> nn.Module:
+    """Build the model for arch and fill it from the checkpoint at path (dequantized to fp32 first), then
+    quantize it if asked (tuneserve/quant). A quantized checkpoint directory, given as path or as
+    quantization, fills the model directly with its packed weights."""
+    if progress is None:  # progress bars unless the user asked for quiet
+        progress = not quiet()
+    model = build_model(arch, device)
+    qdir = quantization if quantization and quant_kind(quantization) else (path if quant_kind(path) else None)
+    if qdir is None:
+        load_weights(model, path, arch, progress)
+    if dtype != "float32":
+        model = model.to(DTYPES[dtype])
+        for m in model.modules():
+            if isinstance(m, Rotary):  # rope tables stay fp32: positions up to 32k need the precision
+                m.cos, m.sin = m.cos.float(), m.sin.float()
+    if qdir is not None or quantization is not None:
+        quantize_model(model, str(qdir or quantization), checkpoint_path=path, progress=progress)
+    return model.eval()
+
+
+def quantize_model(model: nn.Module, quantization: str, checkpoint_path: str | None = None,
+                   progress: bool = True, **overrides: object) -> dict:
+    """Quantize model in place as `quantization` names it; returns a report (what was done, fallbacks)."""
+    if quantization == "gguf":
+        if checkpoint_path is None or Path(checkpoint_path).is_dir():
+            raise ValueError("quantization='gguf' needs a GGUF model file (it keeps the file's own blocks)")
+        report = load_native(model, checkpoint_path, progress)
+        log(f"gguf native: {report['native']} tensors kept in their blocks; "
+              f"{len(report['fallback'])} dequantized to fp32: {report['fallback_summary']}")
+        return report
+    if quantization not in METHODS and Path(quantization).is_dir():
+        return load_quantized(model, quantization)
+    spec = parse_quantization(quantization, **overrides)
+    return quantize_with_recipe(model, spec, checkpoint_path, progress)
+
+
+def quantize_with_recipe(model: nn.Module, spec: QuantRecipe, checkpoint_path: str | None = None,
+                       progress: bool = True, tokenizer: object = None) -> dict:
+    """Quantize model in place with an explicit recipe; calibration text for GPTQ/AWQ is tokenized with
+    `tokenizer` (default: the checkpoint's own)."""
+    spec = resolve_group_size(model, spec)
+    if spec.method == "rtn":
+        rtn_quantize(model, spec, progress)
+        return {"spec": spec.to_dict()}
+    if tokenizer is None:
+        if checkpoint_path is None:
+            raise ValueError(f"{spec.method} needs calibration text: pass checkpoint_path or tokenizer")
+        tokenizer = load_tokenizer(checkpoint_path)
+    windows = calibration_windows(tokenizer, spec.corpus, spec.samples, spec.seq_len, spec.seed)
+    log(f"{spec.method}-int{spec.bits} g{spec.group_size}: calibrating on {len(windows)} x {spec.seq_len} "
+          f"tokens of {spec.corpus!r}")
+    stats = quantize_sequential(model, spec, windows, progress)
+    return {"spec": spec.to_dict(), **stats}

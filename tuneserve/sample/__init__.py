@@ -1,0 +1,1 @@
+"""Turning logits into tokens: processing, sampling, seeded noise, draft verification."""

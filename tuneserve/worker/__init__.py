@@ -1,0 +1,1 @@
+"""Running a scheduled batch through the model: inputs, forward, logits rows, picks."""
