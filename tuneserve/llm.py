@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from tuneserve.engine.llm_engine import LLMEngine, PromptType
+from tuneserve.engine.intake import PromptType
+from tuneserve.engine.llm_engine import LLMEngine
 from tuneserve.engine_args import EngineArgs
 from tuneserve.outputs import RequestOutput
 from tuneserve.sampling_params import SamplingParams

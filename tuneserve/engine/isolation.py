@@ -15,20 +15,17 @@ import traceback
 
 from tuneserve import faults
 from tuneserve.core.request import Request, RequestStatus
+from tuneserve.engine.prepared import aborted_output
 from tuneserve.errors import EngineFatalError, RequestError
 from tuneserve.log import log
 from tuneserve.outputs import RequestOutput
-from tuneserve.overflow.summarize import aborted_output, is_summary, parent_id_of_summary
-
-
-def count_error(engine, kind: str) -> None:  # noqa: ANN001 - LLMEngine
-    engine.stats.errors[kind] = engine.stats.errors.get(kind, 0) + 1
+from tuneserve.overflow.summarize import is_summary, parent_id_of_summary
 
 
 def fail_request(engine, req: Request, err: RequestError) -> str | None:  # noqa: ANN001 - LLMEngine
     """End req's user request with `err`; returns the user request's id (None for an internal summary,
     whose waiting user request is reported failed at the next step)."""
-    count_error(engine, err.kind)
+    engine.stats.count_error(err.kind)
     log(f"request {req.request_id} failed ({err.kind}, HTTP {err.status}): {err.message}")
     if is_summary(req):
         engine.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_ERROR)
@@ -53,7 +50,7 @@ def fail_request(engine, req: Request, err: RequestError) -> str | None:  # noqa
 def reset_after_failed_step(engine, exc: BaseException) -> list[RequestOutput]:  # noqa: ANN001 - LLMEngine
     """Fail the step's requests, rebuild the scheduler and KV manager, requeue the others. Returns the
     failed requests' final outputs; raises EngineFatalError if the recovery fails."""
-    count_error(engine, "step")
+    engine.stats.count_error("step")
     log("a step failed as a whole; failing its requests and resetting the engine:\n"
                + "".join(traceback.format_exception(exc)).rstrip())
     engine.resetting = True

@@ -1,7 +1,8 @@
-"""LLMEngine (add_request / step / abort) and the LLM facade for offline use.
+"""LLMEngine: add_request / step / abort_request.
 
-One step: Scheduler.schedule() -> ModelRunner.execute() -> Scheduler.update() -> OutputProcessor
-(detokenize, stop strings) -> RequestOutputs.
+One step: Scheduler.schedule(), then the core step (core_step.py: ModelRunner.execute, Scheduler.update),
+then output emission (OutputProcessor: detokenize, stop strings -> RequestOutputs), then drafts for the
+next step. Failures are isolated per request (isolation.py).
 """
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 
 from tuneserve import faults
 from tuneserve.config import EngineConfig
-from tuneserve.core.kv_layout import kv_groups, split_kv_blocks
+from tuneserve.core.kv_layout import kv_groups
 from tuneserve.core.kv_manager import KVManager
-from tuneserve.core.request import Request, RequestStatus, count_spec_step
+from tuneserve.core.request import Request, RequestStatus
 from tuneserve.core.scheduler import Scheduler
-from tuneserve.dtypes import element_bytes
-from tuneserve.engine.isolation import count_error, fail_request, reset_after_failed_step
+from tuneserve.engine.core_step import StepResult, execute_and_update, propose_drafts
+from tuneserve.engine.intake import PromptType, tokenize_prompt
+from tuneserve.engine.isolation import fail_request, reset_after_failed_step
 from tuneserve.engine.output_processor import OutputProcessor, ParentState
+from tuneserve.engine.prepared import PreparedRequest, aborted_output
+from tuneserve.engine.stats import EngineStats
 from tuneserve.engine_args import EngineArgs
 from tuneserve.errors import RequestError
 from tuneserve.kernels.cpu_build import flushing_denormals
@@ -30,55 +33,13 @@ from tuneserve.loading import load_model
 from tuneserve.log import log
 from tuneserve.outputs import RequestOutput
 from tuneserve.overflow.policy import fit_prompt
-from tuneserve.overflow.summarize import (
-    SummaryJob,
-    aborted_output,
-    finish_summary,
-    is_summary,
-    parent_id_of_summary,
-    plan_summary,
-)
-from tuneserve.sampling_params import ParamError, SamplingParams, utf8_error
+from tuneserve.overflow.summarize import finish_summary, is_summary, parent_id_of_summary, plan_summary
+from tuneserve.sampling_params import ParamError, SamplingParams
+from tuneserve.speculative.decoder import SpecDecoder
+from tuneserve.speculative.draft import DraftProposer, draft_engine_config
 from tuneserve.tokenizer import load_tokenizer
+from tuneserve.worker.kv_cache import block_bytes, build_kv, plan_blocks, token_bytes
 from tuneserve.worker.model_runner import ModelRunner
-
-PromptType = str | list[int] | dict
-
-
-@dataclass
-class PreparedRequest:
-    """A validated user request: its output state, its n scheduler requests, and (overflow_policy
-    summarize) the summary job that must finish before they can be made."""
-
-    parent: ParentState
-    children: list[Request]
-    params: SamplingParams | None = None
-    priority: int = 0
-    summary: SummaryJob | None = None
-
-
-@dataclass
-class EngineStats:
-    """Counters and gauges for /metrics and benchmarks."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
-    num_steps: int = 0
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
-    spec_accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts at position 0, 1, ...
-    errors: dict[str, int] = field(default_factory=dict)  # engine errors by kind (engine/isolation.py)
-    num_blocks_in_use: int = 0  # leak checks: 0 once every request has ended
-    num_block_refs: int = 0
-    num_live_requests: int = 0
 
 
 class LLMEngine:
@@ -92,15 +53,17 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(m.path, m.tokenizer)
         self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization)
         self.groups = kv_groups(config)
-        self.num_blocks = self._num_blocks()
+        uses_draft = config.spec is not None and config.spec.method == "draft"
+        draft_config = draft_engine_config(config.spec, config) if uses_draft else None
+        target_memory, draft_memory = self._split_kv_budget(draft_config)
+        self.num_blocks = plan_blocks(config, self.groups, target_memory)
         self.build_scheduler()
-        self.runner = ModelRunner(config, self.model, self.groups, self.num_blocks)
+        self.runner = ModelRunner(config, self.model, build_kv(config, self.groups, self.num_blocks))
         self.output = OutputProcessor(self.tokenizer)
         self.spec = None
         if config.spec is not None:
-            from tuneserve.speculative.decoder import SpecDecoder
-
-            self.spec = SpecDecoder(config.spec, self)
+            draft = DraftProposer(config.spec, draft_config, draft_memory, self.tokenizer) if draft_config else None
+            self.spec = SpecDecoder(config.spec, m.max_model_len, self.runner, draft)
         self.requests: dict[str, Request] = {}  # live child requests
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -123,57 +86,23 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args.create_engine_config())
 
+    def _split_kv_budget(self, draft_config: EngineConfig | None) -> tuple[int, int]:
+        """kv_cache_memory_bytes for the target and the draft model: in proportion to the bytes each
+        takes per token, so that both hold the same tokens (the draft keeps KV for the same requests)."""
+        memory = self.config.cache.kv_cache_memory_bytes
+        if draft_config is None:
+            return memory, 0
+        target, draft = token_bytes(self.config), token_bytes(draft_config)
+        draft_memory = memory * draft // (target + draft)
+        log(f"KV budget {memory / 2**20:.0f} MiB: {(memory - draft_memory) / 2**20:.0f} MiB target, "
+            f"{draft_memory / 2**20:.0f} MiB draft model ({target:,} and {draft:,} bytes/token)")
+        return memory - draft_memory, draft_memory
+
     def kv_block_bytes(self) -> list[int]:
         """Bytes of one KV block in each group (K and V of every layer of the group)."""
-        c, a = self.config, self.config.model.arch
-        elem = element_bytes(c.model.dtype)
-        per_layer_token = 2 * a.num_kv_heads * a.head_dim * elem
-        return [per_layer_token * len(g.layers) * c.cache.block_size for g in self.groups]
-
-    def _num_blocks(self) -> list[int]:
-        """Blocks per KV group out of kv_cache_memory_bytes (kv_manager.split_kv_blocks)."""
-        c = self.config
-        bs, memory = c.cache.block_size, c.cache.kv_cache_memory_bytes
-        block_bytes = self.kv_block_bytes()
-        counts = split_kv_blocks(self.groups, block_bytes, memory, bs, c.scheduler.max_num_seqs,
-                                 c.scheduler.max_num_batched_tokens)
-        if min(counts) < 2:
-            raise ValueError(f"kv_cache_memory_bytes ({memory}) cannot hold 2 blocks per KV group; give at "
-                             f"least {2 * sum(block_bytes)}")
-        parts = []
-        for spec, n, nbytes in zip(self.groups, counts, block_bytes):
-            sinks = f" + {spec.num_sink_tokens} sinks" if spec.num_sink_tokens else ""
-            kind = f"window {spec.window}{sinks}" if spec.window else "full attention"
-            parts.append(f"{len(spec.layers)} layers ({kind}): {n - 1} blocks, {nbytes // bs:,} bytes/token, "
-                         f"{n * nbytes / 2**20:.0f} MiB")
-        full = [n for spec, n in zip(self.groups, counts) if not spec.window]
-        fits = f"fits {(min(full) - 1) * bs:,} tokens" if full else "each request's KV bounded by its window"
-        log(f"KV cache ({bs} tokens/block, {fits}): " + "; ".join(parts))
-        return counts
+        return block_bytes(self.config, self.groups)
 
     # ----- requests -------------------------------------------------------------------------
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt given as text, token ids or {"prompt" | "prompt_token_ids"}."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ParamError("prompt", "a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if (err := utf8_error(prompt)) is not None:  # the tokenizer would raise deep inside
-                raise ParamError("prompt", f"prompt {err}")
-            return prompt, self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, (list, tuple)):
-            raise ParamError("prompt", f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        ids = list(prompt)
-        vocab = self.config.model.arch.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ParamError("prompt", f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
-        return None, ids
-
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> str:
         """Validate and queue a request (n samples fan out into n scheduler requests). Returns its id."""
@@ -187,7 +116,7 @@ class LLMEngine:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         params.check_vocab(self.config.model.arch.vocab_size)
-        text, ids = self.tokenize_prompt(prompt)
+        text, ids = tokenize_prompt(self.tokenizer, self.config.model.arch.vocab_size, prompt)
         limit = self.config.model.max_model_len
         try:
             plan = fit_prompt(ids, params.max_tokens, limit, self.config.overflow_policy)
@@ -198,7 +127,10 @@ class LLMEngine:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentState(request_id, text, plan.ids, {}, arrival, metadata=plan.metadata)
         if plan.middle is not None:  # overflow_policy summarize: first the summary, then the request
-            job = plan_summary(self, parent, plan, params, priority)
+            m = self.config.model
+            job = plan_summary(self.tokenizer, m.max_model_len, m.arch.eos_token_ids, request_id, plan, arrival,
+                               priority)
+            parent.metadata.update(job.metadata)
             self.scheduler.check_admissible(job.request)
             self.scheduler.check_fits(len(plan.ids), plan.max_tokens)  # the request that follows the summary
             return PreparedRequest(parent, [], params, priority, job)
@@ -269,35 +201,34 @@ class LLMEngine:
             return reset_after_failed_step(self, e)
 
     def _step(self) -> list[RequestOutput]:
-        touched: dict[str, None] = dict.fromkeys(self._pending_outputs)
+        """schedule -> execute -> update (core_step.py), then output emission, then drafting."""
+        touched: dict[str, None] = dict.fromkeys(self._pending_outputs)  # user requests whose output changed
         self._pending_outputs = []
         results, self.unstarted_outputs = self.unstarted_outputs, []
-        t0 = time.perf_counter()  # the step's cost includes scheduling: it grows with the drafts too
+        started = time.perf_counter()
         sched = self.scheduler.schedule()
         self.step_ids = [sr.req_id for sr in sched.requests]
         if sched.requests:
-            out = self.runner.execute(sched)
-            update_errors = self.scheduler.update(sched, out)
-            self.stats.num_steps += 1
-            self._count_spec(out)
-            if self.spec is not None:
-                self.spec.observe(sched, out, time.perf_counter() - t0)
-            for i, sr in enumerate(sched.requests):
-                req = self.requests.get(sr.req_id)
-                if req is not None:
-                    touched[self._apply(req, i, out, update_errors.get(sr.req_id))] = None
-        self._propose()
-        for pid in touched:
-            ro = self.output.output(pid) if pid in self.output.parents else None
-            if ro is not None:
-                results.append(ro)
-                if ro.finished:
-                    self.output.pop(pid)
-        return results
+            step = execute_and_update(sched, self.scheduler, self.runner, self.spec, self.stats, started)
+            touched.update(dict.fromkeys(self._emit(step)))
+        propose_drafts(self.spec, self.scheduler.running, self.stats)
+        return results + self._collect(touched)
 
-    def _apply(self, req: Request, i: int, out, update_error: Exception | None) -> str | None:  # noqa: ANN001
-        """Take one request's step results into its output; returns its user request's id (None: a
-        summary). An error pinned to it (runner, scheduler update, or here) ends it in error."""
+    # ----- output emission ------------------------------------------------------------------
+    def _emit(self, step: StepResult) -> list[str]:
+        """Take each scheduled request's results into its user request's output; returns the user
+        requests touched (an internal summary touches none)."""
+        touched = []
+        for i, sr in enumerate(step.sched.requests):
+            req = self.requests.get(sr.req_id)
+            if req is not None and (pid := self._apply(req, i, step)) is not None:
+                touched.append(pid)
+        return touched
+
+    def _apply(self, req: Request, i: int, step: StepResult) -> str | None:
+        """One request's step results into its output. An error pinned to it (runner, scheduler update,
+        or here) ends its user request in error. Returns its user request's id (None: a summary)."""
+        out, update_error = step.out, step.update_errors.get(req.request_id)
         err = out.errors.get(i) or (update_error and RequestError.from_exception(update_error, "stop_check"))
         if err is None:
             try:
@@ -317,32 +248,22 @@ class LLMEngine:
         if sampled:
             faults.hit("detokenize", req.request_id)
             before = self.output.num_tokens(req.request_id)
-            if self.output.on_tokens(req, sampled, logprobs):
+            if self.output.on_tokens(req, sampled, logprobs):  # a stop string ended it
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             self.stats.generation_tokens += req.num_output_tokens - before
         if req.is_finished:
             self.finish_child(req)
 
-    def _propose(self) -> None:
-        """Drafts for the next step. Drafting is optional work: if it fails, this step's drafts are dropped
-        and the draft model's state is released (it catches up again), and serving goes on."""
-        if self.spec is None:
-            return
-        try:
-            faults.hit("propose")
-            self.spec.propose(self.scheduler.running)
-        except Exception as e:  # noqa: BLE001 - speculation is an optimization
-            count_error(self, "propose")
-            log(f"drafting failed ({type(e).__name__}: {e}); this step goes on without drafts")
-            for r in self.scheduler.running:
-                r.spec_token_ids, r.spec_draft_probs = [], None
-            if self.spec.draft is not None:
-                self.spec.draft.release_except(set())
-
-    def _count_spec(self, out) -> None:  # noqa: ANN001 - RunnerOutput
-        for drafted, accepted in zip(out.num_draft_tokens, out.num_accepted):
-            if drafted:
-                count_spec_step(self.stats, drafted, accepted)
+    def _collect(self, touched: dict[str, None]) -> list[RequestOutput]:
+        """The outputs of the touched user requests; finished ones leave the output processor."""
+        results = []
+        for pid in touched:
+            ro = self.output.output(pid) if pid in self.output.parents else None
+            if ro is not None:
+                results.append(ro)
+                if ro.finished:
+                    self.output.pop(pid)
+        return results
 
     def finish_child(self, req: Request) -> None:
         if self.requests.pop(req.request_id, None) is None:
@@ -359,7 +280,10 @@ class LLMEngine:
         prepared = self.summaries.pop(parent_id_of_summary(req), None)
         if prepared is None:
             return
-        finish_summary(self, prepared)
+        prompt_ids, metadata = finish_summary(self.tokenizer, prepared.summary)
+        prepared.parent.prompt_token_ids = prompt_ids
+        prepared.parent.metadata.update(metadata)
+        self.stats.prompt_tokens += len(req.prompt_token_ids)
         self.make_children(prepared)
         prepared.summary = None
         self.submit(prepared)

@@ -7,12 +7,10 @@ reports the original length, what was removed and the summary.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tuneserve.core.request import Request
-from tuneserve.errors import RequestError
-from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tuneserve.overflow.policy import FitPlan
 from tuneserve.sampling_params import SamplingParams
 
 INSTRUCTION = ("Summarize the following text in a few sentences. Keep names, numbers and facts.\n\n"
@@ -25,6 +23,7 @@ class SummaryJob:
     request: Request  # the internal summarization request
     head: list[int]
     tail: list[int]
+    metadata: dict = field(default_factory=dict)  # for the user request's output
 
 
 def is_summary(req: Request) -> bool:
@@ -35,10 +34,10 @@ def parent_id_of_summary(req: Request) -> str:
     return req.request_id[: -len(SUFFIX)]
 
 
-def plan_summary(engine, parent, plan, params: SamplingParams, priority: int) -> SummaryJob:  # noqa: ANN001
-    """Split the kept budget between head, summary and tail; build the summary request."""
-    tok = engine.tokenizer
-    limit = engine.config.model.max_model_len
+def plan_summary(tokenizer, max_model_len: int, eos_token_ids: tuple[int, ...] | list[int], request_id: str,  # noqa: ANN001
+                 plan: FitPlan, arrival_time: float, priority: int) -> SummaryJob:
+    """Split the kept budget between head, summary and tail; build the summary request. The job's
+    `metadata` goes into the user request's output metadata."""
     keep = len(plan.ids)
     budget = max(8, min(128, keep // 4))  # summary tokens
     head_len = (keep - budget) // 2
@@ -46,37 +45,21 @@ def plan_summary(engine, parent, plan, params: SamplingParams, priority: int) ->
     full = plan.ids[: plan.head_len] + plan.middle + plan.ids[plan.head_len:]
     head, tail = full[:head_len], full[len(full) - tail_len:]
     middle = full[head_len: len(full) - tail_len]
-    frame = len(tok(INSTRUCTION.format(text=""), add_special_tokens=True).input_ids)
-    room = limit - budget - frame - 8
+    frame = len(tokenizer(INSTRUCTION.format(text=""), add_special_tokens=True).input_ids)
+    room = max_model_len - budget - frame - 8
     if len(middle) > room:  # the middle itself does not fit one summary call: keep its two ends
         middle = middle[: room // 2] + middle[len(middle) - (room - room // 2):]
-    prompt = tok(INSTRUCTION.format(text=tok.decode(middle, skip_special_tokens=True))).input_ids[: limit - budget]
-    sparams = SamplingParams(temperature=0, max_tokens=budget)
-    req = Request(parent.request_id + SUFFIX, prompt, sparams, engine.config.model.arch.eos_token_ids,
-                  parent.arrival_time, priority)
-    parent.metadata.update(removed_range=[head_len, len(full) - tail_len], summary_budget_tokens=budget)
-    return SummaryJob(req, head, tail)
+    text = tokenizer.decode(middle, skip_special_tokens=True)
+    prompt = tokenizer(INSTRUCTION.format(text=text)).input_ids[: max_model_len - budget]
+    req = Request(request_id + SUFFIX, prompt, SamplingParams(temperature=0, max_tokens=budget), tuple(eos_token_ids),
+                  arrival_time, priority)
+    return SummaryJob(req, head, tail, {"removed_range": [head_len, len(full) - tail_len],
+                                        "summary_budget_tokens": budget})
 
 
-def finish_summary(engine, prepared) -> None:  # noqa: ANN001 - LLMEngine, PreparedRequest
-    """Put the finished summary between head and tail as the request's prompt; record it in metadata."""
-    job = prepared.summary
+def finish_summary(tokenizer, job: SummaryJob) -> tuple[list[int], dict]:  # noqa: ANN001
+    """The user request's new prompt (head + the finished summary + tail) and what to add to its metadata."""
     summary = [t for t in job.request.output_token_ids if t not in job.request.eos_token_ids]
-    text = engine.tokenizer.decode(summary, skip_special_tokens=True).strip()
+    text = tokenizer.decode(summary, skip_special_tokens=True).strip()
     ids = job.head + summary + job.tail  # the summary's own ids: re-tokenizing its text could grow it
-    p = prepared.parent
-    p.prompt_token_ids = ids
-    p.metadata.update(summary=text, summary_tokens=len(summary), prompt_tokens=len(ids))
-    engine.stats.prompt_tokens += len(job.request.prompt_token_ids)
-
-
-def aborted_output(prepared, error: RequestError | None = None) -> RequestOutput:  # noqa: ANN001
-    """The final output of a request aborted (or, with `error`, failed) while its prompt was being
-    summarized."""
-    p = prepared.parent
-    n = prepared.params.n if prepared.params else 1
-    outs = [CompletionOutput(i, "", [], "abort" if error is None else "error") for i in range(n)]
-    m = RequestMetrics(arrival_time=p.arrival_time, finished_time=time.monotonic(),
-                       num_prompt_tokens=len(p.prompt_token_ids))
-    return RequestOutput(p.request_id, p.prompt, p.prompt_token_ids, outs, True, m, metadata=dict(p.metadata),
-                         error=error)
+    return ids, {"summary": text, "summary_tokens": len(summary), "prompt_tokens": len(ids)}

@@ -21,7 +21,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from tuneserve.engine.llm_engine import LLMEngine, PreparedRequest
+from tuneserve.engine.llm_engine import LLMEngine
+from tuneserve.engine.prepared import PreparedRequest
 from tuneserve.errors import RequestError
 from tuneserve.outputs import RequestOutput
 

@@ -15,7 +15,7 @@ from jinja2 import TemplateError
 
 from tuneserve.chat_template import render_untrusted
 from tuneserve.core.step_io import TokenLogprobs
-from tuneserve.engine.llm_engine import PreparedRequest
+from tuneserve.engine.prepared import PreparedRequest
 from tuneserve.outputs import RequestOutput
 from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.server.async_engine import AsyncEngine

@@ -15,23 +15,24 @@ from tuneserve.config import SpecConfig
 from tuneserve.core.request import Request, RequestStatus
 from tuneserve.core.step_io import RunnerOutput, SchedulerOutput
 from tuneserve.speculative.adaptive import KController
+from tuneserve.speculative.draft import DraftProposer
 from tuneserve.speculative.ngram import propose_ngram
+from tuneserve.worker.model_runner import ModelRunner
 
 
 class SpecDecoder:
-    def __init__(self, spec: SpecConfig, engine) -> None:  # noqa: ANN001 - LLMEngine
+    """Drafts for the next step: n-gram lookup, or a draft model when `draft` is given (method "draft")."""
+
+    def __init__(self, spec: SpecConfig, max_model_len: int, runner: ModelRunner,
+                 draft: DraftProposer | None = None) -> None:
         self.spec = spec
-        self.max_model_len = engine.config.model.max_model_len
+        self.max_model_len = max_model_len
         self.ctl = KController(spec.num_speculative_tokens, spec.adaptive)
-        self.draft = None
-        if spec.method == "draft":
-            from tuneserve.speculative.draft import DraftProposer
-
-            self.draft = DraftProposer(spec, engine.config, engine.tokenizer)
+        self.draft = draft
         if spec.adaptive:
-            self.calibrate(engine.runner)
+            self.calibrate(runner)
 
-    def calibrate(self, runner) -> None:  # noqa: ANN001 - ModelRunner
+    def calibrate(self, runner: ModelRunner) -> None:
         """Seed the target's step-time table with a few timed forwards of 1..256 tokens."""
         for n in (1, 4, 16, 64, 256):
             runner.time_forward(n)  # warm

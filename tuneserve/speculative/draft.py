@@ -19,11 +19,17 @@ from itertools import accumulate
 import torch
 
 from tuneserve.config import EngineConfig, SpecConfig
-from tuneserve.core.kv_layout import KVGroupSpec
+from tuneserve.core.kv_layout import kv_groups
 from tuneserve.core.kv_manager import KVManager
 from tuneserve.core.request import Request
 from tuneserve.core.step_io import ScheduledRequest
+from tuneserve.engine_args import EngineArgs
+from tuneserve.loading import load_model
+from tuneserve.log import log
 from tuneserve.sample.sampler import SamplingRow, TokenSpan, position_generator, processed_probs, sample
+from tuneserve.tokenizer import load_tokenizer
+from tuneserve.worker.kv_cache import build_kv, plan_blocks
+from tuneserve.worker.model_runner import ModelRunner
 
 
 @dataclass
@@ -40,40 +46,39 @@ def check_same_tokenizer(target_tok, draft_tok, draft_name: str) -> None:  # noq
                          "ids); choose a draft model of the same family")
 
 
+def draft_engine_config(spec: SpecConfig, target: EngineConfig) -> EngineConfig:
+    """The draft model's configuration: the target's dtype, context, block size and device."""
+    if not spec.model and not spec.quantization:
+        raise ValueError('speculative_config with method "draft" needs "model" (the draft model) or '
+                         '"quantization" (draft with a quantized copy of the target)')
+    args = EngineArgs(model=spec.model or target.model.path, dtype=target.model.dtype,
+                      max_model_len=target.model.max_model_len, block_size=target.cache.block_size,
+                      enable_prefix_caching=False, kv_cache_memory_bytes=target.cache.kv_cache_memory_bytes,
+                      device=target.device)
+    config = args.create_engine_config()
+    if len(kv_groups(config)) != 1:
+        raise ValueError("a draft model with sliding-window layers is not supported; pick a full-attention one")
+    return config
+
+
 class DraftProposer:
     """Runs the draft model for the requests that speculate this step."""
 
-    def __init__(self, spec: SpecConfig, target: EngineConfig, target_tokenizer) -> None:  # noqa: ANN001
-        from tuneserve.core.kv_layout import kv_groups
-        from tuneserve.engine_args import EngineArgs
-        from tuneserve.loading import load_model
-        from tuneserve.log import log
-        from tuneserve.tokenizer import load_tokenizer
-        from tuneserve.worker.model_runner import ModelRunner
-
-        if not spec.model and not spec.quantization:
-            raise ValueError('speculative_config with method "draft" needs "model" (the draft model) or '
-                             '"quantization" (draft with a quantized copy of the target)')
-        draft_model = spec.model or target.model.path
-        args = EngineArgs(model=draft_model, dtype=target.model.dtype, max_model_len=target.model.max_model_len,
-                          block_size=target.cache.block_size, enable_prefix_caching=False,
-                          kv_cache_memory_bytes=target.cache.kv_cache_memory_bytes, device=target.device)
-        self.config = args.create_engine_config()
-        check_same_tokenizer(target_tokenizer, load_tokenizer(self.config.model.path), draft_model)
+    def __init__(self, spec: SpecConfig, config: EngineConfig, kv_memory: int, target_tokenizer) -> None:  # noqa: ANN001
+        """`config` from draft_engine_config; `kv_memory` the draft's share of the KV budget."""
+        self.config = config
+        draft_name = spec.model or config.model.path
+        check_same_tokenizer(target_tokenizer, load_tokenizer(config.model.path), draft_name)
         t0 = time.perf_counter()
-        model = load_model(self.config.model.path, self.config.model.arch, torch.device(target.device),
-                           self.config.model.dtype, quantization=spec.quantization)
-        groups = [KVGroupSpec(tuple(range(self.config.model.arch.num_layers)))]
-        if len(kv_groups(self.config)) != 1:
-            raise ValueError("a draft model with sliding-window layers is not supported; pick a full-attention one")
-        a = self.config.model.arch
-        per_block = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4 * target.cache.block_size
-        num_blocks = max(2, self.config.cache.kv_cache_memory_bytes // per_block)
-        self.kv = KVManager(groups, [num_blocks], target.cache.block_size, enable_caching=False)
-        self.runner = ModelRunner(self.config, model, groups, [num_blocks])
+        model = load_model(config.model.path, config.model.arch, torch.device(config.device), config.model.dtype,
+                           quantization=spec.quantization)
+        groups = kv_groups(config)
+        num_blocks = plan_blocks(config, groups, kv_memory, label="draft KV cache")
+        self.kv = KVManager(groups, num_blocks, config.cache.block_size, enable_caching=False)
+        self.runner = ModelRunner(config, model, build_kv(config, groups, num_blocks))
         self.states: dict[str, _DraftState] = {}
-        log(f"draft model {draft_model} ({spec.quantization or self.config.model.dtype}) loaded in "
-            f"{time.perf_counter() - t0:.1f}s ({num_blocks - 1} KV blocks)")
+        log(f"draft model {draft_name} ({spec.quantization or config.model.dtype}) loaded in "
+            f"{time.perf_counter() - t0:.1f}s")
 
     def release_except(self, live_ids: set[str]) -> None:
         """Free the draft KV of requests that are no longer running (finished, aborted, preempted)."""
@@ -128,7 +133,7 @@ class DraftProposer:
             scheduled.append(ScheduledRequest(reqs[i].request_id, toks, len(st.fed), self.kv.block_ids(st.shadow),
                                               reqs[i].params, sample=True))
             st.fed.extend(toks)
-        ctx, ids = self.runner._prepare(scheduled)
+        ctx, ids = self.runner.prepare_inputs(scheduled)
         hidden = self.runner.model(ids, ctx)
         last = torch.tensor([c - 1 for c in accumulate(s.num_tokens for s in scheduled)], device=hidden.device)
         return self.runner.model.compute_logits(hidden[last])

@@ -13,9 +13,7 @@ import torch
 
 from tuneserve import faults
 from tuneserve.config import EngineConfig
-from tuneserve.core.kv_layout import KVGroupSpec
 from tuneserve.core.step_io import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs, scatter_output
-from tuneserve.dtypes import torch_dtype
 from tuneserve.errors import RequestError
 from tuneserve.kernels.attention import build_metadata
 from tuneserve.models.layers import ForwardContext
@@ -30,30 +28,21 @@ from tuneserve.sample.sampler import (
     sample,
     token_logprobs,
 )
+from tuneserve.worker.kv_cache import KVCache
+from tuneserve.worker.logit_rows import LogitRows, RequestRows
 
 
 class ModelRunner:
     """Runs the model for the scheduler's batches; holds the KV cache."""
 
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, groups: list[KVGroupSpec],
-                 num_blocks: list[int]) -> None:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, kv: KVCache) -> None:
         self.config = config
         self.model = model
         self.device = torch.device(config.device)
-        self.groups = groups
+        self.kv = kv
+        self.groups = kv.groups
         self.block_size = config.cache.block_size
-        self.dtype = torch_dtype(config.model.dtype)
-        arch = config.model.arch
-        self.eos_ids = arch.eos_token_ids
-        self.layer_group = [0] * arch.num_layers
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [None] * arch.num_layers  # type: ignore[list-item]
-        for g, spec in enumerate(groups):
-            shape = (len(spec.layers), 2, num_blocks[g], self.block_size, arch.num_kv_heads, arch.head_dim)
-            # zeros, not empty: padded reads of never-written slots must be finite
-            cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for j, layer in enumerate(spec.layers):
-                self.kv_caches[layer] = (cache[j, 0], cache[j, 1])
-                self.layer_group[layer] = g
+        self.eos_ids = config.model.arch.eos_token_ids
 
     # ----- one step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -61,13 +50,13 @@ class ModelRunner:
         """Run the scheduled tokens through the model and sample where the requests need it."""
         reqs = sched.requests
         if not reqs:
-            return RunnerOutput([], [], [])
+            return RunnerOutput.empty(0)
         errors = self._check_requests(reqs)
         live = [i for i in range(len(reqs)) if i not in errors]
-        out = RunnerOutput([], [], [])
+        out = RunnerOutput.empty(0)
         if live:
             run = [reqs[i] for i in live]
-            ctx, input_ids = self._prepare(run)
+            ctx, input_ids = self.prepare_inputs(run)
             faults.hit("forward")
             hidden = self.model(input_ids, ctx)  # (N, hidden): an exception here fails the whole step
             out = self._sample(run, hidden)
@@ -98,11 +87,12 @@ class ModelRunner:
         null = [[0]] * len(self.groups)
         reqs = [ScheduledRequest(f"_calib{i}", [0], 0, tuple(null), None, sample=True) for i in range(n)]
         t0 = time.perf_counter()
-        ctx, ids = self._prepare(reqs)
+        ctx, ids = self.prepare_inputs(reqs)
         self.model.compute_logits(self.model(ids, ctx))
         return time.perf_counter() - t0
 
-    def _prepare(self, reqs: list[ScheduledRequest]) -> tuple[ForwardContext, torch.Tensor]:
+    def prepare_inputs(self, reqs: list[ScheduledRequest]) -> tuple[ForwardContext, torch.Tensor]:
+        """The forward context (positions, attention metadata per layer, KV views) and input ids of a batch."""
         ids, positions = [], []
         for r in reqs:
             ids.extend(r.token_ids)
@@ -113,81 +103,62 @@ class ModelRunner:
             for g, spec in enumerate(self.groups)
         ]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        ctx = ForwardContext(pos, [metas[g] for g in self.layer_group], self.kv_caches)
+        ctx = ForwardContext(pos, [metas[g] for g in self.kv.layer_group], self.kv.layers)
         return ctx, torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def _sample(self, reqs: list[ScheduledRequest], hidden: torch.Tensor) -> RunnerOutput:
-        # Which hidden rows need logits: each sampling request's last 1 + num_draft rows, and every row
-        # of a chunk whose request wants prompt logprobs.
-        rows: list[int] = []
-        spans: list[tuple[int, int, int, int]] = []  # per request: (prompt rows start, end, sample start, end)
-        row = 0
-        for r in reqs:
-            p_start = len(rows)
-            if r.params.prompt_logprobs is not None and r.start_pos < r.prompt_len - 1:
-                n_prompt = min(r.num_tokens, r.prompt_len - 1 - r.start_pos)
-                rows.extend(range(row, row + n_prompt))
-            p_end = s_start = len(rows)
-            if r.sample:
-                rows.extend(range(row + r.num_tokens - 1 - r.num_draft_tokens, row + r.num_tokens))
-            spans.append((p_start, p_end, s_start, len(rows)))
-            row += r.num_tokens
-        if not rows:
-            n = len(reqs)
-            return RunnerOutput([[] for _ in reqs], [None] * n, [None] * n, [0] * n, [0] * n)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # (R, V) fp32
+        plan = LogitRows.plan(reqs)
+        if not plan.hidden_rows:
+            return RunnerOutput.empty(len(reqs))
+        logits = self.model.compute_logits(hidden[torch.tensor(plan.hidden_rows, device=self.device)])  # (R, V)
         try:
-            return self._pick_tokens(reqs, spans, logits)
+            return self._pick_tokens(reqs, plan.requests, logits)
         except Exception:  # noqa: BLE001 - pinned below by picking each request's tokens alone
-            return self._pick_each(reqs, spans, logits)
+            return self._pick_each(reqs, plan.requests, logits)
 
-    def _pick_each(self, reqs: list[ScheduledRequest], spans: list, logits: torch.Tensor) -> RunnerOutput:
+    def _pick_each(self, reqs: list[ScheduledRequest], rows: list[RequestRows], logits: torch.Tensor) -> RunnerOutput:
         """Batched picking failed: pick each request's tokens on its own, so that the requests at fault
         end in error and the others get what a clean step gives them (greedy and seeded picks repeat)."""
         parts, errors = [], {}
-        for i, (r, (p0, _, _, s1)) in enumerate(zip(reqs, spans)):
-            own = [tuple(x - p0 for x in spans[i])]
+        for i, (r, own) in enumerate(zip(reqs, rows)):
             try:
-                parts.append(self._pick_tokens([r], own, logits[p0:s1]))
+                parts.append(self._pick_tokens([r], [own.local()], logits[own.all]))
             except Exception as e:  # noqa: BLE001 - pinned to this request
                 kind = "verify" if r.num_draft_tokens else "sample"
                 errors[i] = RequestError.from_exception(e, kind)
-                parts.append(RunnerOutput([[]], [None], [None], [0], [0]))
-        out = RunnerOutput(*([x for p in parts for x in getattr(p, f)]
-                             for f in ("sampled", "logprobs", "prompt_logprobs", "num_draft_tokens", "num_accepted")))
-        out.errors = errors
-        return out
+                parts.append(RunnerOutput.empty(1))
+        return RunnerOutput.concat(parts, errors)
 
-    def _pick_tokens(self, reqs: list[ScheduledRequest], spans: list, logits: torch.Tensor) -> RunnerOutput:
+    def _pick_tokens(self, reqs: list[ScheduledRequest], rows: list[RequestRows], logits: torch.Tensor) -> RunnerOutput:
         # requests without drafts: one row each, sampled together
-        plain = [(i, s1 - 1) for i, (r, (_, _, s0, s1)) in enumerate(zip(reqs, spans))
-                 if s1 > s0 and not r.num_draft_tokens]
+        plain = [(i, rr.end - 1) for i, (r, rr) in enumerate(zip(reqs, rows))
+                 if rr.num_sample and not r.num_draft_tokens]
         emitted: list[list[int]] = [[] for _ in reqs]
         accepted = [0] * len(reqs)
         if plain:
             for i, _ in plain:
                 faults.hit("sample", reqs[i].req_id)
-            rows = [self._sampling_row(reqs[i]) for i, _ in plain]
-            chosen = sample(logits[[row for _, row in plain]], rows).tolist()
+            sampling = [self._sampling_row(reqs[i]) for i, _ in plain]
+            chosen = sample(logits[[row for _, row in plain]], sampling).tolist()
             for (i, _), tok in zip(plain, chosen):
                 emitted[i] = [tok]
-        for i, (r, (_, _, s0, s1)) in enumerate(zip(reqs, spans)):
-            if s1 > s0 and r.num_draft_tokens:
+        for i, (r, rr) in enumerate(zip(reqs, rows)):
+            if rr.num_sample and r.num_draft_tokens:
                 faults.hit("verify", r.req_id)
-                emitted[i], accepted[i] = self._verify(r, logits[s0:s1])
-        need_lp = any(r.params.logprobs is not None for r in reqs) or any(p1 > p0 for p0, p1, _, _ in spans)
+                emitted[i], accepted[i] = self._verify(r, logits[rr.sample])
+        need_lp = any(r.params.logprobs is not None for r in reqs) or any(rr.num_prompt for rr in rows)
         lp_all = torch.log_softmax(logits, dim=-1) if need_lp else None
         logprobs, prompt_lps = [], []
-        for i, (r, (p0, p1, s0, _)) in enumerate(zip(reqs, spans)):
+        for i, (r, rr) in enumerate(zip(reqs, rows)):
             lps = None
             if emitted[i] and r.params.logprobs is not None:
-                n = len(emitted[i])  # the j-th emitted token was drawn at row s0 + j
+                n = len(emitted[i])  # the j-th emitted token was drawn at the j-th sampling row
                 chosen = torch.tensor(emitted[i], dtype=torch.long, device=logits.device)
-                lps = token_logprobs(lp_all[s0:s0 + n], chosen, [r.params.logprobs] * n)
+                lps = token_logprobs(lp_all[rr.sample_start:rr.sample_start + n], chosen, [r.params.logprobs] * n)
             logprobs.append(lps)
-            if p1 > p0:
+            if rr.num_prompt:
                 faults.hit("prompt_logprobs", r.req_id)
-            prompt_lps.append(self._prompt_logprobs(r, lp_all[p0:p1]) if p1 > p0 else None)
+            prompt_lps.append(self._prompt_logprobs(r, lp_all[rr.prompt]) if rr.num_prompt else None)
         return RunnerOutput(emitted, logprobs, prompt_lps, [r.num_draft_tokens for r in reqs], accepted)
 
     def _verify(self, r: ScheduledRequest, logits: torch.Tensor) -> tuple[list[int], int]:
