@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from tuneserve.core.step_io import TokenLogprobs
 from tuneserve.errors import RequestError
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of the chosen token and the top-N alternatives at one position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tuneserve.outputs import TokenLogprobs
 from tuneserve.sampling_params import SamplingParams
 
 
@@ -43,16 +44,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.requests
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprob of the chosen token and the top-N alternatives at one position."""
-
-    token_id: int
-    logprob: float
-    rank: int  # 1 = most likely
-    top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
 @dataclass

@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneserve.core.request import FINISH_REASONS, Request
-from tuneserve.core.step_io import TokenLogprobs
 from tuneserve.errors import RequestError
-from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tuneserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from tuneserve.tokenizer import IncrementalDetokenizer
 
 OUTPUT_KINDS = ("cumulative", "delta", "final")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneserve.core.step_io import TokenLogprobs
+from tuneserve.outputs import TokenLogprobs
 from tuneserve.sampling_params import SamplingParams
 
 

@@ -14,9 +14,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 from tuneserve.chat_template import render_untrusted
-from tuneserve.core.step_io import TokenLogprobs
 from tuneserve.engine.prepared import PreparedRequest
-from tuneserve.outputs import RequestOutput
+from tuneserve.outputs import RequestOutput, TokenLogprobs
 from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.server.async_engine import AsyncEngine
 from tuneserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest

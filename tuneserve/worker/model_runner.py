@@ -13,10 +13,11 @@ import torch
 
 from tuneserve import faults
 from tuneserve.config import EngineConfig
-from tuneserve.core.step_io import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs, scatter_output
+from tuneserve.core.step_io import RunnerOutput, ScheduledRequest, SchedulerOutput, scatter_output
 from tuneserve.errors import RequestError
 from tuneserve.kernels.attention import build_metadata
 from tuneserve.models.layers import ForwardContext
+from tuneserve.outputs import TokenLogprobs
 from tuneserve.sample.rejection import rejection_sample, verify_coupled, verify_greedy
 from tuneserve.sample.sampler import (
     SamplingRow,
