@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,25 @@ from tiny_models import build_tiny, build_tiny_gemma3  # noqa: E402
 from tuneserve import LLM  # noqa: E402
 
 TINY_KV_BYTES = 256 * 8192  # 256 blocks of 16 tokens for the tiny models (512 bytes per token)
+
+
+@pytest.fixture(autouse=True)
+def _kv_invariants_after_every_step(monkeypatch):
+    """Every engine step of every test leaves the KV bookkeeping consistent, the draft model's included."""
+    from tuneserve.engine.llm_engine import LLMEngine
+
+    original = LLMEngine.step
+
+    @functools.wraps(original)
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        self.kv.check_invariants()
+        draft = getattr(getattr(self, "spec", None), "draft", None)
+        if draft is not None:
+            draft.kv.check_invariants()
+        return out
+
+    monkeypatch.setattr(LLMEngine, "step", step)
 
 
 @pytest.fixture(scope="session")

@@ -180,7 +180,7 @@ def test_end_to_end_random_dataset(server, tmp_path):
         assert 0 < r["ttft_s"] <= r["e2el_s"] and len(r["itl_s"]) <= 15
         assert r["tpot_s"] == pytest.approx((r["e2el_s"] - r["ttft_s"]) / 15)
     path = tmp_path / "out.json"
-    from tuneserve.bench.report import write_json
+    from tuneserve.bench.records import write_json
 
     write_json(path, result)
     back = json.loads(path.read_text())

@@ -1,5 +1,7 @@
 """BlockPool: exact block ids, reference counts and LRU eviction order."""
 
+import pytest
+
 from tuneserve.core.block_pool import NULL_BLOCK_ID, BlockPool, hash_block_tokens
 
 
@@ -81,3 +83,25 @@ def test_usage():
     pool = BlockPool(5)
     pool.get_new_blocks(2)
     assert pool.usage == 0.5
+
+
+def test_check_invariants_names_what_broke():
+    pool = BlockPool(5)
+    a = pool.get_new_blocks(2)  # 1, 2
+    pool.cache_block(a[0], hash_block_tokens(None, [1]), (1,))
+    pool.check_invariants({1: 1, 2: 1})
+    with pytest.raises(AssertionError, match=r"KVBlock\(2, ref=1\) is held by 2 block tables"):
+        pool.check_invariants({1: 1, 2: 2})
+    with pytest.raises(AssertionError, match="leaked"):
+        pool.check_invariants({1: 1})  # block 2 referenced, yet no table holds it
+    pool.free_queue[2] = None  # a held block slipped into the free queue
+    with pytest.raises(AssertionError, match=r"KVBlock\(2, ref=1\) is in the free queue"):
+        pool.check_invariants({1: 1, 2: 1})
+    del pool.free_queue[2]
+    pool.cached.clear()
+    with pytest.raises(AssertionError, match="hash the cached map lacks"):
+        pool.check_invariants({1: 1, 2: 1})
+    pool.cached[a[0].block_hash] = a[0]
+    pool.blocks[NULL_BLOCK_ID].ref_cnt = 0
+    with pytest.raises(AssertionError, match="null block lost its pin"):
+        pool.check_invariants({1: 1, 2: 1})

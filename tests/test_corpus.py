@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuneserve.bench import corpus
-from tuneserve.bench.corpus import (
+from tuneserve import corpus
+from tuneserve.corpus import (
     CORPORA,
     clean_wikitext,
     eval_windows,

@@ -150,7 +150,7 @@ def test_gemma3_reference_tokens(gemma3):
 def test_gemma3_greedy_equals_hf_under_and_over_the_window(gemma3):
     """A short prompt and a ~900-token one (Wikipedia) in one batch; then the long one again from the
     prefix cache gives the same tokens."""
-    from tuneserve.bench.corpus import load_corpus, sample_prompts
+    from tuneserve.corpus import load_corpus, sample_prompts
     from tuneserve.weights.sources import pull
 
     tok = gemma3.get_tokenizer()

@@ -26,6 +26,7 @@ def compute(kv, r, n, hits=None):
     r.num_computed_tokens += n
     kv.cache_blocks(r)
     kv.remove_skipped_blocks(r)
+    kv.check_invariants()
 
 
 def test_allocate_exact_blocks():
@@ -153,3 +154,30 @@ def test_a_block_only_hits_after_the_same_prefix():
     compute(kv, req("b", X + Q + [0]), 9)
     hits, n = kv.get_computed_blocks(req("c", X + Y + [0]))
     assert n == 4  # X hits; Y was cached after P, not after X: its KV differs
+
+
+def test_check_invariants_catches_broken_tables():
+    kv = make_kv(num_blocks=20, window=8, sinks=4)
+    r = req("a", list(range(30)))
+    compute(kv, r, 30)  # table [1, 0, 0, 0, 0, 6, 7, 8]
+    kv.check_invariants()
+    r.num_computed_tokens = 40  # computed tokens beyond the table
+    with pytest.raises(AssertionError, match=r"request 'a' group 0: 8 blocks for 40 computed tokens"):
+        kv.check_invariants()
+    r.num_computed_tokens = 32  # block 5 (tokens 20-23) left the window (25..32) but was not dropped
+    with pytest.raises(AssertionError, match=r"request 'a' group 0: block 5 is KVBlock\(6"):
+        kv.check_invariants()
+    r.num_computed_tokens = 30
+    table = kv.req_blocks[0]["a"]
+    table[1] = table[6]  # a block held twice by one request
+    with pytest.raises(AssertionError, match="appears twice"):
+        kv.check_invariants()
+
+
+def test_check_invariants_catches_a_mismatched_cached_block():
+    kv = make_kv()
+    a = req("a", list(range(9)))
+    compute(kv, a, 9)
+    a.block_hashes[1] = b"x" * 16  # the table's block 1 carries another prefix's hash
+    with pytest.raises(AssertionError, match="cached under another prefix's hash"):
+        kv.check_invariants()

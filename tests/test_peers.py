@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuneserve.bench import peer_hf, peer_llama_cpp
-from tuneserve.bench.peers import _add_ratios
+from tuneserve.bench.peers import hf, llama_cpp
+from tuneserve.bench.peers.compare import _add_ratios
 from tuneserve.weights.sources import pull
 
 
@@ -23,14 +23,14 @@ def test_ratio_is_against_the_best_peer_of_the_same_workload():
 @pytest.mark.model
 def test_hf_peer_counts_tokens():
     prompts = [[100 + i] * (8 + i) for i in range(4)]
-    (res,) = peer_hf.run_hf(str(pull("smollm2-135m")), prompts, 5, batch_sizes=(4,))
+    (res,) = hf.run_hf(str(pull("smollm2-135m")), prompts, 5, batch_sizes=(4,))
     assert res.output_tokens == 20 and res.prompt_tokens == sum(map(len, prompts)) and res.output_tok_s > 0
 
 
 @pytest.mark.slow
 @pytest.mark.model
-@pytest.mark.skipif(not peer_llama_cpp.is_available(), reason="llama-cpp-python missing: pip install -e .[peers]")
+@pytest.mark.skipif(not llama_cpp.is_available(), reason="llama-cpp-python missing: pip install -e .[peers]")
 def test_llama_cpp_peer_counts_tokens():
     prompts = [[100 + i] * (8 + i) for i in range(4)]
-    (res,) = peer_llama_cpp.run_llama_cpp(str(pull("smollm2-135m")), prompts, 5, n_parallel=(2,))
+    (res,) = llama_cpp.run_llama_cpp(str(pull("smollm2-135m")), prompts, 5, n_parallel=(2,))
     assert res.output_tokens == 20 and res.output_tok_s > 0

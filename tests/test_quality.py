@@ -16,7 +16,7 @@ def _model(path):
 
 
 def test_scored_rows_score_every_token_once():
-    from tuneserve.bench.corpus import eval_windows
+    from tuneserve.corpus import eval_windows
 
     for n, window, stride in [(100, 32, 32), (100, 32, 16), (37, 64, 64), (64, 32, 8)]:
         wins = eval_windows(list(range(n)), window, stride)

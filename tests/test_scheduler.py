@@ -30,9 +30,12 @@ def fake_token(seq):
 
 
 def step(s):
+    """Schedule, run a fake model, apply its output; the KV bookkeeping must hold after each half."""
     out = s.schedule()
+    s.kv.check_invariants()
     sampled = [[fake_token(sr.token_ids)] if sr.sample else [] for sr in out.requests]
     s.update(out, RunnerOutput(sampled, [None] * len(sampled), [None] * len(sampled)))
+    s.kv.check_invariants()
     return out
 
 
@@ -160,6 +163,7 @@ def test_abort_frees_blocks_at_once():
     s.add_request(b)
     step(s)
     s.abort(["a", "b"])
+    s.kv.check_invariants()
     assert s.kv.num_free_blocks() == 63
     assert a.status == RequestStatus.FINISHED_ABORTED and not s.has_unfinished()
     assert s.schedule().finished_req_ids == {"a", "b"}
@@ -199,4 +203,5 @@ def test_speculative_tokens_are_scheduled_and_rejected_ones_uncomputed():
     assert sr.token_ids == [a.all_token_ids[-1], 11, 12, 13] and sr.num_draft_tokens == 3
     # accept 1 draft, then a bonus token: 2 new tokens, 2 computed (last token + 1 draft)
     s.update(out, RunnerOutput([[11, 77]], [None], [None], [3], [1]))
+    s.kv.check_invariants()  # the rejected drafts' slots stay allocated, past the computed tokens
     assert a.output_token_ids[-2:] == [11, 77] and a.num_computed_tokens == 5 + 1 + 1

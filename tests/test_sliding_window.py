@@ -79,6 +79,7 @@ def test_blocks_held_never_exceed_the_bound(window, sinks, chunk):
         assert kv.num_held_blocks(r) <= bound
         r.num_computed_tokens += n
         kv.remove_skipped_blocks(r)
+        kv.check_invariants()
         assert kv.num_held_blocks(r) <= -(-(window - 1) // BS) + 1 + -(-sinks // BS)
     assert seen >= bound - 2  # the bound is nearly tight
 
@@ -199,8 +200,8 @@ def test_bench_context_runs_and_writes_json_and_png(tiny_dirs, tmp_path):
     # native at 99 tokens: the global layer's 7 blocks + 5 sliding layers x 3 blocks (48 < 99 - 31)
     assert rows[("native", 96)]["kv_ratio"] == (7 + 5 * 3) / (6 * 7)
     assert (tmp_path / "context.png").stat().st_size > 10_000
+    from tuneserve.bench.records import load_records
     from tuneserve.bench.report import context_rows
-    from tuneserve.bench.sweep import load_records
 
     table3 = context_rows(load_records(tmp_path / "r.jsonl"))  # the report's context table reads them back
     assert [(r["attention"], r["context"]) for r in table3] == sorted(rows)

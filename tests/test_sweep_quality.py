@@ -1,6 +1,6 @@
 """Quality records for tune/report: measured once per (model, quantization), with the fp32 baseline."""
 
-from tuneserve.bench.sweep import load_records
+from tuneserve.bench.records import load_records
 from tuneserve.bench.sweep_quality import ensure_quality
 from tuneserve.bench.tune import SLO, evaluate, quality_index
 

@@ -10,8 +10,9 @@ import pytest
 from conftest import TINY_KV_BYTES
 
 from tuneserve.bench import sweep, tune
+from tuneserve.bench.records import load_records
 from tuneserve.bench.report import pareto, render_report
-from tuneserve.bench.sweep import grid_points, load_records, parse_grid, run_sweep
+from tuneserve.bench.sweep import grid_points, parse_grid, run_sweep
 
 
 def test_grid_parsing_and_points():

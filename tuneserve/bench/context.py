@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneserve.bench.report import table, write_json
+from tuneserve.bench.records import table, write_json
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import SamplingParams
 
@@ -147,7 +147,7 @@ def plot(rows: list[dict], fits: list[dict], path: Path, title: str) -> None:
 
 def context_prompts(tokenizer, lengths: list[int], limit: int, seed: int = 0) -> dict[int, list[int]]:  # noqa: ANN001
     """One Wikipedia prompt per length (cut to fit the model's context with the decode tokens)."""
-    from tuneserve.bench.corpus import load_corpus, sample_prompts
+    from tuneserve.corpus import load_corpus, sample_prompts
 
     text = load_corpus("wikipedia")
     longest = sample_prompts(tokenizer, text, 1, min(max(lengths), limit), min(max(lengths), limit), seed)[0]
@@ -213,7 +213,7 @@ def main(ns: argparse.Namespace) -> int:
 
 def append_context_records(results: str, model: str, rows: list[dict]) -> None:
     """Add one 'context' record per measured length to a sweep results file, for `tuneserve report`."""
-    from tuneserve.bench.sweep import append_record
+    from tuneserve.bench.records import append_record
 
     for r in rows:
         metrics = {"context": r["context"], "prefill_s": r["prefill_s"],

@@ -44,7 +44,7 @@ def random_requests(n: int, input_len: int, output_len: int, seed: int = 0,
 def corpus_requests(tokenizer: Any, corpus_text: str, n: int, min_input: int, max_input: int, output_len: int,
                     seed: int = 0) -> list[BenchRequest]:
     """n prompts cut from a text corpus, lengths uniform in [min_input, max_input] tokens."""
-    from tuneserve.bench.corpus import sample_prompts
+    from tuneserve.corpus import sample_prompts
 
     prompts = sample_prompts(tokenizer, corpus_text, n, min_input, max_input, seed)
     return [BenchRequest(p, output_len) for p in prompts]
@@ -53,7 +53,7 @@ def corpus_requests(tokenizer: Any, corpus_text: str, n: int, min_input: int, ma
 def shared_prefix_requests(tokenizer: Any, corpus_text: str, n: int, prefix_len: int, suffix_len: int,
                            output_len: int, seed: int = 0) -> list[BenchRequest]:
     """n prompts = one common prefix_len-token "system prompt" + a distinct suffix_len-token question each."""
-    from tuneserve.bench.corpus import sample_prompts
+    from tuneserve.corpus import sample_prompts
 
     (prefix,) = sample_prompts(tokenizer, corpus_text, 1, prefix_len, prefix_len, seed)
     suffixes = sample_prompts(tokenizer, corpus_text, n, suffix_len, suffix_len, seed + 1)

@@ -10,31 +10,11 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from dataclasses import dataclass
 
-from tuneserve.bench.report import percentile, table, write_json
+from tuneserve.bench.records import percentile, table, write_json
+from tuneserve.bench.workloads import Workload, corpus_workload, ladder_workload
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import SamplingParams
-
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    output_len: int
-    name: str
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
-
-def corpus_workload(tokenizer, corpus: str, n: int, min_in: int, max_in: int, output_len: int,  # noqa: ANN001
-                    seed: int = 0) -> Workload:
-    """n prompts cut from a corpus, uniform lengths in [min_in, max_in]."""
-    from tuneserve.bench.corpus import load_corpus, sample_prompts
-
-    prompts = sample_prompts(tokenizer, load_corpus(corpus), n, min_in, max_in, seed)
-    return Workload(prompts, output_len, f"{corpus}:{n}x[{min_in},{max_in}]->{output_len}")
 
 
 def peak_rss_bytes() -> int:
@@ -74,14 +54,6 @@ def run_engine(llm, work: Workload, label: str = "tuneserve") -> dict:  # noqa: 
         "requests": [{"ttft": a, "tpot": b, "e2el": c} for a, b, c in
                      zip(ttfts, [o.metrics.tpot for o in outs], e2els)],
     }
-
-
-def ladder_workload(tokenizer, batch: int, prompt_len: int = 64, output_len: int = 64) -> Workload:  # noqa: ANN001
-    """`batch` copies of one fixed prompt shape (distinct prompts, so prefix caching does not help)."""
-    from tuneserve.bench.corpus import load_corpus, sample_prompts
-
-    prompts = sample_prompts(tokenizer, load_corpus("wikipedia"), batch, prompt_len, prompt_len, seed=batch)
-    return Workload(prompts, output_len, f"ladder:{batch}x{prompt_len}->{output_len}")
 
 
 def run_ladder(llm, batches: list[int], label: str = "tuneserve") -> list[dict]:  # noqa: ANN001
@@ -153,5 +125,3 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--ladder", default="", help="also run fixed batches, e.g. 1,8,32 (64 in, 64 out)")
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(bench_main=main)
-
-

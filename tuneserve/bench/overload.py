@@ -27,7 +27,7 @@ import httpx
 
 from tuneserve.bench import load, probe
 from tuneserve.bench.exchange import Exchange, send
-from tuneserve.bench.report import percentile, table, write_json
+from tuneserve.bench.records import percentile, table, write_json
 from tuneserve.bench.soak_workload import WORDS
 
 COLUMNS = ("level", "offered_rps", "sent", "admitted", "completed", "rejected", "no_retry_after",

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tuneserve.bench.report import table
+from tuneserve.bench.records import table
 
 P = "tuneserve:"
 IDLE_GAUGES = (P + "num_requests_running", P + "num_requests_waiting", P + "engine_live_requests",

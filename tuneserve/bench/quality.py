@@ -72,7 +72,7 @@ def evaluate(models: dict[str, tuple[nn.Module, int]], token_ids: list[int], win
              stride: int = 512, progress: bool = True) -> list[dict]:
     """models: name -> (model, sliding window or 0). The first entry is the reference for KL and top-1
     (its own KL is 0). Returns one result dict per model, in order."""
-    from tuneserve.bench.corpus import eval_windows
+    from tuneserve.corpus import eval_windows
     from tuneserve.quant.linear import model_weight_bytes
 
     scores = {k: Scores(k, model_weight_bytes(m), extra={"sliding_window": sw})

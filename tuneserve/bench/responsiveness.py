@@ -17,7 +17,7 @@ import time
 import httpx
 
 from tuneserve.bench.probe import add_target_args, make_client, served_model
-from tuneserve.bench.report import percentile, table
+from tuneserve.bench.records import percentile, table
 
 
 async def probe_health(client: httpx.AsyncClient, stop: asyncio.Event, every: float, min_probes: int) -> list[float]:

@@ -20,7 +20,7 @@ import httpx
 
 from tuneserve.bench import load
 from tuneserve.bench.exchange import sse_events
-from tuneserve.bench.report import percentile, table, write_json
+from tuneserve.bench.records import percentile, table, write_json
 
 SLO_KEYS = ("ttft", "tpot", "e2el")
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
@@ -256,7 +256,7 @@ def build_requests(ns: argparse.Namespace, tokenizer_fn) -> list[load.BenchReque
     """The workload the flags describe; tokenizer_fn() is called only for text datasets."""
     if ns.dataset == "random":
         return load.random_requests(ns.num_prompts, ns.input_len, ns.output_len, ns.seed)
-    from tuneserve.bench.corpus import load_corpus
+    from tuneserve.corpus import load_corpus
 
     text, tok = load_corpus(ns.corpus), tokenizer_fn()
     if ns.dataset == "corpus":

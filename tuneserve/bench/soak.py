@@ -30,7 +30,7 @@ import httpx
 
 from tuneserve.bench import probe
 from tuneserve.bench.exchange import Exchange, send
-from tuneserve.bench.report import table, write_json
+from tuneserve.bench.records import table, write_json
 from tuneserve.bench.soak_workload import CHAT, COMPLETIONS, MODES, Job, Workload
 
 KINDS = ("completed", "disconnected", "aborted", "failed")
@@ -224,7 +224,7 @@ def soak_checks(cfg: SoakConfig, outcomes: list[Outcome], idle_before: bool, bef
 
 async def run_soak(cfg: SoakConfig) -> dict:
     """Warm up, take the idle baseline, soak, wait for idle, verify greedy outputs; the whole result."""
-    from tuneserve.bench.corpus import load_corpus
+    from tuneserve.corpus import load_corpus
 
     t0 = time.perf_counter()
     async with probe.make_client(cfg.base_url, cfg.api_key, cfg.request_timeout) as client:

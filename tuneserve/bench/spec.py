@@ -11,57 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 
-from tuneserve.bench.report import table, write_json
+from tuneserve.bench.records import table, write_json
+from tuneserve.bench.workloads import grounded_prompts, open_prompts
 from tuneserve.engine_args import EngineArgs
 from tuneserve.sampling_params import SamplingParams
-
-GROUNDED_TASKS = [
-    "Copy the following text exactly, word for word:\n\n{passage}",
-    "Repeat the text below, but replace every occurrence of the word \"the\" with \"THE\":\n\n{passage}",
-    "Quote the first three sentences of this text verbatim:\n\n{passage}",
-    "Here is some code. Rewrite it unchanged, adding nothing:\n\n{passage}",
-]
-OPEN_TASKS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how a refrigerator works to a ten-year-old.",
-    "Describe a walk through a busy market in a city you imagine.",
-    "Write a letter from a cat to its owner about breakfast.",
-    "What are the pros and cons of living near the sea?",
-    "Invent a new board game and explain its rules.",
-]
-
-
-def grounded_prompts(tokenizer, n: int, passage_tokens: int = 160, seed: int = 0) -> list[list[int]]:  # noqa: ANN001
-    """n chat prompts asking to quote or edit a passage cut from Wikipedia or the Python docs."""
-    from tuneserve.bench.corpus import load_corpus, sample_prompts
-    from tuneserve.tokenizer import chat_prompt
-
-    rng = random.Random(seed)
-    sources = [load_corpus("wikipedia"), load_corpus("python-docs")]
-    out = []
-    for i in range(n):
-        text = sources[i % 2]
-        (ids,) = sample_prompts(tokenizer, text, 1, passage_tokens, passage_tokens, seed=seed * 1000 + i)
-        task = GROUNDED_TASKS[3 if i % 2 else rng.randrange(3)]
-        out.append(_as_prompt(tokenizer, task.format(passage=tokenizer.decode(ids)), chat_prompt))
-    return out
-
-
-def open_prompts(tokenizer, n: int) -> list[list[int]]:  # noqa: ANN001
-    """n open-ended chat prompts."""
-    from tuneserve.tokenizer import chat_prompt
-
-    return [_as_prompt(tokenizer, OPEN_TASKS[i % len(OPEN_TASKS)] + f" (Version {i})", chat_prompt)
-            for i in range(n)]
-
-
-def _as_prompt(tokenizer, text: str, chat_prompt) -> list[int]:  # noqa: ANN001
-    if getattr(tokenizer, "chat_template", None):
-        return chat_prompt(tokenizer, [{"role": "user", "content": text}])
-    return tokenizer(text).input_ids
 
 
 def analytic_speedup(accept_rate: float, k: float, cost_ratio: float) -> float:

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from tuneserve.bench.records import append_record, load_records, point_key
+from tuneserve.bench.workloads import WORKLOADS, build_workload
 from tuneserve.engine_args import EngineArgs
 
 SPECULATIVE = {
     "off": None,
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
 }
-WORKLOADS = ("corpus", "random", "shared-prefix", "grounded")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -72,60 +71,6 @@ def engine_args_for(model: str, point: dict[str, Any], base: dict[str, Any] | No
         else:
             args[name] = value
     return args
-
-
-def point_key(model: str, workload: str, mode: str, rate: float | None, point: dict[str, Any],
-              system: str = "tuneserve") -> str:
-    return json.dumps({"system": system, "model": model, "workload": workload, "mode": mode, "rate": rate,
-                       "config": point}, sort_keys=True, default=str)
-
-
-def load_records(path: str | Path) -> list[dict]:
-    """Records of a results file (a missing file has none; a torn last line is ignored)."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def append_record(path: str | Path, record: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-
-
-def build_workload(tokenizer, workload: str, num_prompts: int, output_len: int, seed: int = 0):  # noqa: ANN001
-    """Prompts (token ids) of a named workload."""
-    from tuneserve.bench.offline import Workload, corpus_workload
-
-    if workload == "corpus":
-        return corpus_workload(tokenizer, "wikipedia", num_prompts, 64, 512, output_len, seed)
-    if workload == "random":
-        import random
-
-        rng = random.Random(seed)
-        hi = min(20000, len(tokenizer))
-        prompts = [[rng.randrange(hi // 20, hi) for _ in range(rng.randint(64, 512))] for _ in range(num_prompts)]
-        return Workload(prompts, output_len, f"random:{num_prompts}")
-    if workload == "shared-prefix":
-        from tuneserve.bench.corpus import load_corpus, sample_prompts
-
-        (system,) = sample_prompts(tokenizer, load_corpus("wikipedia"), 1, 512, 512, seed)
-        tails = sample_prompts(tokenizer, load_corpus("news"), num_prompts, 16, 64, seed)
-        return Workload([system + t for t in tails], output_len, f"shared-prefix:{num_prompts}x512+16..64")
-    if workload == "grounded":
-        from tuneserve.bench.spec import grounded_prompts
-
-        return Workload(grounded_prompts(tokenizer, num_prompts, seed=seed), output_len, f"grounded:{num_prompts}")
-    raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
 
 
 def model_weight_bytes(model) -> int:  # noqa: ANN001
@@ -194,7 +139,7 @@ def main(ns: argparse.Namespace) -> int:
         recs = run_sweep(ns.model, grid, ns.workload, ns.out, ns.num_prompts, ns.output_len, base, rates, mode)
         print(f"[tuneserve] sweep ({mode}): {len(recs)} new points written to {ns.out}", file=sys.stderr)
     if ns.peers:
-        from tuneserve.bench.sweep_peers import sweep_peers
+        from tuneserve.bench.peers.sweep import sweep_peers
 
         sweep_peers(ns.model, ns.workload, ns.out, ns.num_prompts, ns.output_len)
     return 0

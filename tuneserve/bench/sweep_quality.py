@@ -49,7 +49,7 @@ def measure_quality(model: str, quantizations: list[str | None], max_tokens: int
 def ensure_quality(model: str, quantization: str | None, results: str) -> dict:
     """The quality record of (model, quantization) in `results`, measured and appended when missing.
     The unquantized model's own record (the baseline of ppl_increase) is written alongside."""
-    from tuneserve.bench.sweep import append_record, load_records
+    from tuneserve.bench.records import append_record, load_records
 
     have = {r.get("key"): r for r in load_records(results) if r.get("kind") == "quality"}
     wanted = [None] + ([quantization] if quantization is not None else [])

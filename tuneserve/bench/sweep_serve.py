@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneserve.bench.sweep import build_workload
+from tuneserve.bench.workloads import build_workload
 
 
 def measure_serve(model: str, engine_args: dict[str, Any], workload: str, num_prompts: int, output_len: int,

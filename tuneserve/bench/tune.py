@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from tuneserve.bench.report import table
-from tuneserve.bench.sweep import load_records, run_sweep
+from tuneserve.bench.records import load_records, table
+from tuneserve.bench.sweep import engine_args_for, grid_points, run_sweep
+from tuneserve.bench.sweep_quality import ensure_quality
 
 _SLO = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=)\s*([0-9.eE+-]+)\s*(ms|s|%)?\s*$")
 DEFAULT_SPACE = {"max_num_seqs": [1, 4, 16, 64], "quantization": [None, "int8", "int4"],
@@ -125,8 +126,6 @@ def choose(rows: list[dict]) -> tuple[dict | None, dict | None, SLO | None]:
 
 def serve_command(model: str, config: dict) -> str:
     """A ready-to-run `tuneserve serve` command for a configuration."""
-    from tuneserve.bench.sweep import engine_args_for
-
     args = engine_args_for(model, config)
     parts = ["tuneserve", "serve", model]
     for k, v in args.items():
@@ -171,8 +170,6 @@ def main(ns: argparse.Namespace) -> int:
 
 def _measure_missing(ns: argparse.Namespace, space: dict, slos: list[SLO], deadline: float) -> None:
     """Measure points of the search space that the results file lacks, until the budget is spent."""
-    from tuneserve.bench.sweep import grid_points
-
     for point in grid_points(space):
         if time.monotonic() > deadline:
             print("[tuneserve] tune: budget spent; choosing among what is measured", file=sys.stderr)
@@ -180,8 +177,6 @@ def _measure_missing(ns: argparse.Namespace, space: dict, slos: list[SLO], deadl
         run_sweep(ns.model, {k: [v] for k, v in point.items()}, ns.workload, ns.results, ns.num_prompts,
                   ns.output_len)
         if any(s.metric in ("ppl_increase", "kl", "top1") for s in slos):
-            from tuneserve.bench.sweep_quality import ensure_quality
-
             ensure_quality(ns.model, point.get("quantization"), ns.results)
 
 

@@ -25,7 +25,7 @@ BLOCK = 16
 
 def corpus_tokens(tokenizer, corpus: str, max_tokens: int | None = None) -> list[int]:  # noqa: ANN001
     """Token ids of a corpus (built-in name or file), optionally only its first max_tokens."""
-    from tuneserve.bench.corpus import load_corpus
+    from tuneserve.corpus import load_corpus
 
     text = load_corpus(corpus)
     if max_tokens is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    from tuneserve.bench import context, offline, overload, peers, responsiveness, serve, soak, spec
+    from tuneserve.bench import context, offline, overload, responsiveness, serve, soak, spec
+    from tuneserve.bench.peers import compare as peers
 
     p = sub.add_parser("bench", help="benchmarks: offline, peers, context, serve, spec, soak, overload, health")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")

@@ -118,6 +118,31 @@ class BlockPool:
                 del self.cached[block.block_hash]
             block.block_hash, block.token_ids = None, ()
 
+    def check_invariants(self, refs: dict[int, int]) -> None:
+        """Assert the pool's bookkeeping agrees with `refs` (block id -> tables holding it, null excluded):
+        each held block's ref count equals its holders, a block is free iff unreferenced, the null block
+        stays pinned, and the cached map and the blocks' hashes agree. O(free + held + cached)."""
+        null = self.blocks[NULL_BLOCK_ID]
+        assert null.ref_cnt == 1 and null.block_hash is None, f"null block lost its pin: {null}"
+        assert NULL_BLOCK_ID not in self.free_queue and NULL_BLOCK_ID not in refs, "null block handed out"
+        for bid in self.free_queue:
+            block = self.blocks[bid]
+            assert block.ref_cnt == 0, f"{block} is in the free queue with references"
+            self._check_hash(block)
+        for bid, n in refs.items():
+            block = self.blocks[bid]
+            assert block.ref_cnt == n, f"{block} is held by {n} block tables, ref count {block.ref_cnt}"
+            self._check_hash(block)
+        if len(self.free_queue) + len(refs) != self.num_blocks - 1:  # free and held must partition
+            lost = [b for b in self.blocks[1:] if b.block_id not in self.free_queue and b.block_id not in refs]
+            raise AssertionError(f"blocks neither free nor held by a table (leaked): {lost[:8]}")
+        for block_hash, block in self.cached.items():
+            assert block.block_hash == block_hash, f"cached map names {block} under another hash"
+
+    def _check_hash(self, block: KVBlock) -> None:
+        if block.block_hash is not None:
+            assert self.cached.get(block.block_hash) is block, f"{block} has a hash the cached map lacks"
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (only when no block is in use). Returns whether it did."""
         if self.num_free_blocks != self.num_blocks - 1:

@@ -3,9 +3,10 @@ into blocks per group. Torch-free: the runner allocates the tensors (worker/kv_c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tuneserve.config import EngineConfig
+from tuneserve.core.window import Window
 
 
 @dataclass(frozen=True)
@@ -15,26 +16,14 @@ class KVGroupSpec:
     layers: tuple[int, ...]
     window: int = 0
     num_sink_tokens: int = 0  # tokens at the start a windowed group keeps (StreamingLLM sinks)
+    attn_window: Window = field(init=False, repr=False, compare=False)  # the rule built from the two above
 
-    def sink_blocks(self, block_size: int) -> int:
-        """Blocks at the start of a request that a windowed group never frees."""
-        return -(-self.num_sink_tokens // block_size)
-
-    def first_needed_block(self, pos: int, block_size: int) -> int:
-        """First block (after the sinks) that queries at positions >= pos can attend to."""
-        return max(0, pos - self.window + 1) // block_size if self.window else 0
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attn_window", Window(self.window, self.num_sink_tokens))
 
     def max_blocks_per_request(self, num_tokens: int, block_size: int, max_step_tokens: int) -> int:
-        """Most blocks a request of num_tokens holds at once when a step computes <= max_step_tokens of it.
-
-        While a chunk [C, C + L) is computed a windowed group holds blocks first_needed_block(C) ..
-        (C + L - 1) // block_size plus the sinks: at most ceil((L + window - 1) / block_size) + 1 + sinks.
-        """
-        n = -(-num_tokens // block_size)
-        if not self.window:
-            return n
-        step = min(max_step_tokens, num_tokens)
-        return min(n, -(-(step + self.window - 1) // block_size) + 1 + self.sink_blocks(block_size))
+        """Most blocks a request of num_tokens holds at once when a step computes <= max_step_tokens of it."""
+        return self.attn_window.max_blocks(num_tokens, block_size, max_step_tokens)
 
 
 def split_kv_blocks(groups: list[KVGroupSpec], block_bytes: list[int], memory: int, block_size: int,
@@ -50,7 +39,7 @@ def split_kv_blocks(groups: list[KVGroupSpec], block_bytes: list[int], memory: i
         if not spec.window:
             caps.append(None)
             continue
-        per_seq = -(-(spec.window - 1) // block_size) + 2 + spec.sink_blocks(block_size)
+        per_seq = spec.attn_window.blocks_per_seq(block_size)
         caps.append(max_num_seqs * per_seq + -(-max_step_tokens // block_size) + 1)
     if all(c is not None for c in caps):
         caps = [None] * len(groups)

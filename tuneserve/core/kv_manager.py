@@ -37,6 +37,7 @@ class KVManager:
         self.pools = [BlockPool(n, enable_caching) for n in num_blocks]
         self.req_blocks: list[dict[str, list[KVBlock]]] = [{} for _ in groups]
         self.num_cached_blocks: list[dict[str, int]] = [{} for _ in groups]
+        self._holders: dict[str, Request] = {}  # requests with block tables, for check_invariants
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
 
@@ -122,9 +123,7 @@ class KVManager:
 
     def _needed(self, spec: KVGroupSpec, hit: int) -> list[int]:
         """Block indices < hit that a windowed group must have to resume at position hit * block_size."""
-        first = spec.first_needed_block(hit * self.block_size, self.block_size)
-        sinks = min(spec.sink_blocks(self.block_size), first)
-        return list(range(sinks)) + list(range(max(first, sinks), hit))
+        return spec.attn_window.needed_blocks(hit * self.block_size, hit, self.block_size)
 
     def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
         """Count one admitted request's lookup (queried and hit tokens)."""
@@ -163,6 +162,7 @@ class KVManager:
                 blocks.extend(computed_blocks[g])
                 self.num_cached_blocks[g][req.request_id] = len(blocks)
             blocks.extend(pool.get_new_blocks(need[g]))
+        self._holders[req.request_id] = req
         return True
 
     def cache_blocks(self, req: Request) -> None:
@@ -188,11 +188,10 @@ class KVManager:
             if not spec.window:
                 continue
             blocks = self.req_blocks[g].get(req.request_id, [])
-            # the next query sits at position num_computed_tokens and sees (pos - window, pos]
-            first_needed = max(0, req.num_computed_tokens - spec.window + 1) // self.block_size
-            first_kept = -(-spec.num_sink_tokens // self.block_size)
+            # the next query sits at position num_computed_tokens; later ones see no further back
+            sinks, first = spec.attn_window.kept_blocks(req.num_computed_tokens, self.block_size)
             dropped = []
-            for i in range(first_kept, min(first_needed, len(blocks))):
+            for i in range(sinks, min(first, len(blocks))):
                 if blocks[i].block_id != NULL_BLOCK_ID:
                     dropped.append(blocks[i])
                     blocks[i] = self.pools[g].blocks[NULL_BLOCK_ID]
@@ -200,6 +199,7 @@ class KVManager:
 
     def free(self, req: Request) -> None:
         """Release every block req holds (tail first, so shared prefixes are evicted last)."""
+        self._holders.pop(req.request_id, None)
         for g, pool in enumerate(self.pools):
             blocks = self.req_blocks[g].pop(req.request_id, [])
             self.num_cached_blocks[g].pop(req.request_id, None)
@@ -215,3 +215,44 @@ class KVManager:
 
     def reset_prefix_cache(self) -> bool:
         return all(p.reset_prefix_cache() for p in self.pools)
+
+    # ----- invariants -----------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the block or request whose bookkeeping is inconsistent.
+
+        Per group: every block's ref count equals the number of block tables holding it, a block is free
+        iff its ref count is 0, the null block stays pinned (BlockPool.check_invariants). Per request: its
+        table covers its computed tokens; a full group's table has no null entry; a windowed group's has
+        the null block exactly where no query from num_computed_tokens on can look (after the sinks,
+        before the first needed block) and stays within max_blocks_for; a cached block in a table carries
+        the request's hash for that position. Cheap (linear in blocks), meant to run after every step.
+        """
+        ids = set(self._holders)
+        for g, pool in enumerate(self.pools):
+            assert set(self.req_blocks[g]) == ids, f"group {g} tables {sorted(self.req_blocks[g])} != {sorted(ids)}"
+            assert set(self.num_cached_blocks[g]) <= ids, f"group {g} counts cached blocks of gone requests"
+            refs: dict[int, int] = {}
+            for rid, blocks in self.req_blocks[g].items():
+                self._check_table(g, self._holders[rid], blocks)
+                for b in blocks:
+                    if b.block_id != NULL_BLOCK_ID:
+                        refs[b.block_id] = refs.get(b.block_id, 0) + 1
+            pool.check_invariants(refs)
+
+    def _check_table(self, g: int, req: Request, blocks: list[KVBlock]) -> None:
+        rid, bs, nc = req.request_id, self.block_size, req.num_computed_tokens
+        where = f"request {rid!r} group {g}"
+        assert len(blocks) * bs >= nc, f"{where}: {len(blocks)} blocks for {nc} computed tokens"
+        assert self.num_cached_blocks[g].get(rid, 0) <= len(blocks), f"{where}: more cached blocks than held"
+        held = [b.block_id for b in blocks if b.block_id != NULL_BLOCK_ID]
+        assert len(set(held)) == len(held), f"{where}: a block appears twice in {held}"
+        sinks, first = self.groups[g].attn_window.kept_blocks(nc, bs)
+        for i, b in enumerate(blocks):
+            dropped = sinks <= i < first
+            assert (b.block_id == NULL_BLOCK_ID) == dropped, \
+                f"{where}: block {i} is {b} with {nc} computed tokens (null expected iff {sinks} <= i < {first})"
+            if b.block_hash is not None:
+                assert i < len(req.block_hashes) and req.block_hashes[i] == b.block_hash, \
+                    f"{where}: {b} at block {i} is cached under another prefix's hash"
+        bound = self.max_blocks_for(g, len(blocks) * bs)
+        assert len(held) <= bound, f"{where}: holds {len(held)} blocks, more than the bound {bound}"

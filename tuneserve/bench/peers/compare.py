@@ -1,113 +1,21 @@
-"""Performance peers measured on the engine's own workload: HF transformers `generate` and llama.cpp.
+"""`tuneserve bench peers`: the engine, HF transformers and llama.cpp on the same prompts, in the same run.
 
-The workload is the one the engine is benchmarked on: a list of prompts given as token-id lists, a fixed
-number of new tokens per request, greedy decoding, EOS ignored. Both peers run in this process, so run
-them on a quiet machine and in the same session as the engine (see shared/ANCHORS.md: with 2 cores any
-other busy process slows torch several-fold).
-
-Definitions (the same for both peers, so their numbers compare):
-- output_tok_s: generated tokens of the requests that ran / wall time of the whole workload.
-- total_tok_s: (prompt + generated tokens) / the same wall time.
-- TTFT of a request: time from the start of the workload until its first generated token (queueing
-  included, as a client that submitted every request at time 0 would see it).
-- TPOT of a request: (time of its last token - time of its first token) / (output tokens - 1).
-- peak_rss_bytes: the process's maximum resident set size so far (`getrusage`); it never decreases, so
-  for the second and later configs of a run it is an upper bound, not that config's own peak.
-
-`time_limit_s` never extrapolates: once it is exceeded no new batch (HF) or request (llama.cpp) is
-started (the first batch / the first n_parallel requests always start), work already started is
-finished, and every number is over the requests that ran; `extra["num_requests"]` says how many.
+Besides the main corpus workload, `--ladder` adds fixed batches (64 tokens in, 64 out) that every system
+runs with all requests started together. Each engine row gets `ratio_vs_best_peer`: its output tok/s over
+the fastest peer's on the same workload.
 """
 
 from __future__ import annotations
 
-import resource
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PEERS_INSTALL_HINT = (
-    "llama.cpp peer needs llama-cpp-python: `pip install -e .[peers]` "
-    "(it compiles llama.cpp, about 9 minutes on 2 cores)"
-)
-
-
-@dataclass
-class PeerResult:
-    """Throughput and latency of one peer system under one configuration, over one workload."""
-
-    system: str
-    config: str
-    output_tokens: int
-    prompt_tokens: int
-    elapsed_s: float
-    output_tok_s: float
-    total_tok_s: float
-    mean_ttft_s: float | None
-    mean_tpot_s: float | None
-    peak_rss_bytes: int | None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the result as a JSON-serializable dict."""
-        return asdict(self)
-
-
-def _peak_rss_bytes() -> int:
-    """Return this process's maximum resident set size in bytes."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    """Return the arithmetic mean, or None for an empty sequence."""
-    return sum(values) / len(values) if values else None
-
-
-def _check_workload(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """Reject workloads no peer can run."""
-    if not prompts:
-        raise ValueError("empty workload: no prompts")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-
-
-def _make_result(
-    system: str,
-    config: str,
-    prompt_lens: Sequence[int],
-    out_lens: Sequence[int],
-    elapsed: float,
-    ttfts: Sequence[float],
-    tpots: Sequence[float],
-    extra: dict[str, Any],
-) -> PeerResult:
-    """Assemble a PeerResult from per-request measurements."""
-    out_tokens = int(sum(out_lens))
-    prompt_tokens = int(sum(prompt_lens))
-    elapsed = max(elapsed, 1e-9)
-    extra = {"num_requests": len(out_lens), **extra}
-    return PeerResult(
-        system=system,
-        config=config,
-        output_tokens=out_tokens,
-        prompt_tokens=prompt_tokens,
-        elapsed_s=elapsed,
-        output_tok_s=out_tokens / elapsed,
-        total_tok_s=(out_tokens + prompt_tokens) / elapsed,
-        mean_ttft_s=_mean(ttfts),
-        mean_tpot_s=_mean(tpots),
-        peak_rss_bytes=_peak_rss_bytes(),
-        extra=extra,
-    )
-
-
-
-
-# ----------------------------------------------------------------------------------- bench peers CLI
+from tuneserve.bench.offline import add_workload_args, run_engine, warm_up
+from tuneserve.bench.peers import hf, llama_cpp
+from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult
+from tuneserve.bench.records import table, write_json
+from tuneserve.bench.workloads import corpus_workload, ladder_workload
+from tuneserve.engine_args import EngineArgs
 
 
 def _rows(results: list[PeerResult]) -> list[dict[str, Any]]:
@@ -116,10 +24,6 @@ def _rows(results: list[PeerResult]) -> list[dict[str, Any]]:
 
 def main(ns: Any) -> int:
     """`tuneserve bench peers`: the engine, HF transformers and llama.cpp on the same prompts, same run."""
-    from tuneserve.bench import peer_hf, peer_llama_cpp
-    from tuneserve.bench.offline import corpus_workload, ladder_workload, run_engine, warm_up
-    from tuneserve.bench.report import table, write_json
-    from tuneserve.engine_args import EngineArgs
     from tuneserve.llm import LLM
 
     args = EngineArgs.from_cli_args(ns)
@@ -138,16 +42,16 @@ def main(ns: Any) -> int:
     del llm
     hf_sizes = [int(b) for b in ns.hf_batch_sizes.split(",") if b]
     if hf_sizes:
-        rows += _rows(peer_hf.run_hf(path, work.prompts, work.output_len, hf_sizes, ns.time_limit))
+        rows += _rows(hf.run_hf(path, work.prompts, work.output_len, hf_sizes, ns.time_limit))
         for b in ladder:
-            rows += _rows([_ladder(r, b) for r in peer_hf.run_hf(path, ladder_workload(tok, b).prompts, 64, [b])])
+            rows += _rows([_ladder(r, b) for r in hf.run_hf(path, ladder_workload(tok, b).prompts, 64, [b])])
     par = [int(b) for b in ns.llama_parallel.split(",") if b]
-    if par and peer_llama_cpp.is_available():
-        rows += _rows(peer_llama_cpp.run_llama_cpp(path, work.prompts, work.output_len, par,
-                                                   time_limit_s=ns.time_limit))
+    if par and llama_cpp.is_available():
+        rows += _rows(llama_cpp.run_llama_cpp(path, work.prompts, work.output_len, par,
+                                              time_limit_s=ns.time_limit))
         for b in ladder:
-            rows += _rows([_ladder(r, b) for r in
-                           peer_llama_cpp.run_llama_cpp(path, ladder_workload(tok, b).prompts, 64, [b])])
+            ladder_prompts = ladder_workload(tok, b).prompts
+            rows += _rows([_ladder(r, b) for r in llama_cpp.run_llama_cpp(path, ladder_prompts, 64, [b])])
     elif par:
         print(f"[tuneserve] llama.cpp skipped: {PEERS_INSTALL_HINT}", file=sys.stderr)
     _add_ratios(rows)
@@ -178,9 +82,6 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def add_parser(sub: Any) -> None:
-    from tuneserve.bench.offline import add_workload_args
-    from tuneserve.engine_args import EngineArgs
-
     p = sub.add_parser("peers", help="the engine vs HF transformers and llama.cpp on the same prompts")
     p.add_argument("model", nargs="?", default=None)
     add_workload_args(p)

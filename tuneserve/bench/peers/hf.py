@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tuneserve.bench.peers import PeerResult, _check_workload, _make_result, _mean  # noqa: F401
+from tuneserve.bench.peers.result import PeerResult, check_workload, make_result, mean
 
 
 class _StepClock:
@@ -67,7 +67,7 @@ def run_hf(
     """Measure HF transformers `generate` (fp32, SDPA, left-padded static batches), one result per size."""
     import torch
 
-    _check_workload(prompts, max_new_tokens)
+    check_workload(prompts, max_new_tokens)
     t_load = time.perf_counter()
     model = _load_hf(gguf_path)
     load_s = time.perf_counter() - t_load
@@ -130,7 +130,7 @@ def run_hf(
         extra: dict[str, Any] = {
             "batch_size": bs,
             "num_batches": len(prefill_s),
-            "mean_batch_prefill_s": _mean(prefill_s),
+            "mean_batch_prefill_s": mean(prefill_s),
             "torch_threads": torch.get_num_threads(),
             "dtype": "float32",
             "attn": "sdpa",
@@ -139,7 +139,7 @@ def run_hf(
         if return_tokens:
             extra["tokens"] = tokens
         results.append(
-            _make_result(
+            make_result(
                 "hf-transformers", f"batch={bs}", prompt_lens, out_lens, elapsed, ttfts, tpots, extra
             )
         )

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from tuneserve.bench.peers import PEERS_INSTALL_HINT, PeerResult, _check_workload, _make_result, _mean
+from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult, check_workload, make_result, mean
 
 
 def is_available() -> bool:
@@ -76,7 +76,7 @@ def run_llama_cpp(
     L = _import_llama_cpp()
     import numpy as np
 
-    _check_workload(prompts, max_new_tokens)
+    check_workload(prompts, max_new_tokens)
     t_load = time.perf_counter()
     mparams = L.llama_model_default_params()
     mparams.n_gpu_layers = 0
@@ -247,13 +247,13 @@ def _llama_workload(
         "kv_unified": kv_unified,
         "n_ctx": n_ctx,
         "num_decode_calls": calls,
-        "mean_ttft_after_admit_s": _mean([first_t[r] - admit_t[r] for r in done]),
+        "mean_ttft_after_admit_s": mean([first_t[r] - admit_t[r] for r in done]),
         "weights": "gguf-native",
     }
     if return_tokens:
         extra["tokens"] = [out_tok[r] for r in done]
         extra["request_ids"] = done
-    return _make_result(
+    return make_result(
         "llama.cpp",
         f"n_parallel={par}",
         [len(prompts[r]) for r in done],

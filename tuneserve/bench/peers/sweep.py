@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 import time
 
-from tuneserve.bench.sweep import append_record, build_workload, load_records, point_key
+from tuneserve.bench.peers import hf, llama_cpp
+from tuneserve.bench.records import append_record, load_records, point_key
+from tuneserve.bench.workloads import build_workload
 
 
 def sweep_peers(model: str, workload: str, out: str, num_prompts: int, output_len: int,
                 batch_sizes: tuple[int, ...] = (1, 8, 32)) -> None:
     """Append peer records (skipping those already in `out`) for a GGUF model."""
-    from tuneserve.bench import peer_hf, peer_llama_cpp
     from tuneserve.tokenizer import load_tokenizer
     from tuneserve.weights.sources import resolve
 
@@ -21,9 +22,9 @@ def sweep_peers(model: str, workload: str, out: str, num_prompts: int, output_le
         return
     work = build_workload(load_tokenizer(path), workload, num_prompts, output_len)
     done = {r.get("key") for r in load_records(out)}
-    runners = {"hf": lambda b: peer_hf.run_hf(path, work.prompts, output_len, [b])}
-    if peer_llama_cpp.is_available():
-        runners["llama.cpp"] = lambda b: peer_llama_cpp.run_llama_cpp(path, work.prompts, output_len, [b])
+    runners = {"hf": lambda b: hf.run_hf(path, work.prompts, output_len, [b])}
+    if llama_cpp.is_available():
+        runners["llama.cpp"] = lambda b: llama_cpp.run_llama_cpp(path, work.prompts, output_len, [b])
     for system, run in runners.items():
         for b in batch_sizes:
             point = {"max_num_seqs": b}
