@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from tuneserve.kernels import quant_ops as Q
+from tuneserve.kernels.config import resolve
 from tuneserve.quant.apply import pack_weight, resolve_group_size, rtn_quantize
 from tuneserve.quant.linear import QuantEmbedding, QuantLinear, model_weight_bytes
 from tuneserve.quant.recipe import QuantRecipe, fitting_group_sizes, parse_quantization
@@ -65,10 +66,10 @@ def test_clipping_search_never_worse_than_full_range():
 
 
 @pytest.fixture
-def fp32_activations(monkeypatch):
-    """Exact fp32 activations on every kernel path (the int8 / bf16 activation paths are tested against
-    their own oracle in test_quant_kernels.py)."""
-    monkeypatch.setenv("TUNESERVE_QUANT_ACT", "fp32")
+def fp32_activations():
+    """A kernel configuration with exact fp32 activations on every path, for the layers to be bound to (the
+    int8 / bf16 activation paths are tested against their own oracle in test_quant_kernels.py)."""
+    return resolve(quant_activations="fp32")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -77,6 +78,7 @@ def test_quant_linear_matches_its_dequantized_weight(bits, fp32_activations):
     w, b = torch.randn(40, 128, generator=g), torch.randn(40, generator=g)
     layer = pack_weight(w, QuantRecipe(bits=bits, group_size=64 if bits == 4 else None), bias=b)
     assert isinstance(layer, QuantLinear) and layer.bits == bits
+    layer.bind_kernels(fp32_activations)
     x = torch.randn(3, 5, 128, generator=g)
     ref = x @ layer.dequantize().t() + b
     for path in ("auto", "portable"):
@@ -90,6 +92,7 @@ def test_quant_embedding_lookup_and_tied_logits(fp32_activations):
     w = torch.randn(300, 64, generator=g)
     emb = pack_weight(w, QuantRecipe(bits=4, group_size=32), embedding=True)
     assert isinstance(emb, QuantEmbedding)
+    emb.bind_kernels(fp32_activations)
     full = emb.dequantize()
     ids = torch.tensor([0, 299, 7, 7, 150])
     torch.testing.assert_close(emb(ids), full[ids])
@@ -127,16 +130,20 @@ def test_group_size_must_fit_every_layer(tiny_dirs):
     assert 128 in fitting_group_sizes([896, 4864], 4)  # Qwen2.5-0.5B
 
 
-def test_parse_quantization_names_and_env(monkeypatch):
+def test_parse_quantization_names_and_options(monkeypatch):
     assert parse_quantization("gptq-int4").method == "gptq"
     assert parse_quantization("int8").bits == 8
-    monkeypatch.setenv("TUNESERVE_QUANT_SAMPLES", "7")
-    assert parse_quantization("awq-int4", group_size=32).samples == 7
+    spec = parse_quantization("awq-int4:samples=7:g64:act_order=0", group_size=32)  # explicit kwargs win
+    assert (spec.samples, spec.group_size, spec.act_order) == (7, 32, False)
+    assert parse_quantization("int4:g64").group_size == 64
     with pytest.raises(ValueError, match="unknown quantization"):
         parse_quantization("int3")
+    with pytest.raises(ValueError, match="option 'sample=7'"):
+        parse_quantization("int4:sample=7")
     assert parse_quantization("awq-int4").awq_rounding == "gptq"
-    monkeypatch.setenv("TUNESERVE_QUANT_AWQ_ROUNDING", "rtn")
-    assert parse_quantization("awq-int4").awq_rounding == "rtn"
+    monkeypatch.setenv("TUNESERVE_QUANT_AWQ_ROUNDING", "rtn")  # no longer read: it never silently overrides
+    assert parse_quantization("awq-int4").awq_rounding == "gptq"
+    assert parse_quantization("awq-int4:awq_rounding=rtn").awq_rounding == "rtn"
     with pytest.raises(ValueError, match="use 'rtn' or 'gptq'"):
         parse_quantization("awq-int4", awq_rounding="nearest")
 

@@ -55,18 +55,19 @@ def _smollm2_path():
     return str(p)
 
 
-def test_smollm2_native_blocks_match_the_dequantized_model(monkeypatch):
+def test_smollm2_native_blocks_match_the_dequantized_model():
     from tuneserve.calibration.calibrate import fresh_context
+    from tuneserve.kernels.config import resolve
     from tuneserve.loading import load_model, quantize_model
     from tuneserve.quant.linear import QuantEmbedding, QuantLinear, model_weight_bytes
     from tuneserve.weights import open_checkpoint
 
-    monkeypatch.setenv("TUNESERVE_QUANT_ACT", "fp32")  # exact weights: keep activations in fp32 too
+    fp32 = resolve(quant_activations="fp32")  # exact weights: keep activations in fp32 too
     path = _smollm2_path()
     arch = open_checkpoint(path).arch_config()
-    ref = load_model(path, arch, torch.device("cpu"), progress=False)
-    model = load_model(path, arch, torch.device("cpu"), progress=False)
-    report = quantize_model(model, "gguf", checkpoint_path=path, progress=False)
+    ref = load_model(path, arch, torch.device("cpu"), progress=False, kernels=fp32)
+    model = load_model(path, arch, torch.device("cpu"), progress=False, kernels=fp32)
+    report = quantize_model(model, "gguf", checkpoint_path=path, progress=False, kernels=fp32)
     assert report["fallback"] == [] and report["types"] == {"Q8_0": 1, "Q4_1": 210}
     assert isinstance(model.embed_tokens, QuantEmbedding) and model.embed_tokens.bits == 8
     assert isinstance(model.layers[3].mlp.down_proj, QuantLinear) and model.layers[3].mlp.down_proj.bits == 4

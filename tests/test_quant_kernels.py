@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tuneserve.kernels import quant_ops as Q
+from tuneserve.kernels.config import resolve
 
 pytestmark = pytest.mark.skipif(not Q.compiled_available(), reason="no C compiler / kernels disabled")
 
@@ -46,7 +47,7 @@ def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m):
 
 
 def test_vnni_kernels_cover_the_model_shapes():
-    if Q._vnni() is None:
+    if Q.libraries.qmatmul_vnni() is None:
         pytest.skip("no AVX-512 VNNI on this CPU")
     shapes = [(4, 576, 64), (4, 896, 128), (4, 1536, 32), (8, 576, 576), (8, 4864, 32), (8, 96, 32)]
     for bits, k, group in shapes:
@@ -83,14 +84,17 @@ def test_large_batch_tiles_cover_every_row(monkeypatch):
     g = torch.Generator().manual_seed(9)
     qw, s, mn = _int4(97, 64, 32, torch.float16, g)
     x = torch.randn(max(Q.LARGE_M, Q.VNNI_MAX_M) + 3, 64, generator=g)
-    monkeypatch.setenv("TUNESERVE_QUANT_ACT", "fp32")  # fp32 tiles: exact up to summation order
+    fp32 = resolve(quant_activations="fp32")  # fp32 tiles: exact up to summation order
     want = x @ Q.dequant_portable(qw, s, mn).t()
-    torch.testing.assert_close(Q.matmul(x, qw, s, mn), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(Q.matmul(x, qw, s, mn, kernels=fp32), want, rtol=1e-5, atol=1e-4)
 
 
 def test_portable_env_switch_forces_the_pytorch_path(monkeypatch):
     monkeypatch.setenv("TUNESERVE_KERNELS", "portable")
-    assert not Q.compiled_available()
+    cfg = resolve()
+    assert cfg.quant == "portable" and cfg.quant_act == "fp32"
+    qw, s, mn = _int4(8, 64, 32, torch.float16, torch.Generator().manual_seed(1))
+    assert Q.small_batch_call(qw, s, mn, None, kernels=cfg) is None
 
 
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
@@ -101,10 +105,10 @@ def test_avx2_and_scalar_builds_equal_portable(march, monkeypatch):
     flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_build.FLAGS]
     monkeypatch.setattr(cpu_build, "FLAGS", flags)
     cpu_build.load.cache_clear()
-    Q._lib.cache_clear()
-    Q._vnni.cache_clear()
+    Q.libraries.qmatmul.cache_clear()
+    Q.libraries.qmatmul_vnni.cache_clear()
     try:
-        if Q._lib() is None:
+        if Q.libraries.qmatmul() is None:
             pytest.skip(f"cannot build for -march={march}")
         for bits, n, k, group, dtype in CASES:
             for m in (1, 3, 8, 13):
@@ -117,8 +121,8 @@ def test_avx2_and_scalar_builds_equal_portable(march, monkeypatch):
                                            atol=2e-5 * (ref.abs().max().item() + 1))
     finally:
         cpu_build.load.cache_clear()
-        Q._lib.cache_clear()
-        Q._vnni.cache_clear()
+        Q.libraries.qmatmul.cache_clear()
+        Q.libraries.qmatmul_vnni.cache_clear()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -127,18 +131,19 @@ def test_permuted_and_scaled_inputs_applied_in_the_kernel(bits, act, monkeypatch
     """GPTQ act-order permutations and AWQ input scales: the small-batch kernels apply them in C."""
     from tuneserve.quant.linear import QuantLinear
 
-    monkeypatch.setenv("TUNESERVE_QUANT_ACT", act)
+    cfg = resolve(quant_activations=act)
     g = torch.Generator().manual_seed(bits)
     qw, s, mn = (_int4 if bits == 4 else _int8)(24, 128, 64, torch.float16, g)
     perm, iscale = torch.randperm(128, generator=g), torch.rand(128, generator=g) + 0.5
     for p, sc in [(perm, None), (None, iscale), (perm, iscale)]:
         layer = QuantLinear(qw, s, mn, torch.randn(24, generator=g), p, sc)
+        layer.bind_kernels(cfg)
         assert layer._small_call() is not None
         for m in (1, 5, 20):
             x = torch.randn(m, 128, generator=g)
             xt = x * sc if sc is not None else x
             xt = xt[:, p] if p is not None else xt
-            ref = Q.matmul(xt, qw, s, mn, layer.bias, path="portable", act_int8=Q.uses_act_int8(m, qw, s, mn),
-                           act_bf16=Q.uses_act_bf16(m, qw, s, mn))
-            tol = 4e-3 if Q.uses_act_bf16(m, qw, s, mn) else 2e-5
+            ref = Q.matmul(xt, qw, s, mn, layer.bias, path="portable",
+                           act_int8=Q.uses_act_int8(m, qw, s, mn, cfg), act_bf16=Q.uses_act_bf16(m, qw, s, mn, cfg))
+            tol = 4e-3 if Q.uses_act_bf16(m, qw, s, mn, cfg) else 2e-5
             torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol * (ref.abs().max().item() + 1))

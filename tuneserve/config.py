@@ -58,6 +58,8 @@ class ModelConfig:
     quantization: str | None = None
     seed: int = 0
     tokenizer: str | None = None  # a directory holding tokenizer files; None: from the model source
+    kernels: str = "auto"  # auto | portable: resolved with quant_activations by kernels/config.py at load
+    quant_activations: str = "auto"  # auto | int8 | int8-all | bf16 | fp32
 
 
 @dataclass(frozen=True)

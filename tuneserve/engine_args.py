@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
+from tuneserve.kernels.config import KERNELS, QUANT_ACTS, check_choice
+from tuneserve.quant.recipe import METHODS, parse_quantization
 from tuneserve.weights import open_checkpoint
 from tuneserve.weights.sources import DEFAULT_MODEL, resolve
 
@@ -45,6 +47,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     scheduling_policy: str = "fcfs"
     device: str = "auto"
+    kernels: str = "auto"  # auto | portable (every layer on the PyTorch path); kernels/config.py
+    quant_activations: str = "auto"  # quantized matmuls' activations: auto | int8 | int8-all | bf16 | fp32
 
     # ----- resolution -----------------------------------------------------------------------
     def create_engine_config(self) -> EngineConfig:
@@ -58,7 +62,8 @@ class EngineArgs:
                              f"({arch.max_position_embeddings}); lower it")
         device = self.device if self.device != "auto" else default_device()
         model = ModelConfig(model=self.model, path=str(path), arch=arch, dtype=self.dtype, max_model_len=max_len,
-                            quantization=self.quantization, seed=self.seed, tokenizer=self.tokenizer)
+                            quantization=self.quantization, seed=self.seed, tokenizer=self.tokenizer,
+                            kernels=self.kernels, quant_activations=self.quant_activations)
         budget = self.max_num_batched_tokens or (512 if self.enable_chunked_prefill else max(max_len, 2048))
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=max_len, enable_chunked_prefill=self.enable_chunked_prefill,
@@ -93,9 +98,14 @@ class EngineArgs:
              f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         need(self.sliding_window is None or self.sliding_window >= 1,
              f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
+        check_choice("kernels", self.kernels, KERNELS)
+        check_choice("quant_activations", self.quant_activations, QUANT_ACTS)
         q = self.quantization
-        need(q is None or q in ("none", *QUANTIZATIONS) or Path(q).exists(),
-             f"quantization must be one of {QUANTIZATIONS} or a quantized checkpoint directory, got {q!r}")
+        need(q is None or q in ("none", *QUANTIZATIONS) or Path(q).exists() or q.split(":")[0] in METHODS,
+             f"quantization must be one of {QUANTIZATIONS} (recipe options after colons, e.g. 'int4:g64') "
+             f"or a quantized checkpoint directory, got {q!r}")
+        if q is not None and ":" in q and not Path(q).exists():
+            parse_quantization(q)  # a bad recipe option fails here, not after the weights are loaded
         if q == "none":
             self.quantization = None
 
@@ -188,7 +198,7 @@ def default_kv_memory(device: str) -> int:
     if device.startswith("cuda"):
         import torch
 
-        free, _ = torch.cuda.mem_getlog()
+        free, _ = torch.cuda.mem_get_info()
         return int(free * 0.4)
     return min(int(available_memory_bytes() * KV_MEMORY_FRACTION), KV_MEMORY_CAP)
 

@@ -1,8 +1,9 @@
-"""Loading a servable model: build it, fill it from the checkpoint, cast it, quantize it.
+"""Loading a servable model: build it, fill it from the checkpoint, cast it, quantize it, bind its kernels.
 
 This is where the layers below meet: models/ builds and fills, quant/ packs weights at load time
 (round-to-nearest, GGUF-native blocks, quantized checkpoints), calibration/ runs the model to quantize
-with GPTQ / AWQ. Neither quant/ nor models/ imports the other's heavier half.
+with GPTQ / AWQ, kernels/config.py decides once which kernels the finished model runs. Neither quant/ nor
+models/ imports the other's heavier half.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tuneserve.calibration.calibrate import calibration_windows
 from tuneserve.calibration.sequential import quantize_sequential
 from tuneserve.config import ArchConfig
 from tuneserve.dtypes import DTYPES
+from tuneserve.kernels.config import KernelConfig, bind_kernels, resolve
 from tuneserve.log import log, quiet
 from tuneserve.models.layers import Rotary
 from tuneserve.models.loader import build_model, load_weights
@@ -27,10 +29,13 @@ from tuneserve.tokenizer import load_tokenizer
 
 
 def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "float32",
-               progress: bool | None = None, quantization: str | None = None) -> nn.Module:
+               progress: bool | None = None, quantization: str | None = None,
+               kernels: KernelConfig | None = None) -> nn.Module:
     """Build the model for arch and fill it from the checkpoint at path (dequantized to fp32 first), then
     quantize it if asked (tuneserve/quant). A quantized checkpoint directory, given as path or as
-    quantization, fills the model directly with its packed weights."""
+    quantization, fills the model directly with its packed weights. Finally every layer is bound to
+    kernels (None: `kernels.config.resolve()`, i.e. the environment's fallback, else the machine's
+    fastest), which is logged."""
     if progress is None:  # progress bars unless the user asked for quiet
         progress = not quiet()
     model = build_model(arch, device)
@@ -42,20 +47,32 @@ def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "
         for m in model.modules():
             if isinstance(m, Rotary):  # rope tables stay fp32: positions up to 32k need the precision
                 m.cos, m.sin = m.cos.float(), m.sin.float()
+    kernels = kernels or resolve()
     if qdir is not None or quantization is not None:
-        quantize_model(model, str(qdir or quantization), checkpoint_path=path, progress=progress)
+        _quantize(model, str(qdir or quantization), path, progress)
+    bind_kernels(model, kernels)
+    log(f"kernels: {kernels.describe()}")
     return model.eval()
 
 
 def quantize_model(model: nn.Module, quantization: str, checkpoint_path: str | None = None,
-                   progress: bool = True, **overrides: object) -> dict:
-    """Quantize model in place as `quantization` names it; returns a report (what was done, fallbacks)."""
+                   progress: bool = True, kernels: KernelConfig | None = None, **overrides: object) -> dict:
+    """Quantize model in place as `quantization` names it (recipe options in the string or overrides) and
+    bind its layers to kernels (None: `kernels.config.resolve()`); returns a report (what was done,
+    fallbacks)."""
+    report = _quantize(model, quantization, checkpoint_path, progress, **overrides)
+    bind_kernels(model, kernels or resolve())
+    return report
+
+
+def _quantize(model: nn.Module, quantization: str, checkpoint_path: str | None, progress: bool,
+              **overrides: object) -> dict:
     if quantization == "gguf":
         if checkpoint_path is None or Path(checkpoint_path).is_dir():
             raise ValueError("quantization='gguf' needs a GGUF model file (it keeps the file's own blocks)")
         report = load_native(model, checkpoint_path, progress)
         log(f"gguf native: {report['native']} tensors kept in their blocks; "
-              f"{len(report['fallback'])} dequantized to fp32: {report['fallback_summary']}")
+            f"{len(report['fallback'])} dequantized to fp32: {report['fallback_summary']}")
         return report
     if quantization not in METHODS and Path(quantization).is_dir():
         return load_quantized(model, quantization)
@@ -64,9 +81,10 @@ def quantize_model(model: nn.Module, quantization: str, checkpoint_path: str | N
 
 
 def quantize_with_recipe(model: nn.Module, spec: QuantRecipe, checkpoint_path: str | None = None,
-                       progress: bool = True, tokenizer: object = None) -> dict:
+                         progress: bool = True, tokenizer: object = None) -> dict:
     """Quantize model in place with an explicit recipe; calibration text for GPTQ/AWQ is tokenized with
-    `tokenizer` (default: the checkpoint's own)."""
+    `tokenizer` (default: the checkpoint's own). The new layers are not bound to a KernelConfig (they
+    run `kernels.config.detected()` until `bind_kernels`)."""
     spec = resolve_group_size(model, spec)
     if spec.method == "rtn":
         rtn_quantize(model, spec, progress)
@@ -77,6 +95,6 @@ def quantize_with_recipe(model: nn.Module, spec: QuantRecipe, checkpoint_path: s
         tokenizer = load_tokenizer(checkpoint_path)
     windows = calibration_windows(tokenizer, spec.corpus, spec.samples, spec.seq_len, spec.seed)
     log(f"{spec.method}-int{spec.bits} g{spec.group_size}: calibrating on {len(windows)} x {spec.seq_len} "
-          f"tokens of {spec.corpus!r}")
+        f"tokens of {spec.corpus!r}")
     stats = quantize_sequential(model, spec, windows, progress)
     return {"spec": spec.to_dict(), **stats}

@@ -85,8 +85,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     import torch
 
     from tuneserve.bench.quality import evaluate, format_table
-    from tuneserve.bench.report import write_json
+    from tuneserve.bench.records import write_json
     from tuneserve.calibration.calibrate import corpus_tokens
+    from tuneserve.kernels.config import resolve
     from tuneserve.loading import load_model, quantize_model
     from tuneserve.quant.checkpoint import quant_kind
     from tuneserve.quant.recipe import METHODS
@@ -105,19 +106,21 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         quants, path = [path, *quants], src
     tok = load_tokenizer(path, cfg.model.tokenizer)
     sw = args.sliding_window or 0
-    base = load_model(path, arch, device, "float32")
+    kernels = resolve(args.kernels, args.quant_activations)
+    base = load_model(path, arch, device, "float32", kernels=kernels)
     entries = {"fp32": (base, 0)}
     if sw:
         entries[f"fp32 sliding_window={sw}"] = (base, sw)
     if args.dtype != "float32":
-        entries[args.dtype] = (load_model(path, arch, device, args.dtype), sw)
+        entries[args.dtype] = (load_model(path, arch, device, args.dtype, kernels=kernels), sw)
     for q in quants:
-        m = load_model(path, arch, device, args.dtype)
+        m = load_model(path, arch, device, args.dtype, kernels=kernels)
         t0 = time.perf_counter()
-        over = _overrides(ns) if q in METHODS else {}
-        if METHODS.get(q, ("", 4))[1] == 8:
+        method = q.split(":")[0]  # recipe options may follow: int4:g64
+        over = _overrides(ns) if method in METHODS else {}
+        if METHODS.get(method, ("", 4))[1] == 8:
             over.pop("group_size", None)  # int8 stays per output channel unless quantized with a recipe
-        quantize_model(m, q, checkpoint_path=path, **over)
+        quantize_model(m, q, checkpoint_path=path, kernels=kernels, **over)
         label = q if len(q) < 28 else "..." + q[-25:]
         entries[label + (f" sw={sw}" if sw else "")] = (m, sw)
         print(f"[tuneserve] {q}: ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

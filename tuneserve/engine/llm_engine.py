@@ -28,6 +28,7 @@ from tuneserve.engine.prepared import PreparedRequest, aborted_output
 from tuneserve.engine.stats import EngineStats
 from tuneserve.engine_args import EngineArgs
 from tuneserve.errors import RequestError
+from tuneserve.kernels.config import resolve as resolve_kernels
 from tuneserve.kernels.cpu_build import flushing_denormals
 from tuneserve.loading import load_model
 from tuneserve.log import log
@@ -51,7 +52,8 @@ class LLMEngine:
         torch.manual_seed(config.model.seed)
         m = config.model
         self.tokenizer = load_tokenizer(m.path, m.tokenizer)
-        self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization)
+        self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization,
+                                kernels=resolve_kernels(m.kernels, m.quant_activations))
         self.groups = kv_groups(config)
         uses_draft = config.spec is not None and config.spec.method == "draft"
         draft_config = draft_engine_config(config.spec, config) if uses_draft else None

@@ -9,16 +9,21 @@ where the matmul dwarfs the call overhead.
 
 Masks encode causality, the group's sliding window (`window` tokens back, 0 = none) and attention sinks
 (the first `sinks` tokens stay visible), so every layer type uses the same two code paths.
+
+On the CPU the short queries can take a compiled kernel (csrc/paged_attention.c) instead; whether a
+model's layers use it is decided once at load (KernelConfig.attention, kernels/config.py) and passed in
+as `compiled`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from tuneserve.core.window import Window
+from tuneserve.kernels import libraries
 
 SHORT_QUERY_MAX = 16  # queries up to this long go through the batched short-query path
 
@@ -53,8 +58,13 @@ class AttentionMetadata:
     flat_seq: torch.Tensor | None = None  # (R,) their index into short_block_table
     prefills: list[PrefillSeq] = field(default_factory=list)
     window: int = 0  # sliding window of this group's layers, 0 = full attention
-    sinks: int = 0
+    sinks: int = 0  # attention sinks (first positions always visible) of a windowed group
     _short_mask: torch.Tensor | None = None
+
+    @property
+    def attn_window(self) -> Window:
+        """The visibility rule of this group's layers (core/window.py), which masks and tables follow."""
+        return Window(self.window, self.sinks)
 
     def short_mask(self) -> torch.Tensor:
         """(B, 1, Qm, T) bool: which cached positions each padded query may see."""
@@ -68,6 +78,8 @@ class AttentionMetadata:
 
 
 def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """Broadcast qpos against kpos: True where the query may see the key. Exactly Window(window,
+    sinks).sees, vectorised (tests/test_window.py checks they agree on every pair in a range)."""
     ok = kpos <= qpos
     if window:
         near = kpos > qpos - window
@@ -82,7 +94,9 @@ def build_metadata(
     window: int = 0,
     sinks: int = 0,
 ) -> AttentionMetadata:
-    """Metadata for a ragged batch of (start_pos, num_query_tokens, block_table) in batch order."""
+    """Metadata for a ragged batch of (start_pos, num_query_tokens, block_table) in batch order; window and
+    sinks as in Window (core/window.py), which the masks and the windowed block reads follow."""
+    rule = Window(window, sinks)  # rejects negative sizes before they reach a mask or the C kernel
     slots: list[int] = []
     short, prefills = [], []
     row = 0
@@ -96,7 +110,7 @@ def build_metadata(
             prefills.append(PrefillSeq(row, row + n, start, torch.tensor(table, device=device), pos))
         row += n
     meta = AttentionMetadata(block_size, torch.tensor(slots, dtype=torch.long, device=device), row,
-                             prefills=prefills, window=window, sinks=sinks)
+                             prefills=prefills, window=rule.size, sinks=rule.sinks)
     if short:
         _build_short(meta, short, row, device)
     return meta
@@ -133,12 +147,16 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    compiled: bool | None = None,
 ) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend every query to its request's cache. -> (N, H, D)"""
+    """Write this step's K/V into the cache, then attend every query to its request's cache. -> (N, H, D)
+    compiled: whether short queries may take the compiled kernel (a bound KernelConfig's choice; True
+    promises it is built); None: wherever it is built."""
     hkv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
-    use_c = meta.short_rows is not None and short_attention_c_ok(q, k_cache)
+    allowed = compiled_available() if compiled is None else compiled
+    use_c = allowed and meta.short_rows is not None and short_attention_c_ok(q, k_cache)
     if meta.short_is_all and not use_c:
         return _short_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
@@ -212,8 +230,7 @@ def _visible_blocks(p: PrefillSeq, meta: AttentionMetadata) -> tuple[torch.Tenso
     if not meta.window:
         return p.block_table, None
     bs = meta.block_size
-    first = max(0, p.start_pos - meta.window + 1) // bs
-    sink_blocks = min(-(-meta.sinks // bs), first)
+    sink_blocks, first = meta.attn_window.kept_blocks(p.start_pos, bs)
     dev = p.block_table.device
     idx = torch.cat([torch.arange(sink_blocks, device=dev),
                      torch.arange(first, p.block_table.shape[0], device=dev)])
@@ -221,15 +238,20 @@ def _visible_blocks(p: PrefillSeq, meta: AttentionMetadata) -> tuple[torch.Tenso
     return p.block_table[idx], kpos
 
 
+def compiled_available() -> bool:
+    """Whether the compiled attention kernel is built here."""
+    return libraries.paged_attention() is not None
+
+
 def short_attention_c_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the compiled CPU kernel can take this layer's short queries."""
+    """Whether the compiled CPU kernel takes these operands (CPU, fp32, at most 256 heads, contiguous q)."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
-            and q.shape[1] <= 256 and q.is_contiguous() and _kernel() is not None)
+            and q.shape[1] <= 256 and q.is_contiguous())
 
 
 def short_attention_c(q, out, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
     """The short-query group through the compiled kernel, written into out's rows."""
-    lib = _kernel()
+    lib = libraries.paged_attention()
     bt = meta.short_block_table
     h, d = q.shape[1], q.shape[2]
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -239,13 +261,3 @@ def short_attention_c(q, out, k_cache, v_cache, meta: AttentionMetadata, scale: 
         meta.flat_rows.numel(), h, hkv, d, bs, meta.window, meta.sinks, scale)
 
 
-@functools.cache
-def _kernel():
-    from tuneserve.kernels.cpu_build import load
-
-    lib = load("paged_attention")
-    if lib is not None:
-        c = ctypes
-        lib.paged_attention_f32.argtypes = [c.c_void_p] * 8 + [c.c_int64] * 8 + [c.c_float]
-        lib.paged_attention_f32.restype = None
-    return lib

@@ -5,8 +5,9 @@ the flags and this CPU's feature flags (the code is built with -march=native). T
 with -fopenmp and loaded after torch, so it shares torch's OpenMP runtime and thread pool (the dynamic
 loader resolves libgomp.so.1 to the copy torch already loaded).
 
-When there is no compiler, the build fails, TUNESERVE_KERNELS=portable is set or the platform is not
-Linux/x86-64/aarch64, `load()` returns None and callers use their portable PyTorch path.
+When there is no compiler, the build fails or the platform is not Linux/x86-64/aarch64, `load()` returns
+None and callers use their portable PyTorch path. Whether a model uses a library that did build is its
+KernelConfig's choice (kernels/config.py), not this module's.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def _cache_dir() -> Path:
 
 
 def enabled() -> bool:
-    """Whether compiled CPU kernels may be used."""
-    return (os.environ.get("TUNESERVE_KERNELS", "auto") != "portable" and sys.platform == "linux"
-            and platform.machine() in ("x86_64", "aarch64") and shutil.which(os.environ.get("CC", "gcc")))
+    """Whether compiled CPU kernels can be built here (Linux on x86-64 / aarch64, a C compiler)."""
+    return bool(sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
+                and shutil.which(os.environ.get("CC", "gcc")))
 
 
 @cache

@@ -3,48 +3,53 @@
 From 4 rows of x on the CPU (decode batches, speculative verification), PyTorch's GEMM runs much slower
 per row than at one row although the work is bound by reading the weights (SmolLM2's linears: 19 ms at
 M = 1, 46 ms at M = 8); the compiled kernel streams the weights once for all rows of x (31 ms at M = 8,
-the same as torch at M = 1). Larger batches, other dtypes and other devices use F.linear.
-`TUNESERVE_KERNELS=portable` forces F.linear everywhere (the oracle the kernel is tested against).
+the same as torch at M = 1). Larger batches, other dtypes and other devices use F.linear. Whether a
+model's layers use the kernel at all is decided once at load (KernelConfig.dense, kernels/config.py) and
+bound to each DenseLinear; with dense="torch" (kernels="portable") F.linear runs everywhere, the oracle the
+kernel is tested against.
 """
 
 from __future__ import annotations
-
-import ctypes
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneserve.kernels import libraries
+from tuneserve.kernels.config import KernelConfig
+
 SMALL_M = 24  # from about this many rows on, torch's GEMM is as fast (measured: 1.15x at 16-20 rows, 1.0x at 28-32)
 
 
-@functools.cache
-def _lib() -> ctypes.CDLL | None:
-    from tuneserve.kernels.cpu_build import load_functions
+def available() -> bool:
+    """Whether the compiled kernel is built here."""
+    return libraries.dense() is not None
 
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    return load_functions("dense_matmul", {"f32_matmul": [p, i, i, p, i, p, p]})
+
+def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes these operands: few fp32 rows on the CPU, a contiguous fp32 weight."""
+    return (x.dim() == 2 and x.shape[0] < SMALL_M and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.is_contiguous())
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear(x, weight) takes the compiled small-batch kernel."""
-    return (x.dim() == 2 and x.shape[0] < SMALL_M and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.is_contiguous()
-            and os.environ.get("TUNESERVE_KERNELS", "auto") != "portable" and _lib() is not None)
+    """Whether linear(x, weight) takes the compiled small-batch kernel (it is built and takes them)."""
+    return available() and _takes(x, weight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T + bias, as F.linear."""
-    if not kernel_applies(x, weight):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           compiled: bool | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T + bias, as F.linear. compiled: whether the kernel may run (a bound
+    KernelConfig's choice; True promises it is built); None: wherever it is built."""
+    if not ((available() if compiled is None else compiled) and _takes(x, weight)):
         return F.linear(x, weight, bias)
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     b = None if bias is None else bias.contiguous()
-    _lib().f32_matmul(x.data_ptr(), m, k, weight.data_ptr(), n, None if b is None else b.data_ptr(), y.data_ptr())
+    lib = libraries.dense()
+    lib.f32_matmul(x.data_ptr(), m, k, weight.data_ptr(), n, None if b is None else b.data_ptr(), y.data_ptr())
     return y
 
 
@@ -52,5 +57,11 @@ class DenseLinear(nn.Linear):
     """nn.Linear whose forward takes the small-batch kernel where it applies (same parameters and names,
     so checkpoints load and quantization swaps it like any nn.Linear)."""
 
+    compiled: bool | None = None  # bound at load from KernelConfig.dense; None (never bound): where built
+
+    def bind_kernels(self, config: KernelConfig) -> None:
+        """Take config's dense choice (see kernels/config.py)."""
+        self.compiled = config.dense == "compiled"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.compiled)

@@ -4,25 +4,26 @@ Formats (see csrc/qmatmul.c): q4 packs two 4-bit weights per byte in 32-input bl
 the low nibble, input j + 16 in the high one), w = q * scale + min per group of inputs; q8 stores int8,
 w = q * scale. Scales (and mins) are (N, K / group) in fp16 or fp32.
 
-`matmul` picks the path. Below VNNI_MAX_M rows of x on a CPU with AVX-512 VNNI: csrc/qmatmul_vnni.c,
-which quantizes x to int8 per 32 inputs and takes integer dot products with the packed weights
-(llama.cpp's scheme; `TUNESERVE_QUANT_ACT=fp32` turns it off, `int8-all` uses it for every batch size,
-to measure decode numerics on long evaluation windows). Otherwise below LARGE_M rows:
-csrc/qmatmul.c, which dequantizes inside fp32 dot products. Larger batches: tiles of the weight are
-dequantized into a small buffer and multiplied by torch's GEMM; on CPUs with native bf16 (AVX512-BF16 /
-AMX) the tiles and x are bf16 (a bf16 GEMM is ~3x an fp32 one here; x and the output are rounded to bf16),
-elsewhere fp32. `TUNESERVE_QUANT_ACT=fp32` keeps activations in fp32 on every path. The portable path
-(pure PyTorch, any device) dequantizes tiles too, optionally rounding x the way the VNNI kernels do
-(`act_int8`); it is the test oracle for the kernels. `TUNESERVE_KERNELS=portable` forces it.
+`matmul` picks the path within a KernelConfig (kernels/config.py: decided once at load, passed in; the
+functions here read no environment). With compiled kernels and the int8 activation mode, below VNNI_MAX_M
+rows of x (every row count in int8-all): csrc/qmatmul_vnni.c, which quantizes x to int8 per 32 inputs and
+takes integer dot products with the packed weights (llama.cpp's scheme; needs AVX-512 VNNI). Otherwise
+below LARGE_M rows: csrc/qmatmul.c, which dequantizes inside fp32 dot products. Larger batches: tiles of
+the weight are dequantized into a small buffer and multiplied by torch's GEMM; in the int8 / bf16 modes on
+CPUs with native bf16 (AVX512-BF16 / AMX) the tiles and x are bf16 (a bf16 GEMM is ~3x an fp32 one here;
+x and the output are rounded to bf16), elsewhere fp32. The portable path (pure PyTorch, any device)
+dequantizes tiles too, optionally rounding x the way the VNNI kernels do (`act_int8`); it is the test
+oracle for the kernels, and what a config with quant="portable" runs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 
 import torch
+
+from tuneserve.kernels import libraries
+from tuneserve.kernels.config import CpuFeatures, KernelConfig, detected
 
 LARGE_M = 16  # from this many rows of x on, dequantize tiles and use a GEMM
 VNNI_MAX_M = 16  # below this many rows, the int8-activation VNNI kernels where available
@@ -60,49 +61,24 @@ def dequant_portable(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     return w.view(n, k)
 
 
-@functools.cache
-def _lib() -> ctypes.CDLL | None:
-    from tuneserve.kernels.cpu_build import load_functions
-
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    q4_deq, q8_deq = [p, p, p, i, i, i, p, i, i, p], [p, p, i, i, i, p, i, i, p]
-    return load_functions("qmatmul", {
-        "q4_matmul": [p, i, i, p, p, p, i, i, i, p, p], "q8_matmul": [p, i, i, p, p, i, i, i, p, p],
-        "q4_dequant": q4_deq, "q4_dequant_bf16": q4_deq, "q8_dequant": q8_deq, "q8_dequant_bf16": q8_deq})
-
-
-@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 GEMMs are fast."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return CpuFeatures.detect().native_bf16
 
 
-def bf16_tiles() -> bool:
-    """Whether large-batch tiles use a bf16 GEMM (native bf16, compiled kernels, not turned off)."""
-    return (native_bf16() and os.environ.get("TUNESERVE_QUANT_ACT", "int8") != "fp32"
-            and os.environ.get("TUNESERVE_KERNELS", "auto") != "portable")
+def int8_kernels_available() -> bool:
+    """Whether the int8-activation (AVX-512 VNNI) kernels are built and run on this CPU."""
+    return libraries.qmatmul_vnni() is not None
 
 
-@functools.cache
-def _vnni() -> ctypes.CDLL | None:
-    from tuneserve.kernels.cpu_build import load_functions
-
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    lib = load_functions("qmatmul_vnni", {"q4v_matmul": [p, i, i, p, p, p, i, i, i, p, p],
-                                          "q8v_matmul": [p, i, i, p, p, i, i, i, p, p]})
-    return lib if lib is not None and lib.qv_available() else None
-
-
-def uses_act_int8(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
-    """Whether matmul(path='auto') of m rows quantizes the activations to int8 (the VNNI kernels)."""
-    act = os.environ.get("TUNESERVE_QUANT_ACT", "int8")
-    if (m >= VNNI_MAX_M and act != "int8-all") or act == "fp32" or not _kernel_ok(qweight, scales, mins) \
-            or _vnni() is None:
+def uses_act_int8(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                  kernels: KernelConfig | None = None) -> bool:
+    """Whether matmul(path='auto', kernels=kernels) of m rows quantizes the activations to int8 (the VNNI
+    kernels). kernels None: `config.detected()`, as for every function here."""
+    cfg = kernels or detected()
+    if not cfg.quant_act.startswith("int8") or (m >= VNNI_MAX_M and cfg.quant_act != "int8-all") \
+            or not _kernel_ok(qweight, scales, mins, cfg) \
+            or libraries.qmatmul_vnni() is None:  # None: a hand-made config
         return False
     k = qweight.shape[1] * (2 if mins is not None else 1)
     g = k // scales.shape[1]
@@ -121,12 +97,13 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def compiled_available() -> bool:
-    """Whether the compiled kernels are built and allowed."""
-    return os.environ.get("TUNESERVE_KERNELS", "auto") != "portable" and _lib() is not None
+    """Whether the compiled kernels are built here (whether a model uses them is its KernelConfig's say)."""
+    return libraries.qmatmul() is not None
 
 
-def _kernel_ok(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
-    if qweight.device.type != "cpu" or not compiled_available():
+def _kernel_ok(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, cfg: KernelConfig) -> bool:
+    """Whether cfg runs compiled quantized kernels and they take this matrix's device and layout."""
+    if cfg.quant != "compiled" or qweight.device.type != "cpu":
         return False
     k = qweight.shape[1] * (2 if mins is not None else 1)
     group = k // scales.shape[1]
@@ -141,9 +118,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def dequant_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  rows: torch.Tensor | None = None, row0: int = 0, nrows: int | None = None,
-                 path: str = "auto", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 path: str = "auto", dtype: torch.dtype = torch.float32,
+                 kernels: KernelConfig | None = None) -> torch.Tensor:
     """(R, K) rows of a packed matrix in dtype (fp32 or bf16): rows (R,) long, or row0:row0+nrows."""
-    if path != "portable" and _kernel_ok(qweight, scales, mins):
+    if path != "portable" and _kernel_ok(qweight, scales, mins, kernels or detected()):
         k = qweight.shape[1] * (2 if mins is not None else 1)
         if rows is not None:
             rows = rows.to(torch.int64).contiguous()
@@ -153,11 +131,11 @@ def dequant_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
         group = k // scales.shape[1]
         bf = dtype == torch.bfloat16
         if mins is not None:
-            (_lib().q4_dequant_bf16 if bf else _lib().q4_dequant)(
+            (libraries.qmatmul().q4_dequant_bf16 if bf else libraries.qmatmul().q4_dequant)(
                 qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), f16, k, group, _ptr(rows), r, row0,
                 out.data_ptr())
         else:
-            (_lib().q8_dequant_bf16 if bf else _lib().q8_dequant)(
+            (libraries.qmatmul().q8_dequant_bf16 if bf else libraries.qmatmul().q8_dequant)(
                 qweight.data_ptr(), scales.data_ptr(), f16, k, group, _ptr(rows), r, row0, out.data_ptr())
         return out
     sel = rows if rows is not None else slice(row0, row0 + nrows if nrows is not None else None)
@@ -166,17 +144,19 @@ def dequant_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
            bias: torch.Tensor | None = None, path: str = "auto", act_int8: bool = False,
-           act_bf16: bool = False, int8_ok: bool = True) -> torch.Tensor:
-    """x: (M, K) fp32 -> (M, N) fp32 = x @ W^T + bias, W given packed. path: auto | portable. For the
-    portable path, act_int8 / act_bf16 round x as the VNNI kernels / the bf16 tiles do (test oracles)."""
+           act_bf16: bool = False, int8_ok: bool = True, kernels: KernelConfig | None = None) -> torch.Tensor:
+    """x: (M, K) fp32 -> (M, N) fp32 = x @ W^T + bias, W given packed. path: auto (kernels' choice) |
+    portable. For the portable path, act_int8 / act_bf16 round x as the VNNI kernels / the bf16 tiles do
+    (test oracles)."""
     m = x.shape[0]
-    if path != "portable" and x.device.type == "cpu" and _kernel_ok(qweight, scales, mins):
-        if int8_ok and uses_act_int8(m, qweight, scales, mins):
-            return _kernel_matmul(_vnni(), "q4v_matmul", "q8v_matmul", x, qweight, scales, mins, bias)
+    cfg = kernels or detected()
+    if path != "portable" and x.device.type == "cpu" and _kernel_ok(qweight, scales, mins, cfg):
+        if int8_ok and uses_act_int8(m, qweight, scales, mins, cfg):
+            return _kernel_matmul(libraries.qmatmul_vnni(), "q4v_matmul", "q8v_matmul", x, qweight, scales, mins, bias)
         if m < LARGE_M:
-            return _kernel_matmul(_lib(), "q4_matmul", "q8_matmul", x, qweight, scales, mins, bias)
+            return _kernel_matmul(libraries.qmatmul(), "q4_matmul", "q8_matmul", x, qweight, scales, mins, bias)
         return _tiled_matmul(x, qweight, scales, mins, bias, "auto",
-                             torch.bfloat16 if bf16_tiles() else torch.float32)
+                             torch.bfloat16 if cfg.bf16_tiles else torch.float32, cfg)
     if act_int8:
         return _tiled_matmul(quantize_activations(x), qweight, scales, mins, bias, "portable")
     dtype = torch.bfloat16 if act_bf16 else torch.float32
@@ -185,18 +165,19 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: t
 
 def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                      bias: torch.Tensor | None, int8_ok: bool = True, perm: torch.Tensor | None = None,
-                     input_scale: torch.Tensor | None = None) -> tuple | None:
+                     input_scale: torch.Tensor | None = None, kernels: KernelConfig | None = None) -> tuple | None:
     """(kernel, args after (x, M, K), max rows) for calling the compiled kernel directly on small
     batches, skipping the dispatch above; the kernel applies perm / input_scale (x'[k] = x[perm[k]] *
-    input_scale[perm[k]]) itself. None when no compiled kernel takes this matrix. The args hold raw
-    pointers: rebuild after the tensors move."""
-    if not _kernel_ok(qweight, scales, mins):
+    input_scale[perm[k]]) itself. None when kernels runs no compiled kernel for this matrix. The args
+    hold raw pointers: rebuild after the tensors move."""
+    cfg = kernels or detected()
+    if not _kernel_ok(qweight, scales, mins, cfg):
         return None
     k = qweight.shape[1] * (2 if mins is not None else 1)
     f16 = int(scales.dtype == torch.float16)
     n, group = qweight.shape[0], k // scales.shape[1]
-    vnni = int8_ok and uses_act_int8(1, qweight, scales, mins)
-    lib = _vnni() if vnni else _lib()
+    vnni = int8_ok and uses_act_int8(1, qweight, scales, mins, cfg)
+    lib = libraries.qmatmul_vnni() if vnni else libraries.qmatmul()
     name = ("q4" if mins is not None else "q8") + ("v" if vnni else "") + "_matmul"
     args = (qweight.data_ptr(), scales.data_ptr()) + ((mins.data_ptr(),) if mins is not None else ())
     args += (f16, n, group, _ptr(bias))
@@ -210,10 +191,12 @@ def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     return fn, args, VNNI_MAX_M if vnni else LARGE_M
 
 
-def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> bool:
-    """Whether matmul(path='auto') of m rows multiplies bf16 tiles."""
-    return (_kernel_ok(qweight, scales, mins) and not uses_act_int8(m, qweight, scales, mins) and m >= LARGE_M
-            and bf16_tiles())
+def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                  kernels: KernelConfig | None = None) -> bool:
+    """Whether matmul(path='auto', kernels=kernels) of m rows multiplies bf16 tiles."""
+    cfg = kernels or detected()
+    return (cfg.bf16_tiles and m >= LARGE_M and _kernel_ok(qweight, scales, mins, cfg)
+            and not uses_act_int8(m, qweight, scales, mins, cfg))
 
 
 def _kernel_matmul(lib: ctypes.CDLL, q4: str, q8: str, x: torch.Tensor, qweight: torch.Tensor,
@@ -235,19 +218,20 @@ def _kernel_matmul(lib: ctypes.CDLL, q4: str, q8: str, x: torch.Tensor, qweight:
 
 
 def _tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                  bias: torch.Tensor | None, path: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  bias: torch.Tensor | None, path: str, dtype: torch.dtype = torch.float32,
+                  cfg: KernelConfig | None = None) -> torch.Tensor:
     """x @ W^T by dequantizing row tiles of W (a bounded buffer, fp32 or bf16) and calling the GEMM."""
     n = qweight.shape[0]
     k = x.shape[1]
     tile = max(1, TILE_ELEMS // k)
     xt = x.to(dtype)
     if tile >= n:
-        y = (xt @ dequant_rows(qweight, scales, mins, path=path, dtype=dtype).t()).float()
+        y = (xt @ dequant_rows(qweight, scales, mins, path=path, dtype=dtype, kernels=cfg).t()).float()
     else:
         y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
         for r0 in range(0, n, tile):
             r1 = min(n, r0 + tile)
-            w = dequant_rows(qweight, scales, mins, row0=r0, nrows=r1 - r0, path=path, dtype=dtype)
+            w = dequant_rows(qweight, scales, mins, row0=r0, nrows=r1 - r0, path=path, dtype=dtype, kernels=cfg)
             y[:, r0:r1] = xt @ w.t()
     if bias is not None:
         y += bias

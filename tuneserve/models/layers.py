@@ -11,6 +11,7 @@ from torch import nn
 
 from tuneserve.config import ArchConfig
 from tuneserve.kernels.attention import AttentionMetadata, paged_attention
+from tuneserve.kernels.config import KernelConfig
 from tuneserve.kernels.dense_ops import DenseLinear
 
 
@@ -103,6 +104,11 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(scalar)
         self.q_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
+        self.compiled_attention: bool | None = None  # bound at load (bind_kernels); None: where built
+
+    def bind_kernels(self, config: KernelConfig) -> None:
+        """Take config's attention choice; the kernel takes at most 256 query heads."""
+        self.compiled_attention = config.attention == "compiled" and self.h <= 256
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (N, hidden) -> (N, hidden)."""
@@ -113,5 +119,6 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, ctx), self.rotary(k, ctx)
         k_cache, v_cache = ctx.kv_caches[self.layer]
-        o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn[self.layer], self.scale)  # (N, H, D)
+        o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn[self.layer], self.scale,
+                            self.compiled_attention)  # (N, H, D)
         return self.o_proj(o.reshape(n, self.q_size))

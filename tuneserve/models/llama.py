@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tuneserve.config import ArchConfig
+from tuneserve.kernels.config import KernelConfig
 from tuneserve.kernels.dense_ops import DenseLinear, linear
 from tuneserve.models.layers import Attention, ForwardContext, GatedMLP, RMSNorm
 
@@ -39,6 +40,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.arch = arch
+        self.dense_compiled: bool | None = None  # the tied head's kernel choice, bound at load (bind_kernels)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(self.layer_cls(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -54,12 +56,16 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, ctx)
         return self.norm(x)
 
+    def bind_kernels(self, config: KernelConfig) -> None:
+        """An unquantized head (tied or not) follows the dense kernel choice like every linear layer."""
+        self.dense_compiled = config.dense == "compiled"
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (R, hidden) -> fp32 logits (R, vocab)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if not isinstance(head, (nn.Embedding, nn.Linear)):
             return head.logits(hidden)  # a quantized head (tied: the packed embedding itself)
-        return linear(hidden, head.weight).float()
+        return linear(hidden, head.weight, compiled=self.dense_compiled).float()
 
     # ----- weights --------------------------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:

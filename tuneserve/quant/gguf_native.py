@@ -13,7 +13,8 @@ Q4_1 and Q8_0 map one to one onto our int4 / int8 layouts (same bytes: 5 and 8.5
 SmolLM2 runs at its file's size. Q4_K, Q5_0 and Q6_K are repacked exactly (same integer codes) into
 int4 g32 / int8 g32 / int8 g16 with fp16 scales (the sub-block scale products d * sc are rounded to fp16);
 they take 5, 8.5 and 9 bits per weight instead of 4.5, 5.5 and 6.6. Other types fall back to the fp32
-weights already loaded, and the report names them.
+weights already loaded, and the report names them. The modules are plain QuantLinear / QuantEmbedding /
+ConcatLinear: they run the kernels `loading` binds to them (kernels/config.py), like any quantized layer.
 """
 
 from __future__ import annotations

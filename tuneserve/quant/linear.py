@@ -9,6 +9,10 @@ Buffers (all persistent, so `state_dict()` is the checkpoint format):
   input_scale optional (K,) fp32: x is multiplied by it first (AWQ scales that no earlier op absorbed)
   bias     optional (N,) fp32
 The layout is self-describing: bits, group size and K follow from the shapes and dtypes.
+
+Which kernels a layer runs (compiled or portable, int8 / bf16 / fp32 activations) is the KernelConfig bound
+to it at load (`bind_kernels`, kernels/config.py); a layer never bound uses `config.detected()`, the
+machine's fastest. Forwards read no environment.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from tuneserve.kernels import quant_ops
+from tuneserve.kernels.config import KernelConfig, detected
 
 
 class QuantLinear(nn.Module):
@@ -40,6 +45,7 @@ class QuantLinear(nn.Module):
         self.path = "auto"  # "portable" forces the PyTorch path (tests)
         self.out_dtype = torch.float32  # embedding lookups return the model's dtype
         self.int8_activations = True  # may small batches take the int8-activation (VNNI) kernels
+        self.kernels: KernelConfig | None = None  # bound at load (bind_kernels); None: config.detected()
         self._call: tuple | None = None  # cached direct kernel call for small batches (see _small_call)
         self._call_key: tuple = ()
 
@@ -48,17 +54,26 @@ class QuantLinear(nn.Module):
                 f"scales={str(self.scales.dtype).removeprefix('torch.')}, act_order={self.perm is not None}, "
                 f"input_scale={self.input_scale is not None}")
 
+    def bind_kernels(self, config: KernelConfig) -> None:
+        """Run on config's kernels from now on (see kernels/config.py)."""
+        self.kernels = config
+        self._call_key = ()
+
+    def _config(self) -> KernelConfig:
+        return self.kernels or detected()
+
     def _small_call(self) -> tuple | None:
         """The compiled kernel and its fixed arguments for small batches (a decode step calls ~100 layers:
-        the generic dispatch would cost more than the kernel). Rebuilt when the weights move or `path`
-        changes; TUNESERVE_KERNELS / TUNESERVE_QUANT_ACT are read when it is built."""
-        key = (self.path, self.qweight.data_ptr())
+        the generic dispatch would cost more than the kernel). Rebuilt when the weights move, or `path`
+        or the bound KernelConfig changes."""
+        key = (self.path, self.qweight.data_ptr(), self.kernels)
         if key != self._call_key:
             self._call_key = key
             self._call = None
             if self.path == "auto" and self.qweight.device.type == "cpu":
                 self._call = quant_ops.small_batch_call(self.qweight, self.scales, self.mins, self.bias,
-                                                        self.int8_activations, self.perm, self.input_scale)
+                                                        self.int8_activations, self.perm, self.input_scale,
+                                                        self._config())
         return self._call
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +93,7 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         return quant_ops.matmul(x, self.qweight, self.scales, self.mins, self.bias, self.path,
-                                int8_ok=self.int8_activations)
+                                int8_ok=self.int8_activations, kernels=self._config())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., K) -> (..., N), in x's dtype."""
@@ -93,7 +108,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The effective fp32 weight (N, K) in the original input order (tests and error measurement)."""
-        w = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, path=self.path)
+        w = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, path=self.path, kernels=self._config())
         if self.perm is not None:
             w = w[:, torch.argsort(self.perm)]
         if self.input_scale is not None:
@@ -114,7 +129,7 @@ class QuantEmbedding(QuantLinear):
         if self.perm is not None:
             raise ValueError("an embedding cannot use act-order (permuted input columns)")
         rows = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, rows=ids.reshape(-1),
-                                      path=self.path)
+                                      path=self.path, kernels=self._config())
         if self.input_scale is not None:
             rows = rows * self.input_scale
         return rows.view(*ids.shape, self.in_features).to(self.out_dtype)
@@ -150,8 +165,8 @@ def _out_features(m: nn.Module) -> int:
 
 
 def set_path(model: nn.Module, path: str) -> None:
-    """Force every quantized layer of model onto a kernel path, 'auto' or 'portable' (and re-read the
-    kernel environment variables)."""
+    """Force every quantized layer of model onto a kernel path: 'portable', or 'auto' (its bound
+    KernelConfig's choice)."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.path = path

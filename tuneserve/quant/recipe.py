@@ -1,10 +1,12 @@
-"""What to quantize and how: QuantRecipe, the `quantization=` names, and group-size checks."""
+"""What to quantize and how: QuantRecipe, the `quantization=` strings (name[:options]), group-size checks."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from math import gcd
+
+from tuneserve.log import log
 
 METHODS = {  # quantization= name -> (method, bits)
     "int8": ("rtn", 8),
@@ -50,29 +52,62 @@ class QuantRecipe:
 
 
 def parse_quantization(name: str, **overrides: object) -> QuantRecipe:
-    """QuantRecipe for a quantization= name, with TUNESERVE_QUANT_* environment overrides, then kwargs.
+    """QuantRecipe for a quantization= string, then kwargs that are not None (CLI flags).
 
-    Environment (for engines built from flags): TUNESERVE_QUANT_GROUP_SIZE, _SAMPLES, _SEQ_LEN, _CORPUS,
-    _SEED, _ACT_ORDER (0/1), _SYMMETRIC (0/1), _AWQ_BLOCK_LOSS (0/1), _AWQ_ROUNDING (rtn/gptq).
+    The string is a method name with optional recipe options after colons: `awq-int4`, `int4:g64`,
+    `gptq-int4:g128:samples=64:corpus=wikipedia:act_order=0` (gN is group_size=N; options are QuantRecipe
+    fields, see RECIPE_OPTIONS). The environment is not read: TUNESERVE_QUANT_* variables that once
+    overrode recipes are reported as ignored.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown quantization {name!r}; one of {sorted(METHODS)}, 'gguf' or a checkpoint "
-                         "directory")
-    method, bits = METHODS[name]
-    spec = QuantRecipe(method=method, bits=bits)
-    def flag(v: str) -> bool:
-        return v not in ("0", "false", "")
-
-    env = {"group_size": int, "samples": int, "seq_len": int, "corpus": str, "seed": int, "act_order": flag,
-           "symmetric": flag, "awq_block_loss": flag, "awq_rounding": str}
-    for key, conv in env.items():
-        v = os.environ.get(f"TUNESERVE_QUANT_{key.upper()}")
-        if v is not None:
-            spec = replace(spec, **{key: conv(v)})
+    base, *opts = name.split(":")
+    if base not in METHODS:
+        raise ValueError(f"unknown quantization {base!r}; one of {sorted(METHODS)}, 'gguf' or a checkpoint "
+                         "directory (recipe options after colons, e.g. 'int4:g64')")
+    method, bits = METHODS[base]
+    spec = replace(QuantRecipe(method=method, bits=bits), **parse_options(opts))
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if spec.awq_rounding not in AWQ_ROUNDINGS:
         raise ValueError(f"awq_rounding {spec.awq_rounding!r}: use {' or '.join(map(repr, AWQ_ROUNDINGS))}")
+    _report_retired_env()
     return spec
+
+
+RECIPE_OPTIONS = {f.name: f.type for f in fields(QuantRecipe) if f.name not in ("method", "bits")}
+
+
+def parse_options(opts: list[str]) -> dict[str, object]:
+    """['g64', 'samples=32', 'act_order=0'] -> {'group_size': 64, 'samples': 32, 'act_order': False}."""
+    out: dict[str, object] = {}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq and key[:1] == "g" and key[1:].isdigit():
+            key, value = "group_size", key[1:]
+        elif not eq or key not in RECIPE_OPTIONS:
+            raise ValueError(f"quantization option {opt!r}: use gN or key=value with key one of "
+                             f"{sorted(RECIPE_OPTIONS)}")
+        out[key] = _convert(key, value)
+    return out
+
+
+def _convert(key: str, value: str) -> object:
+    kind = RECIPE_OPTIONS[key]
+    try:
+        if "bool" in kind:
+            return value.lower() not in ("0", "false", "no", "off", "")
+        if "int" in kind:
+            return int(value)
+        return float(value) if "float" in kind else value
+    except ValueError:
+        raise ValueError(f"quantization option {key}={value!r}: not a valid {kind}") from None
+
+
+def _report_retired_env() -> None:
+    """Log TUNESERVE_QUANT_* recipe variables that are set: they no longer change a recipe, and a user who
+    set one must not be left believing it did."""
+    stale = sorted(k for k in os.environ if k.startswith("TUNESERVE_QUANT_") and k != "TUNESERVE_QUANT_ACT")
+    if stale:
+        log(f"ignoring {', '.join(stale)}: recipe options come from the quantization string "
+            "(e.g. 'gptq-int4:g64:samples=64') or `tuneserve quantize` flags, not the environment")
 
 
 def fitting_group_sizes(sizes: list[int], bits: int) -> list[int]:

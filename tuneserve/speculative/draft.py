@@ -24,6 +24,7 @@ from tuneserve.core.kv_manager import KVManager
 from tuneserve.core.request import Request
 from tuneserve.core.step_io import ScheduledRequest
 from tuneserve.engine_args import EngineArgs
+from tuneserve.kernels.config import resolve as resolve_kernels
 from tuneserve.loading import load_model
 from tuneserve.log import log
 from tuneserve.sample.sampler import SamplingRow, TokenSpan, position_generator, processed_probs, sample
@@ -54,7 +55,8 @@ def draft_engine_config(spec: SpecConfig, target: EngineConfig) -> EngineConfig:
     args = EngineArgs(model=spec.model or target.model.path, dtype=target.model.dtype,
                       max_model_len=target.model.max_model_len, block_size=target.cache.block_size,
                       enable_prefix_caching=False, kv_cache_memory_bytes=target.cache.kv_cache_memory_bytes,
-                      device=target.device)
+                      device=target.device, kernels=target.model.kernels,
+                      quant_activations=target.model.quant_activations)
     config = args.create_engine_config()
     if len(kv_groups(config)) != 1:
         raise ValueError("a draft model with sliding-window layers is not supported; pick a full-attention one")
@@ -70,8 +72,9 @@ class DraftProposer:
         draft_name = spec.model or config.model.path
         check_same_tokenizer(target_tokenizer, load_tokenizer(config.model.path), draft_name)
         t0 = time.perf_counter()
-        model = load_model(config.model.path, config.model.arch, torch.device(config.device), config.model.dtype,
-                           quantization=spec.quantization)
+        m = config.model
+        model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=spec.quantization,
+                           kernels=resolve_kernels(m.kernels, m.quant_activations))
         groups = kv_groups(config)
         num_blocks = plan_blocks(config, groups, kv_memory, label="draft KV cache")
         self.kv = KVManager(groups, num_blocks, config.cache.block_size, enable_caching=False)

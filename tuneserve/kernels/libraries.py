@@ -1,0 +1,48 @@
+"""The compiled CPU libraries and their C signatures, each built and loaded once (kernels/cpu_build.py).
+
+A function returns None where its library cannot be built or does not run on this CPU; the kernel
+configuration (kernels/config.py) asks these to know what is available, the op modules to call them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+from tuneserve.kernels.cpu_build import load, load_functions
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@functools.cache
+def dense() -> ctypes.CDLL | None:
+    """csrc/dense_matmul.c: fp32 small-batch linear."""
+    return load_functions("dense_matmul", {"f32_matmul": [_P, _I, _I, _P, _I, _P, _P]})
+
+
+@functools.cache
+def qmatmul() -> ctypes.CDLL | None:
+    """csrc/qmatmul.c: int4 / int8 weight matmuls with fp32 activations, and dequantization."""
+    q4_deq, q8_deq = [_P, _P, _P, _I, _I, _I, _P, _I, _I, _P], [_P, _P, _I, _I, _I, _P, _I, _I, _P]
+    return load_functions("qmatmul", {
+        "q4_matmul": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P],
+        "q8_matmul": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P],
+        "q4_dequant": q4_deq, "q4_dequant_bf16": q4_deq, "q8_dequant": q8_deq, "q8_dequant_bf16": q8_deq})
+
+
+@functools.cache
+def qmatmul_vnni() -> ctypes.CDLL | None:
+    """csrc/qmatmul_vnni.c: int8-activation matmuls (AVX-512 VNNI); None where the CPU lacks VNNI."""
+    lib = load_functions("qmatmul_vnni", {"q4v_matmul": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P],
+                                          "q8v_matmul": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P]})
+    return lib if lib is not None and lib.qv_available() else None
+
+
+@functools.cache
+def paged_attention() -> ctypes.CDLL | None:
+    """csrc/paged_attention.c: short-query attention over the paged cache."""
+    lib = load("paged_attention")
+    if lib is not None:
+        lib.paged_attention_f32.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float]
+        lib.paged_attention_f32.restype = None
+    return lib
