@@ -28,7 +28,7 @@ from tuneserve.quant.rtn import fake_quant
 BATCH_TOKENS = 4096  # calibration tokens per forward call
 # GPTQ and AWQ leave gate|up's ranges unclipped: on Qwen2.5-Coder-0.5B g128 the clipping search lowered
 # gate|up's output error yet raised perplexity. AWQ with every other kind clipped: wikipedia 46.2 -> 50.8 when
-# gate|up was clipped too, python-docs 12.4 -> 12.9 (docs/bench-scripts/awq_clip_swap.py). GPTQ (`tuneserve
+# gate|up was clipped too, python-docs 12.4 -> 12.9 (checkpoints swapped by module kind). GPTQ (`tuneserve
 # eval --max-tokens 4096`, wikipedia / python-docs): 42.15 / 11.71 unclipped against 42.31 / 11.90 clipped.
 # Clipping is a biased error: it shrinks the largest weights, and per-layer output error does not see how that
 # compounds.
@@ -118,7 +118,7 @@ class Calibrator:
         """AWQ's scales, then GPTQ on the scaled weight and inputs. The scales are searched with
         round-to-nearest, and GPTQ's error feedback can undo what they buy: on Qwen2.5-Coder-0.5B g128,
         GPTQ with AWQ-scaled q|k|v scored 43.99 / 12.32 wikipedia / python-docs perplexity against 42.31 /
-        11.90 unscaled (docs/bench-scripts/module_swap.py). So GPTQ rounds both the scaled and the unscaled
+        11.90 unscaled (modules swapped between checkpoints). So GPTQ rounds both the scaled and the unscaled
         weight, and the one with the lower loss (block loss, else layer output error) is kept."""
         spec = self.spec
         s, _ = awq_search(w, h, st.abs_mean, spec.bits, group, spec.symmetric, spec.awq_grid, block_loss)
