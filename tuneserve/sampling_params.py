@@ -58,6 +58,38 @@ def utf8_error(text: str) -> str | None:
     return None
 
 
+MAX_CHOICES = 1024
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's names); exactly one of: `json`, a JSON schema (dict or string);
+    `json_object`, any JSON object; `regex`; `choice`, one of these strings; `grammar`, a Lark/EBNF grammar
+    (GBNF as llama.cpp users write it is converted). tuneserve/structured compiles them."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    field: str = "structured_outputs"  # the request field it came from, named in errors (or response_format)
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        _check(len(given) == 1, self.field, "exactly one of json, json_object, regex, choice, grammar",
+               given)
+        _check(self.json is None or isinstance(self.json, (dict, str)), self.field,
+               "a JSON schema (an object or its JSON text) in json", self.json)
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, str) and v), self.field, f"a non-empty string in {name}", v)
+        c = self.choice
+        _check(c is None or (isinstance(c, (list, tuple)) and 0 < len(c) <= MAX_CHOICES
+                             and all(isinstance(s, str) and s for s in c)),
+               self.field, f"1 to {MAX_CHOICES} non-empty strings in choice", c)
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping parameters (vLLM names and defaults).
@@ -88,6 +120,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (tuneserve/structured)
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -118,6 +151,8 @@ class SamplingParams:
             _check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS), name, f"in [0, {MAX_LOGPROBS}] or None", v)
         self._validate_stops()
         self._validate_logit_bias()
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "a StructuredOutputsParams or None", self.structured_outputs)
 
     def _validate_lengths(self) -> None:
         _check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),

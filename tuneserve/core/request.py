@@ -58,6 +58,7 @@ class Request:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.spec_token_ids: list[int] = []
+        self.grammar = None  # structured output: its matcher (structured/backend.Matcher), None if unconstrained
         self.spec_draft_probs = None  # (k, V) tensor when drafts were sampled from a draft model
         self.spec_num_drafts = 0  # verification rounds
         self.spec_num_draft_tokens = 0  # drafts verified over the request's life

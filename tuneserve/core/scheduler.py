@@ -167,6 +167,7 @@ class Scheduler:
             draft_probs=draft_probs,
             prompt_len=req.num_prompt_tokens,
             all_token_ids=req.all_token_ids,
+            grammar=req.grammar,
         )
 
     def _pick_victim(self) -> Request:
@@ -212,12 +213,24 @@ class Scheduler:
         for token in out.sampled[i]:
             req.append_token(token, now)
             faults.hit("stop_check", req.request_id)
-            if req.check_stop(self.config.max_model_len):
+            if req.check_stop(self.config.max_model_len) or self._grammar_done(req, token):
                 break
         self.kv.cache_blocks(req)
         self.kv.remove_skipped_blocks(req)
         if req.is_finished:
             self._release(req, now)
+
+    @staticmethod
+    def _grammar_done(req: Request, token: int) -> bool:
+        """Advance a constrained request's matcher over token; a complete grammar stops the request."""
+        if req.grammar is None or req.is_finished or token in req.eos_token_ids:
+            return False  # an EOS the request does not stop at (ignore_eos, min_tokens) is not grammar text
+        if not req.grammar.accept([token]):
+            raise ValueError(f"token {token} does not fit the request's grammar: {req.grammar.error()}")
+        if req.grammar.is_terminated():
+            req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, None
+            return True
+        return False
 
     def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
         """End requests from outside (abort, or a stop string seen by the detokenizer)."""
@@ -237,6 +250,7 @@ class Scheduler:
 
     def _release(self, req: Request, now: float) -> None:
         self.kv.free(req)
+        req.grammar = None  # its matcher ends with it
         if req in self.running:
             self.running.remove(req)
         req.finished_time = now

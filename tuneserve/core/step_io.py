@@ -28,6 +28,7 @@ class ScheduledRequest:
     prompt_len: int = 0
     # references to the request's token lists, read-only for the runner (penalties, prompt logprobs)
     all_token_ids: list[int] = field(default_factory=list)
+    grammar: object = None  # the request's matcher (structured output): the runner masks its sampled rows
 
     @property
     def num_tokens(self) -> int:

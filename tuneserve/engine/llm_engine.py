@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Iterable
 
@@ -38,6 +39,7 @@ from tuneserve.overflow.summarize import finish_summary, is_summary, parent_id_o
 from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.speculative.decoder import SpecDecoder
 from tuneserve.speculative.draft import DraftProposer, draft_engine_config
+from tuneserve.structured.llguidance_backend import LLGuidanceBackend
 from tuneserve.tokenizer import load_tokenizer
 from tuneserve.worker.kv_cache import block_bytes, build_kv, plan_blocks, token_bytes
 from tuneserve.worker.model_runner import ModelRunner
@@ -74,6 +76,8 @@ class LLMEngine:
         self.unstarted_outputs: list[RequestOutput] = []  # ended while summarizing: reported next step
         self.step_ids: list[str] | None = None  # the running step's requests (None: not yet scheduled)
         self.resetting = False  # recovering from a failed step (engine/isolation.py)
+        self._grammars: LLGuidanceBackend | None = None  # built with the first constrained request
+        self._grammars_lock = threading.Lock()
         log(f"loaded {m.model} ({m.arch.architecture}, {m.arch.num_layers} layers) in "
             f"{time.perf_counter() - t0:.1f}s on {config.device}, dtype {m.dtype}")
 
@@ -126,6 +130,7 @@ class LLMEngine:
             field = "max_tokens" if params.max_tokens is not None and 0 < len(ids) < limit else "prompt"
             raise ParamError(field, str(e)) from None
         params = dataclasses.replace(params, max_tokens=plan.max_tokens)
+        grammar = self._compile_grammar(params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentState(request_id, text, plan.ids, {}, arrival, metadata=plan.metadata)
         if plan.middle is not None:  # overflow_policy summarize: first the summary, then the request
@@ -135,8 +140,8 @@ class LLMEngine:
             parent.metadata.update(job.metadata)
             self.scheduler.check_admissible(job.request)
             self.scheduler.check_fits(len(plan.ids), plan.max_tokens)  # the request that follows the summary
-            return PreparedRequest(parent, [], params, priority, job)
-        prepared = PreparedRequest(parent, [], params, priority)
+            return PreparedRequest(parent, [], params, priority, job, grammar)
+        prepared = PreparedRequest(parent, [], params, priority, grammar=grammar)
         self.make_children(prepared)
         self.scheduler.check_admissible(prepared.children[0])
         return prepared
@@ -149,7 +154,30 @@ class LLMEngine:
             cid = p.request_id if params.n == 1 else f"{p.request_id}#{i}"
             kids.append(Request(cid, p.prompt_token_ids, params.for_child(i), self.config.model.arch.eos_token_ids,
                                 p.arrival_time, prepared.priority, leader_id=kids[0].request_id if kids else None))
+        if prepared.grammar is not None:
+            for req in kids:
+                req.grammar = self.grammars().matcher(prepared.grammar)
         prepared.children = kids
+
+    def grammars(self) -> LLGuidanceBackend:
+        """The structured-output backend, built on first use (it indexes the whole vocabulary)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                m = self.config.model
+                self._grammars = LLGuidanceBackend(self.tokenizer, m.arch.vocab_size, m.arch.eos_token_ids)
+                self.runner.grammars = self._grammars
+            return self._grammars
+
+    def _compile_grammar(self, params: SamplingParams) -> object:
+        """The compiled grammar of a constrained request (cached by grammar), or None; a ParamError saying
+        what is wrong or unsupported."""
+        if params.structured_outputs is None:
+            return None
+        try:
+            return self.grammars().compile(params.structured_outputs)
+        except ValueError as e:
+            field = params.structured_outputs.field
+            raise ParamError(field, f"{field} is invalid or unsupported: {e}") from None
 
     def submit(self, prepared: PreparedRequest) -> str:
         """Queue a prepared request (engine thread only)."""

@@ -21,6 +21,7 @@ class PreparedRequest:
     params: SamplingParams | None = None
     priority: int = 0
     summary: SummaryJob | None = None
+    grammar: object = None  # structured output: the compiled grammar each sample gets a matcher of
 
 
 def aborted_output(prepared: PreparedRequest, error: RequestError | None = None) -> RequestOutput:

@@ -90,7 +90,8 @@ def apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
 def processed_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Probabilities after temperature, top-k, top-p and min-p (rows with temperature 0 untouched)."""
     temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=logits.device)
-    logits = logits / temps.unsqueeze(1)
+    # extreme penalties or temperatures can overflow a logit to +inf: keep it the largest finite value
+    logits = (logits / temps.unsqueeze(1)).clamp(max=torch.finfo(logits.dtype).max)
     need_sort = [i for i, r in enumerate(rows) if r.params.top_k > 0 or r.params.top_p < 1.0]
     if need_sort:
         sub = logits[need_sort]
@@ -102,6 +103,7 @@ def processed_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
         probs_sorted = sorted_l.masked_fill(~keep, float("-inf")).softmax(-1)
         before = probs_sorted.cumsum(-1) - probs_sorted  # mass strictly above each token
         keep &= before < ps.unsqueeze(1)
+        keep[:, 0] = True  # the most likely token always stays (a denormal top_p reads as 0 under flush-to-zero)
         sorted_l = sorted_l.masked_fill(~keep, float("-inf"))
         logits[need_sort] = torch.full_like(sub, float("-inf")).scatter(1, order, sorted_l)
     probs = logits.softmax(-1)

@@ -9,10 +9,11 @@ Unknown fields are a 400 (as OpenAI does), never silently ignored. Of OpenAI's f
 does not implement, the harmless ones are accepted and ignored: `user`, `safety_identifier`,
 `prompt_cache_key`, `metadata`, `service_tier` (hints that never change the output), `store` (false
 only: nothing is kept), `parallel_tool_calls` (no tools run) and `stream_options` without `stream` (nothing
-to act on). `response_format`, `tools`, `tool_choice`, `functions`, `function_call`, `modalities` and
-`suffix` are accepted only with values that ask for nothing (text output, no tools) and are otherwise a 400
+to act on). `tools`, `tool_choice`, `functions`, `function_call`, `modalities` and
+`suffix` are accepted only with values that ask for nothing (no tools) and are otherwise a 400
 saying they are not supported yet; `best_of`, `audio`, `prediction`, ... are refused as unknown fields,
-by name (OPENAI_NOT_YET).
+by name (OPENAI_NOT_YET). `response_format` (text, json_object, json_schema) and vLLM's `structured_outputs`
+constrain the output (server/structured.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tuneserve.sampling_params import (
     SamplingParams,
     utf8_error,
 )
+from tuneserve.server.structured import ResponseFormat, StructuredOutputs, structured_params
 
 
 class APIError(Exception):
@@ -139,10 +141,6 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ResponseFormatText(_Body):
-    type: Literal["text"]
-
-
 class _SamplingFields(_Body):
     model: NonEmptyText | None = None
     max_tokens: Positive | None = None
@@ -168,12 +166,11 @@ class _SamplingFields(_Body):
     safety_identifier: Text | None = None
     prompt_cache_key: Text | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
-    response_format: ResponseFormatText | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra field
     tools: Annotated[list[dict], Field(max_length=0)] | None = None
     tool_choice: Literal["none"] | None = None
 
-    _response_format = field_validator("response_format", mode="before")(
-        _later("structured output", (None, {"type": "text"})))
     _tools = field_validator("tools", mode="before")(_later("tool calling", (None, [])))
     _tool_choice = field_validator("tool_choice", mode="before")(_later("tool calling", (None, "none")))
 
@@ -183,7 +180,8 @@ class _SamplingFields(_Body):
         kw: dict[str, Any] = dict(n=self.n, max_tokens=max_tokens, seed=self.seed, stop=self.stop,
                                   stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                                   min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                  logit_bias=self.logit_bias)
+                                  logit_bias=self.logit_bias,
+                                  structured_outputs=structured_params(self.response_format, self.structured_outputs))
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             v = getattr(self, name)

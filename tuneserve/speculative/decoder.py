@@ -51,7 +51,8 @@ class SpecDecoder:
         live = [r for r in running if r.status == RequestStatus.RUNNING]
         if self.draft is not None:
             self.draft.release_except({r.request_id for r in live})
-        decoding = [r for r in live if r.num_computed_tokens == r.num_tokens - 1]
+        # constrained requests do not draft: their drafts would need checking against the grammar
+        decoding = [r for r in live if r.num_computed_tokens == r.num_tokens - 1 and r.grammar is None]
         base = sum(1 if r in decoding else r.num_tokens - r.num_computed_tokens for r in live)
         k, n = self.ctl.plan(len(decoding), base)
         if k == 0:

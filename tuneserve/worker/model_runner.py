@@ -29,6 +29,7 @@ from tuneserve.sample.sampler import (
     sample,
     token_logprobs,
 )
+from tuneserve.structured.backend import GrammarBackend
 from tuneserve.worker.kv_cache import KVCache
 from tuneserve.worker.logit_rows import LogitRows, RequestRows
 
@@ -44,6 +45,7 @@ class ModelRunner:
         self.groups = kv.groups
         self.block_size = config.cache.block_size
         self.eos_ids = config.model.arch.eos_token_ids
+        self.grammars: GrammarBackend | None = None  # set by the engine with the first constrained request
 
     # ----- one step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -140,7 +142,9 @@ class ModelRunner:
             for i, _ in plain:
                 faults.hit("sample", reqs[i].req_id)
             sampling = [self._sampling_row(reqs[i]) for i, _ in plain]
-            chosen = sample(logits[[row for _, row in plain]], sampling).tolist()
+            picked = logits[[row for _, row in plain]]
+            self._constrain(picked, [reqs[i] for i, _ in plain])
+            chosen = sample(picked, sampling).tolist()
             for (i, _), tok in zip(plain, chosen):
                 emitted[i] = [tok]
         for i, (r, rr) in enumerate(zip(reqs, rows)):
@@ -161,6 +165,27 @@ class ModelRunner:
                 faults.hit("prompt_logprobs", r.req_id)
             prompt_lps.append(self._prompt_logprobs(r, lp_all[rr.prompt]) if rr.num_prompt else None)
         return RunnerOutput(emitted, logprobs, prompt_lps, [r.num_draft_tokens for r in reqs], accepted)
+
+    def _constrain(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> None:
+        """Mask, in place, the logits rows of constrained requests to the tokens their grammar allows next
+        (before penalties and temperature, so those keep their meaning among the allowed tokens)."""
+        idx = [j for j, r in enumerate(reqs) if r.grammar is not None]
+        if not idx:
+            return
+        bitmask = self.grammars.allocate_bitmask(len(idx))
+        for k, j in enumerate(idx):
+            reqs[j].grammar.fill_bitmask(bitmask, k)
+        sub = logits[idx]
+        self.grammars.apply_bitmask(sub, bitmask)
+        for k, j in enumerate(idx):
+            r = reqs[j]
+            allowed = torch.isfinite(sub[k])
+            if r.start_pos + r.num_tokens - r.num_draft_tokens - r.prompt_len < r.params.min_tokens:
+                allowed[list(self.eos_ids)] = False  # the sampler bans EOS before min_tokens
+            if not allowed.any():  # picking each request alone pins the error on this one
+                raise RuntimeError(f"the grammar allows no next token for {r.req_id} (min_tokens "
+                                   f"{r.params.min_tokens} may not fit the grammar)")
+        logits[idx] = sub
 
     def _verify(self, r: ScheduledRequest, logits: torch.Tensor) -> tuple[list[int], int]:
         """Check r's draft tokens against the target logits at their k + 1 positions (sample/rejection.py).
