@@ -203,3 +203,13 @@ def test_response_format_json_schema_and_structured_outputs(client):
             model="tiny", messages=[{"role": "user", "content": "hi"}],
             response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nope"}}})
     assert e.value.body["param"] == "response_format"
+
+
+def test_bench_offline_measures_the_cost_of_a_schema(llm):
+    from tuneserve.bench.offline import run_engine
+    from tuneserve.bench.workloads import DEMO_SCHEMA, Workload
+
+    work = Workload([[5, 6, 7], [8, 9]], 24, "tiny")
+    free = run_engine(llm, work)
+    constrained = run_engine(llm, work, structured=StructuredOutputsParams(json=DEMO_SCHEMA))
+    assert free["mask_share"] == 0.0 and 0.0 < constrained["mask_share"] < 1.0

@@ -12,20 +12,25 @@ import resource
 import time
 
 from tuneserve.bench.records import percentile, table, write_json
-from tuneserve.bench.workloads import Workload, corpus_workload, ladder_workload
+from tuneserve.bench.workloads import Workload, corpus_workload, ladder_workload, schema_of
 from tuneserve.engine_args import EngineArgs
-from tuneserve.sampling_params import SamplingParams
+from tuneserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_engine(llm, work: Workload, label: str = "tuneserve") -> dict:  # noqa: ANN001 - tuneserve.LLM
-    """Run a workload through an LLM; returns throughput and latency figures."""
-    params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True)
+def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - tuneserve.LLM
+               structured: StructuredOutputsParams | None = None) -> dict:
+    """Run a workload through an LLM (every request constrained by `structured` when given); returns
+    throughput and latency figures, and the share of the step spent on grammar masks."""
+    params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True,
+                            structured_outputs=structured)
     eng = llm.llm_engine
     preempt0, hits0, queries0 = eng.scheduler.num_preemptions, eng.kv.prefix_hits, eng.kv.prefix_queries
+    s0 = eng.get_stats()
+    step0, mask0 = s0.step_seconds, s0.structured_mask_seconds
     t0 = time.perf_counter()
     outs = llm.generate(work.prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
@@ -33,7 +38,9 @@ def run_engine(llm, work: Workload, label: str = "tuneserve") -> dict:  # noqa: 
     ttfts = [o.metrics.ttft for o in outs]
     tpots = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
     e2els = [o.metrics.e2e for o in outs]
+    s1 = eng.get_stats()
     return {
+        "mask_share": (s1.structured_mask_seconds - mask0) / max(1e-9, s1.step_seconds - step0),
         "system": label,
         "workload": work.name,
         "num_requests": len(outs),
@@ -82,9 +89,16 @@ def main(ns: argparse.Namespace) -> int:
                            ns.output_len, ns.prompt_seed)
     main_row = run_engine(llm, work)
     main_row["config"] = f"max_num_seqs={args.max_num_seqs}"
-    rows = [main_row] + run_ladder(llm, [int(b) for b in ns.ladder.split(",")] if ns.ladder else [])
+    rows = [main_row]
+    if ns.json_schema:  # the same workload, every request constrained: the cost of structure
+        llm.llm_engine.kv.reset_prefix_cache()  # as cold as the first run
+        row = run_engine(llm, work, structured=StructuredOutputsParams(json=schema_of(ns.json_schema)))
+        row["config"] = f"max_num_seqs={args.max_num_seqs} json-schema"
+        row["vs_unconstrained"] = row["output_tok_s"] / main_row["output_tok_s"]
+        rows.append(row)
+    rows += run_ladder(llm, [int(b) for b in ns.ladder.split(",")] if ns.ladder else [])
     cols = ["system", "config", "workload", "output_tok_s", "total_tok_s", "mean_ttft_s", "mean_tpot_s",
-            "preemptions", "peak_rss_bytes"]
+            "preemptions", "peak_rss_bytes"] + (["mask_share", "vs_unconstrained"] if ns.json_schema else [])
     print(table(rows, cols, title=f"bench offline: {args.model} ({args.dtype}, quantization "
                                   f"{args.quantization or 'none'})"))
     cfg = llm.llm_engine.config  # resolved: quantization "none" is None there
@@ -123,5 +137,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("model", nargs="?", default=None)
     add_workload_args(p)
     p.add_argument("--ladder", default="", help="also run fixed batches, e.g. 1,8,32 (64 in, 64 out)")
+    p.add_argument("--json-schema", default=None, metavar="FILE|demo",
+                   help="also run the workload with every request constrained to this JSON schema "
+                        "('demo': 20 properties) and report its throughput ratio and mask share")
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(bench_main=main)

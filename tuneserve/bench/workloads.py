@@ -6,6 +6,7 @@ Every workload is a list of prompts given as token-id lists and a fixed number o
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -95,3 +96,24 @@ def build_workload(tokenizer, workload: str, num_prompts: int, output_len: int, 
     if workload == "grounded":
         return Workload(grounded_prompts(tokenizer, num_prompts, seed=seed), output_len, f"grounded:{num_prompts}")
     raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+
+
+# A 20-property schema whose every field is bounded, so a constrained answer always ends.
+DEMO_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        **{f"name_{i}": {"type": "string", "maxLength": 12} for i in range(5)},
+        **{f"count_{i}": {"type": "integer", "minimum": 0, "maximum": 999} for i in range(5)},
+        **{f"flag_{i}": {"type": "boolean"} for i in range(5)},
+        **{f"kind_{i}": {"enum": ["alpha", "beta", "gamma"]} for i in range(5)},
+    },
+}
+DEMO_SCHEMA["required"] = list(DEMO_SCHEMA["properties"])
+
+
+def schema_of(name: str) -> dict:
+    """A JSON schema from a file, or DEMO_SCHEMA for 'demo'."""
+    if name == "demo":
+        return DEMO_SCHEMA
+    with open(name, encoding="utf-8") as f:
+        return json.load(f)

@@ -39,8 +39,10 @@ def execute_and_update(sched: SchedulerOutput, scheduler: Scheduler, runner: Mod
     for drafted, accepted in zip(out.num_draft_tokens, out.num_accepted):
         if drafted:
             count_spec_step(stats, drafted, accepted)
+    seconds = time.perf_counter() - started
+    stats.step_seconds += seconds
     if spec is not None:
-        spec.observe(sched, out, time.perf_counter() - started)
+        spec.observe(sched, out, seconds)
     return StepResult(sched, out, update_errors)
 
 

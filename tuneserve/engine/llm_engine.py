@@ -329,6 +329,7 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_blocks_in_use, s.num_block_refs = self.kv.num_blocks_in_use, self.kv.num_block_refs
         s.num_live_requests = len(self.output.parents) + len(self.summaries)
+        s.structured_mask_seconds = self.runner.mask_seconds
         return s
 
 

@@ -25,6 +25,8 @@ class EngineStats:
     num_blocks_in_use: int = 0  # leak checks: 0 once every request has ended
     num_block_refs: int = 0
     num_live_requests: int = 0
+    step_seconds: float = 0.0  # in the core step (execute + update)
+    structured_mask_seconds: float = 0.0  # of which filling and applying grammar masks
 
     def count_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

@@ -74,6 +74,8 @@ class LLGuidanceBackend:
                                                        eos_token=list(eos_token_ids) or None)
         self._compiled: dict[str, llguidance.LLMatcher] = {}
         self._lock = threading.Lock()  # requests are prepared on several threads
+        # the first apply builds llguidance's kernel (seconds): pay it here, not in a step
+        self.apply_bitmask(torch.zeros(1, vocab_size), self.allocate_bitmask(1))
 
     def compile(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         try:

@@ -46,6 +46,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.eos_ids = config.model.arch.eos_token_ids
         self.grammars: GrammarBackend | None = None  # set by the engine with the first constrained request
+        self.mask_seconds = 0.0  # spent filling and applying grammar masks (the cost of structure)
 
     # ----- one step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -172,20 +173,24 @@ class ModelRunner:
         idx = [j for j, r in enumerate(reqs) if r.grammar is not None]
         if not idx:
             return
+        t0 = time.perf_counter()
         bitmask = self.grammars.allocate_bitmask(len(idx))
         for k, j in enumerate(idx):
             reqs[j].grammar.fill_bitmask(bitmask, k)
         sub = logits[idx]
         self.grammars.apply_bitmask(sub, bitmask)
-        for k, j in enumerate(idx):
-            r = reqs[j]
-            allowed = torch.isfinite(sub[k])
-            if r.start_pos + r.num_tokens - r.num_draft_tokens - r.prompt_len < r.params.min_tokens:
-                allowed[list(self.eos_ids)] = False  # the sampler bans EOS before min_tokens
-            if not allowed.any():  # picking each request alone pins the error on this one
-                raise RuntimeError(f"the grammar allows no next token for {r.req_id} (min_tokens "
-                                   f"{r.params.min_tokens} may not fit the grammar)")
+        allowed = torch.isfinite(sub)
+        early = [k for k, j in enumerate(idx) if reqs[j].start_pos + reqs[j].num_tokens - reqs[j].num_draft_tokens
+                 - reqs[j].prompt_len < reqs[j].params.min_tokens]
+        if early and self.eos_ids:  # the sampler bans EOS before min_tokens
+            allowed[torch.tensor(early).unsqueeze(1), torch.tensor(list(self.eos_ids)).unsqueeze(0)] = False
+        dead = (~allowed.any(-1)).nonzero()
+        if len(dead):  # picking each request alone pins the error on this one
+            r = reqs[idx[int(dead[0])]]
+            raise RuntimeError(f"the grammar allows no next token for {r.req_id} (min_tokens "
+                               f"{r.params.min_tokens} may not fit the grammar)")
         logits[idx] = sub
+        self.mask_seconds += time.perf_counter() - t0
 
     def _verify(self, r: ScheduledRequest, logits: torch.Tensor) -> tuple[list[int], int]:
         """Check r's draft tokens against the target logits at their k + 1 positions (sample/rejection.py).
