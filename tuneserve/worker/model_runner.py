@@ -180,8 +180,7 @@ class ModelRunner:
         sub = logits[idx]
         self.grammars.apply_bitmask(sub, bitmask)
         allowed = torch.isfinite(sub)
-        early = [k for k, j in enumerate(idx) if reqs[j].start_pos + reqs[j].num_tokens - reqs[j].num_draft_tokens
-                 - reqs[j].prompt_len < reqs[j].params.min_tokens]
+        early = [k for k, j in enumerate(idx) if _output_end(reqs[j]) - reqs[j].prompt_len < reqs[j].params.min_tokens]
         if early and self.eos_ids:  # the sampler bans EOS before min_tokens
             allowed[torch.tensor(early).unsqueeze(1), torch.tensor(list(self.eos_ids)).unsqueeze(0)] = False
         dead = (~allowed.any(-1)).nonzero()
@@ -226,7 +225,11 @@ class ModelRunner:
 
     def _sampling_row(self, r: ScheduledRequest, extra: list[int] | None = None) -> SamplingRow:
         """Sampling state at r's first sampled position (plus `extra` drafts already accepted before it)."""
-        end = r.start_pos + r.num_tokens - r.num_draft_tokens
-        outputs = TokenSpan(r.all_token_ids, r.prompt_len, end, extra or ())
+        outputs = TokenSpan(r.all_token_ids, r.prompt_len, _output_end(r), extra or ())
         return SamplingRow(r.params, self._generator(r, len(outputs)), TokenSpan(r.all_token_ids, 0, r.prompt_len),
                            outputs, self.eos_ids)
+
+
+def _output_end(r: ScheduledRequest) -> int:
+    """Position of r's first sampled token (its known tokens, drafts excluded)."""
+    return r.start_pos + r.num_tokens - r.num_draft_tokens
