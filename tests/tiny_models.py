@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
@@ -77,3 +79,145 @@ def build_tiny_gemma3(path: Path, seed: int = 0, layers: int = 6, window: int = 
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+# ----- the model families of tests/test_families.py, as HF directories and llama.cpp-style GGUF files -----
+FAMILY_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen3": "Qwen3Config",
+                  "gemma3": "Gemma3TextConfig"}
+
+
+def build_family(path: Path, family: str, rope: dict | None = None, seed: int = 0, std: float = 0.25,
+                 layers: int = 2, max_pos: int = 256, tie: bool = True, **extra) -> Path:
+    """A random tiny model of `family` built with transformers' own config and model classes, saved to path.
+    `rope` is its rope_parameters (rope_theta 10000 unless given); `extra` more config keys."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg_cls = getattr(transformers, FAMILY_CONFIGS[family])
+    rope_parameters = {"rope_theta": 10000.0, "rope_type": "default", **(rope or {})}
+    if family == "gemma3":  # per layer type: the scaling applies to the global layers
+        rope_parameters = {"full_attention": rope_parameters,
+                           "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}
+    cfg = cfg_cls(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=std, tie_word_embeddings=tie,
+                  rope_parameters=rope_parameters, **extra)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial biases and norms: loading them wrongly must fail the tests
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, std)
+            elif "norm" in name:
+                p.uniform_(-0.5, 0.5) if family == "gemma3" else p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+             "Qwen3ForCausalLM": "qwen3"}
+GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _llama3_rope_freqs(rp: dict, head_dim: int) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's convert_hf_to_gguf.py stores as rope_freqs.weight."""
+    import math
+
+    freqs = 1.0 / (rp["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    orig, factor = rp["original_max_position_embeddings"], rp["factor"]
+    lo, hi = rp["low_freq_factor"], rp["high_freq_factor"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < orig / hi:
+            out.append(1.0)
+        elif wavelen > orig / lo:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
+               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """The HF model at hf_dir as an fp32 GGUF file laid out as llama.cpp writes it: its tensor names, q/k rows
+    permuted for llama-arch files, rope scaling as metadata or factor tensors. extra_*: added as given."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    c = json.loads((hf_dir / "config.json").read_text())
+    a = GGUF_ARCH[c["architectures"][0]]
+    heads, kv, hidden = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
+    hd = c.get("head_dim") or hidden // heads
+    rp = c["rope_parameters"]
+    w = gguf.GGUFWriter(str(out), a)
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_freq_base(rp["rope_theta"])
+    w.add_vocab_size(c["vocab_size"])
+    w.add_bos_token_id(c["bos_token_id"])
+    w.add_eos_token_id(c["eos_token_id"])
+    if c["architectures"][0] == "MistralForCausalLM" and c.get("sliding_window"):
+        w.add_sliding_window(c["sliding_window"])
+    tensors = {}
+    kind = rp.get("rope_type", "default")
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rp["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rp["factor"])
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+    elif kind == "llama3":
+        tensors["rope_freqs.weight"] = _llama3_rope_freqs(rp, hd)
+    elif kind == "longrope":  # as for Phi-3: the factor tensors and the attention factor
+        import math
+
+        orig = rp["original_max_position_embeddings"]
+        scale = c["max_position_embeddings"] / orig
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)))
+        w.add_rope_scaling_orig_ctx_len(orig)
+        tensors["rope_factors_long.weight"] = np.array(rp["long_factor"], dtype=np.float32)
+        tensors["rope_factors_short.weight"] = np.array(rp["short_factor"], dtype=np.float32)
+    for key, value in (extra_meta or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, value)
+    state = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+    for name, t in state.items():
+        if name in globals_:
+            tensors[globals_[name]] = t
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        part, kind_ = rest.rsplit(".", 1)
+        if a == "llama" and part in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's LlamaModel.permute
+            n = heads if part == "self_attn.q_proj" else kv
+            t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        tensors[f"blk.{layer}.{GGUF_LAYER[part]}.{kind_}"] = t
+    tensors.update(extra_tensors or {})
+    for name, t in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -5,17 +5,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Per-layer attention kinds. A layer with a window keeps only the last `window` tokens' KV.
 FULL_ATTENTION = 0
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")  # what models/rope.py computes
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are scaled: HF `rope_parameters` / `rope_scaling`, or GGUF `rope.scaling.*` and
+    rope factor tensors. models/rope.py turns it into inverse frequencies and an attention factor."""
+
+    rope_type: str = "default"  # default | linear | dynamic | yarn | llama3 | longrope
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+    mscale: float = 0.0  # yarn (DeepSeek form): attention factor from mscale / mscale_all_dim
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # yarn, longrope; None: derived from factor
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to the original context
+    long_factor: tuple[float, ...] = ()  # longrope: beyond it
+    freq_factors: tuple[float, ...] = ()  # per-frequency divisors given outright (GGUF rope_freqs.weight)
+
+    def to_dict(self) -> dict:
+        """The HF `rope_parameters` form, read back by weights/hf_arch.py (freq_factors is our own key)."""
+        if self.rope_type == "default":
+            return {"rope_type": "default"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items() if v is not None and v != ()}
 
 
 @dataclass(frozen=True)
 class ArchConfig:
     """Architecture hyper-parameters read from a checkpoint (GGUF metadata or config.json)."""
 
-    architecture: str  # "llama" | "qwen2" | "gemma3"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,6 +65,17 @@ class ArchConfig:
     query_pre_attn_scalar: float = 0.0  # attention scale = 1/sqrt(this) where set (gemma3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_scaling: RopeScaling = RopeScaling()  # of the full-attention layers (gemma3's sliding ones: none)
+    qk_norm: bool = False  # per-head RMS norm of q and k before rope (qwen3; gemma3 always has it)
+    attention_out_bias: bool = False  # o_proj has a bias (llama / qwen3 `attention_bias` covers q, k, v and o)
+    # the longest sequence served (0: max_position_embeddings); longrope picks its factors by it
+    served_len: int = 0
+
+    def for_context(self, max_len: int) -> ArchConfig:
+        """This architecture as served up to max_len tokens (only longrope depends on it)."""
+        if self.rope_scaling.rope_type != "longrope" or max_len == self.served_len:
+            return self
+        return replace(self, served_len=max_len)
 
     def window_of(self, layer: int) -> int:
         """Sliding window of a layer, 0 for full attention."""

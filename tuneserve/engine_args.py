@@ -60,6 +60,7 @@ class EngineArgs:
         if max_len > arch.max_position_embeddings:
             raise ValueError(f"max_model_len ({max_len}) exceeds the model's context "
                              f"({arch.max_position_embeddings}); lower it")
+        arch = arch.for_context(max_len)  # longrope picks its factors by the served length
         device = self.device if self.device != "auto" else default_device()
         model = ModelConfig(model=self.model, path=str(path), arch=arch, dtype=self.dtype, max_model_len=max_len,
                             quantization=self.quantization, seed=self.seed, tokenizer=self.tokenizer,

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuneserve.config import ArchConfig
+from tuneserve.config import ArchConfig, RopeScaling
 from tuneserve.kernels.attention import AttentionMetadata, paged_attention
 from tuneserve.kernels.config import KernelConfig
 from tuneserve.kernels.dense_ops import DenseLinear
+from tuneserve.models.rope import rope_frequencies
 
 
 @dataclass
@@ -22,7 +23,7 @@ class ForwardContext:
     positions: torch.Tensor  # (N,) long
     attn: list[AttentionMetadata]  # per layer (layers of one KV group share one object)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V as (num_blocks, block_size, Hkv, D)
-    rope_tables: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # by Rotary.key
 
 
 class RMSNorm(nn.Module):
@@ -38,11 +39,16 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotate-half rotary embedding; cos/sin for a step's positions are computed once, shared by layers."""
+    """Rotate-half rotary embedding; cos/sin for a step's positions are computed once, shared by layers.
 
-    def __init__(self, head_dim: int, theta: float, max_pos: int) -> None:
+    Frequencies and the attention factor (folded into cos/sin) come from models/rope.py."""
+
+    def __init__(self, head_dim: int, theta: float, max_pos: int, scaling: RopeScaling | None = None,
+                 served_len: int = 0) -> None:
         super().__init__()
         self.head_dim, self.theta, self.max_pos = head_dim, theta, max_pos
+        self.scaling, self.served_len = scaling or RopeScaling(), served_len or max_pos
+        self.key = hash((theta, self.scaling, self.served_len))  # layers with equal tables share one per step
         self.register_buffer("cos", torch.empty(max_pos, head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(max_pos, head_dim // 2), persistent=False)
         if not self.cos.is_meta:
@@ -50,18 +56,17 @@ class Rotary(nn.Module):
 
     def init_tables(self) -> None:
         """Fill the cos/sin tables (again after the module moved off the meta device)."""
-        d = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        inv_freq, att = rope_frequencies(self.head_dim, self.theta, self.scaling, self.served_len)
         angles = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv_freq)  # (max_pos, D/2)
-        self.cos = angles.cos().float().to(self.cos.device)
-        self.sin = angles.sin().float().to(self.sin.device)
+        self.cos = (angles.cos() * att).float().to(self.cos.device)
+        self.sin = (angles.sin() * att).float().to(self.sin.device)
 
     def tables(self, ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        t = ctx.rope_tables.get(self.theta)
+        t = ctx.rope_tables.get(self.key)
         if t is None:
             p = ctx.positions
             cos, sin = self.cos[p].unsqueeze(1).to(dtype), self.sin[p].unsqueeze(1).to(dtype)  # (N, 1, D/2)
-            t = ctx.rope_tables[self.theta] = (cos, sin)
+            t = ctx.rope_tables[self.key] = (cos, sin)
         return t
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -79,6 +84,8 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = DenseLinear(hidden, 2 * inter, bias=False)
         self.down_proj = DenseLinear(inter, hidden, bias=False)
         self.inter = inter
+        if act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act {act!r} is not supported (silu, gelu_tanh)")
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,18 +97,22 @@ class GatedMLP(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads over the paged KV cache; q/k/v fused in one matmul."""
 
-    def __init__(self, arch: ArchConfig, layer: int, qk_norm: bool = False) -> None:
+    def __init__(self, arch: ArchConfig, layer: int, qk_norm: bool | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.h, self.hkv, self.d = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.window = arch.window_of(layer)
         self.q_size, self.kv_size = self.h * self.d, self.hkv * self.d
         self.qkv_proj = DenseLinear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
-        self.o_proj = DenseLinear(self.q_size, arch.hidden_size, bias=False)
-        theta = arch.rope_theta_local if (self.window and arch.rope_theta_local) else arch.rope_theta
-        self.rotary = Rotary(self.d, theta, arch.max_position_embeddings)
+        self.o_proj = DenseLinear(self.q_size, arch.hidden_size, bias=arch.attention_out_bias)
+        if self.window and arch.rope_theta_local:  # gemma3's sliding layers: their own base, never scaled
+            self.rotary = Rotary(self.d, arch.rope_theta_local, arch.max_position_embeddings)
+        else:
+            self.rotary = Rotary(self.d, arch.rope_theta, arch.max_position_embeddings, arch.rope_scaling,
+                                 arch.served_len)
         scalar = arch.query_pre_attn_scalar or self.d
         self.scale = 1.0 / math.sqrt(scalar)
+        qk_norm = arch.qk_norm if qk_norm is None else qk_norm
         self.q_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
         self.compiled_attention: bool | None = None  # bound at load (bind_kernels); None: where built

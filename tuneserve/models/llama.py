@@ -1,4 +1,6 @@
-"""The llama family: Llama, SmolLM2, Mistral, Qwen2 (q/k/v biases, untied output).
+"""The llama family: Llama (1-3.x; rope scaling in models/rope.py), SmolLM2, Mistral (a sliding window on
+every layer), Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMS norm, explicit head_dim). What differs is in
+ArchConfig, read and checked by weights/.
 
 Reads top to bottom like nanoGPT: embed -> N x (norm, attention, residual, norm, MLP, residual) -> norm.
 The forward pass runs on a flat ragged batch of tokens (N, hidden); logits are computed only for the

@@ -10,7 +10,9 @@ from tuneserve.models.llama import LlamaForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,  # llama with a sliding window on every layer (ArchConfig.layer_windows)
     "qwen2": LlamaForCausalLM,  # llama with q/k/v biases (ArchConfig.attention_bias) and an untied head
+    "qwen3": LlamaForCausalLM,  # llama with per-head q/k RMS norm (ArchConfig.qk_norm)
     "gemma3": Gemma3ForCausalLM,
 }
 

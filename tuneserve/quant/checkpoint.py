@@ -41,7 +41,8 @@ def quant_kind(path: str | Path) -> str | None:
 
 def hf_config(arch: ArchConfig) -> dict:
     """An HF-style config.json for arch, readable by weights/safetensors.HFCheckpoint."""
-    names = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+    names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
     cfg = {
         "architectures": [names[arch.architecture]], "model_type": arch.architecture,
         "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
@@ -53,11 +54,20 @@ def hf_config(arch: ArchConfig) -> dict:
         "attention_bias": arch.attention_bias, "bos_token_id": arch.bos_token_id,
         "eos_token_id": list(arch.eos_token_ids), "torch_dtype": "float32",
     }
+    windows = [arch.window_of(i) for i in range(arch.num_layers)]
+    types = ["sliding_attention" if w else "full_attention" for w in windows]
+    rope = arch.rope_scaling.to_dict()  # weights/hf_arch.py reads it back (freq_factors is our own key)
     if arch.architecture == "gemma3":
-        windows = [arch.window_of(i) for i in range(arch.num_layers)]
         cfg.update(sliding_window=max(windows), rope_local_base_freq=arch.rope_theta_local,
-                   query_pre_attn_scalar=arch.query_pre_attn_scalar,
-                   layer_types=["sliding_attention" if w else "full_attention" for w in windows])
+                   query_pre_attn_scalar=arch.query_pre_attn_scalar, layer_types=types)
+        if rope["rope_type"] != "default":
+            cfg["rope_scaling"] = rope
+    else:
+        cfg["rope_parameters"] = {"rope_theta": arch.rope_theta, **rope}
+    if arch.architecture == "mistral":
+        cfg["sliding_window"] = max(windows) or None
+    elif arch.architecture in ("qwen2", "qwen3"):
+        cfg.update(use_sliding_window=any(windows), sliding_window=max(windows) or None, layer_types=types)
     return cfg
 
 

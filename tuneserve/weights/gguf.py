@@ -2,7 +2,7 @@
 
 Traps handled here (shared/MODELS.md): GGUF lists shapes (in, out), torch wants (out, in); llama-arch
 files store attn_q / attn_k rows permuted for interleaved rope, which we undo so every model uses
-rotate-half rope; gemma norm weights already include the +1.
+rotate-half rope; gemma norm weights already include the +1. What the metadata means: gguf_arch.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tuneserve.config import ArchConfig
+from tuneserve.weights.gguf_arch import ROPE_TENSORS, arch_from_gguf
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -31,6 +32,8 @@ _LAYER_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# llama.cpp permutes q / k rows (weights and biases) of llama-arch files for its interleaved rope
+_PERMUTED = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
 _BLK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -67,6 +70,7 @@ class GGUFCheckpoint:
                      if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
         self.architecture = str(self.meta["general.architecture"])
         self.tensor_names = [t.name for t in self.reader.tensors]
+        self._arch: ArchConfig | None = None
 
     @staticmethod
     def _value(field):  # noqa: ANN001, ANN205 - gguf's own field type
@@ -76,42 +80,17 @@ class GGUFCheckpoint:
             return None
 
     def arch_config(self) -> ArchConfig:
-        """Architecture hyper-parameters from the metadata."""
-        a, m = self.architecture, self.meta
-        if a not in ("llama", "qwen2", "gemma3", "mistral"):
-            raise ValueError(f"{self.path.name}: architecture {a!r} is not supported (llama, qwen2, gemma3)")
-        hidden = int(m[f"{a}.embedding_length"])
-        heads = int(m[f"{a}.attention.head_count"])
-        head_dim = int(m.get(f"{a}.attention.key_length") or hidden // heads)
-        vocab = int(m.get(f"{a}.vocab_size") or self._vocab_size())
-        eos = [m.get("tokenizer.ggml.eos_token_id"), m.get("tokenizer.ggml.eot_token_id")]
-        layers = int(m[f"{a}.block_count"])
-        windows: tuple[int, ...] = ()
-        kw = {}
-        if a == "gemma3":
-            window = int(m.get("gemma3.attention.sliding_window") or 512)
-            # every 6th layer is global (5, 11, 17, ...); the pattern is not in the GGUF
-            windows = tuple(0 if (i + 1) % 6 == 0 else window for i in range(layers))
-            kw = dict(rope_theta_local=10000.0, hidden_act="gelu_tanh", query_pre_attn_scalar=float(head_dim))
-        return ArchConfig(
-            architecture="llama" if a == "mistral" else a,
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=int(m[f"{a}.feed_forward_length"]),
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=int(m.get(f"{a}.attention.head_count_kv") or heads),
-            head_dim=head_dim,
-            rms_norm_eps=float(m[f"{a}.attention.layer_norm_rms_epsilon"]),
-            rope_theta=float(m.get(f"{a}.rope.freq_base") or 10000.0),
-            max_position_embeddings=int(m[f"{a}.context_length"]),
-            tie_word_embeddings="output.weight" not in self.tensor_names,
-            attention_bias="blk.0.attn_q.bias" in self.tensor_names,
-            layer_windows=windows,
-            bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
-            **kw,
-        )
+        """Architecture hyper-parameters from the metadata (weights/gguf_arch.py), computed once."""
+        if self._arch is None:
+            self._arch = arch_from_gguf(self.meta, set(self.tensor_names), self._small_tensor, self._vocab_size,
+                                        self.path.name)
+        return self._arch
+
+    def _small_tensor(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = next(t for t in self.reader.tensors if t.name == name)
+        return dequantize(t.data, t.tensor_type).astype(np.float32)
 
     def _vocab_size(self) -> int:
         return len(self.reader.fields["tokenizer.ggml.tokens"].data)
@@ -123,10 +102,12 @@ class GGUFCheckpoint:
         arch = self.arch_config()
         for t in tqdm(self.reader.tensors, desc=f"loading {self.path.name}", unit="tensor",
                       disable=not progress, leave=False):
+            if t.name in ROPE_TENSORS:  # read into arch.rope_scaling, not weights
+                continue
             w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
             w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
             name = hf_name(t.name, self.architecture)
-            if self.architecture in ("llama", "mistral") and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            if self.architecture in ("llama", "mistral") and t.name.endswith(_PERMUTED):
                 n = arch.num_heads if "attn_q" in t.name else arch.num_kv_heads
                 w = unpermute_rope_rows(w, n)
             yield name, w
