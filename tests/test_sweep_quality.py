@@ -1,8 +1,9 @@
 """Quality records for tune/report: measured once per (model, quantization), with the fp32 baseline."""
 
+from tuneserve.bench.points import Point, judge
 from tuneserve.bench.records import load_records
+from tuneserve.bench.slo import SLO, quality_index
 from tuneserve.bench.sweep_quality import ensure_quality
-from tuneserve.bench.tune import SLO, evaluate, quality_index
 
 
 def test_ensure_quality_measures_once_and_feeds_tune(tiny_llama, tmp_path):
@@ -19,10 +20,9 @@ def test_ensure_quality_measures_once_and_feeds_tune(tiny_llama, tmp_path):
     assert len(load_records(results)) == 2  # nothing measured twice
 
     quality = quality_index(load_records(results), str(tiny_llama))
-    speed = {"config": {"quantization": "int4"}, "metrics": {"requests": [], "output_tok_s": 1.0}}
+    speed = Point({"quantization": "int4"}, 2.0, "serve", 1, runs=[{"requests": [], "output_tok_s": 1.0}])
     ppl = m["perplexity"] / base["perplexity"] - 1
-    [row] = evaluate([speed], [SLO("ppl_increase", "<=", abs(ppl) + 0.01), SLO("kl", "<=", 2 * m["kl_divergence"])],
-                     quality)
-    assert row["ppl_increase"] == ppl and row["kl"] == m["kl_divergence"] and row["feasible"]
-    [row] = evaluate([speed], [SLO("kl", "<=", m["kl_divergence"] / 2)], quality)
-    assert not row["feasible"]
+    row = judge(speed, [SLO("ppl_increase", "<=", abs(ppl) + 0.01), SLO("kl", "<=", 2 * m["kl_divergence"])],
+                quality)
+    assert row.figures["ppl_increase"] == ppl and row.figures["kl"] == m["kl_divergence"] and row.state == "pass"
+    assert judge(speed, [SLO("kl", "<=", m["kl_divergence"] / 2)], quality).state == "fail"

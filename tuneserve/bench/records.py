@@ -8,7 +8,8 @@ that stops can resume and `tune`/`report` can reuse any point.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,11 @@ def write_json(path: str | Path | None, data: Any) -> None:
 
 
 def point_key(model: str, workload: str, mode: str, rate: float | None, point: dict[str, Any],
-              system: str = "tuneserve") -> str:
-    """The key that identifies one measurement in a results file (what a resumed sweep skips)."""
+              system: str = "tuneserve", **extra: Any) -> str:
+    """The key that identifies one measurement in a results file (what a resumed sweep skips); `extra`
+    (e.g. repeat, num_prompts, output_len) joins the key when given."""
     return json.dumps({"system": system, "model": model, "workload": workload, "mode": mode, "rate": rate,
-                       "config": point}, sort_keys=True, default=str)
+                       "config": point, **extra}, sort_keys=True, default=str)
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -77,3 +79,35 @@ def append_record(path: str | Path, record: dict) -> None:
     with open(p, "a") as f:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
+
+
+def engine_cost(engine: Any) -> dict[str, int]:
+    """What an LLMEngine holds: weight bytes (a draft model's included), KV cache bytes, their sum, and the
+    torch threads it runs on."""
+    import torch
+
+    from tuneserve.quant.linear import model_weight_bytes
+
+    weights = model_weight_bytes(engine.model)
+    draft = getattr(getattr(engine, "spec", None), "draft", None)
+    if draft is not None:
+        weights += model_weight_bytes(draft.runner.model)
+    kv = int(engine.config.cache.kv_cache_memory_bytes)
+    return {"weight_bytes": weights, "kv_cache_bytes": kv, "memory_bytes": weights + kv,
+            "threads": torch.get_num_threads()}
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[int]:
+    """Run the block with torch on n intra-op threads (None: leave as is); yields the count in effect."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)

@@ -1,4 +1,9 @@
-"""`tuneserve report`: an HTML page with plots and tables drawn from a sweep's results file."""
+"""`tuneserve report`: an HTML page with plots and tables drawn from a sweep's results file.
+
+Repeated runs of one point (same system, configuration, workload, mode and offered rate) are drawn as one
+marker at their mean with error bars (the 95% t-interval over the runs, bench/stats.py; none for a single
+run), labelled with the requests behind it (requests per run x runs).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuneserve.bench.points import config_id, like_key, run_count
 from tuneserve.bench.records import fmt, load_records
+from tuneserve.bench.slo import latency_value
+from tuneserve.bench.stats import Interval, t_interval
 
 
 def _mb(v: Any) -> float | None:
@@ -26,6 +34,48 @@ def _is_base(r: dict) -> bool:
     return _cfg(r, "quantization") in (None, "none") and _cfg(r, "speculative", "off") in (None, "off")
 
 
+def point_groups(records: list[dict], kind: str) -> list[tuple[dict, list[dict]]]:
+    """(first record, every run's metrics) of each point: records of one kind with equal system, configuration,
+    workload, mode, rate, requests per run and output length."""
+    groups: dict[str, tuple[dict, list[dict]]] = {}
+    for r in records:
+        if r.get("kind") == kind and "metrics" in r:
+            key = json.dumps([r.get("system"), config_id(r.get("config", {})), like_key(r)], default=str)
+            groups.setdefault(key, (r, []))[1].append(r["metrics"])
+    return list(groups.values())
+
+
+def _iv(runs: list[dict], fn: Any) -> Interval | None:
+    return t_interval([v for v in (fn(m) for m in runs) if v is not None])
+
+
+def _err(iv: Interval | None, scale: float = 1.0) -> float:
+    return 0.0 if iv is None or iv.n < 2 else iv.half * scale
+
+
+def _lat(key: str, metric: str) -> Any:
+    """A run's latency in seconds: from its requests, else its summary key."""
+    return lambda m: latency_value(m["requests"], metric) if m.get("requests") else m.get(key)
+
+
+def _cell(runs: list[dict], fn: Any, scale: float = 1.0) -> str:
+    iv = _iv(runs, fn)
+    return "-" if iv is None else str(Interval(iv.mean * scale, iv.lo * scale, iv.hi * scale, iv.n))
+
+
+def serve_rows(records: list[dict]) -> list[dict]:
+    """Serve points (offered rate, Poisson arrivals): figures as mean ±half-width over the runs."""
+    rows = []
+    for first, runs in point_groups(records, "serve"):
+        rows.append({"system": first.get("system", "tuneserve"), "workload": first.get("workload"),
+                     "config": config_id(first.get("config", {})), "rate": first.get("rate"),
+                     "requests": f"{run_count(first)}x{len(runs)}",
+                     "output_tok_s": _cell(runs, lambda m: m.get("output_tok_s")),
+                     "ttft_p99_ms": _cell(runs, _lat("ttft_p99_s", "ttft_p99"), 1e3),
+                     "tpot_p99_ms": _cell(runs, _lat("tpot_p99_s", "tpot_p99"), 1e3)})
+    return sorted(rows, key=lambda r: (r["system"], str(r["workload"]), r["config"], float(r["rate"] or 0)))
+
+
 def latency_rows(records: list[dict]) -> list[dict]:
     """Table 1: latency vs throughput by batch size (unquantized, no speculation)."""
     rows = []
@@ -34,7 +84,8 @@ def latency_rows(records: list[dict]) -> list[dict]:
         if r["system"] == "tuneserve" and not _is_base(r):
             continue
         m = r["metrics"]
-        rows.append({"system": r["system"], "batch": _cfg(r, "max_num_seqs"), "tok_s": m.get("output_tok_s"),
+        rows.append({"system": r["system"], "batch": _cfg(r, "max_num_seqs"), "requests": run_count(r),
+                     "threads": m.get("threads"), "tok_s": m.get("output_tok_s"),
                      "ms_per_token_p50": _ms(m.get("tpot_p50_s")), "ms_per_token_p99": _ms(m.get("tpot_p99_s")),
                      "ttft_p50_ms": _ms(m.get("ttft_p50_s"))})
     return rows
@@ -108,30 +159,18 @@ def _plots(records: list[dict], out: Path) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     made = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ours, colors = [], {}  # one colour per configuration family (all but max_num_seqs), fixed for the legend
-    for r in records:
-        if r.get("kind") != "offline" or r["metrics"].get("tpot_p50_s") is None:
-            continue
-        x, y = r["metrics"]["output_tok_s"], r["metrics"]["tpot_p50_s"] * 1e3
-        label = r["system"] if r["system"] != "tuneserve" else json.dumps(
-            {k: v for k, v in r["config"].items() if k != "max_num_seqs"}, default=str)
-        color = colors.setdefault(label, f"C{len(colors) % 10}")
-        ax.scatter([x], [y], marker="o" if r["system"] == "tuneserve" else "s", s=30, label=label, color=color)
-        ax.annotate(str(_cfg(r, "max_num_seqs", "")), (x, y), fontsize=7)
-        if r["system"] == "tuneserve":
-            ours.append((x, y))
-    front = pareto(ours)
-    if front:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto frontier")
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=6)
-    ax.set(xlabel="output tokens/s", ylabel="ms per output token (p50)", title="latency vs throughput")
-    fig.tight_layout()
-    fig.savefig(out / "latency_throughput.png", dpi=110)
-    plt.close(fig)
-    made.append(("latency_throughput.png", "Latency vs throughput (labels: max_num_seqs)"))
+    groups = [(f, runs) for f, runs in point_groups(records, "offline") if f["metrics"].get("tpot_p50_s") is not None]
+    _pareto_plot(plt, groups, out / "latency_throughput.png", "tpot_p50_s", "ms per output token (p50)",
+                 lambda f, runs: f"{_cfg(f, 'max_num_seqs', '')} n={run_count(f)}x{len(runs)}",
+                 "latency vs throughput (offline batches)")
+    made.append(("latency_throughput.png", "Latency vs throughput, offline (labels: max_num_seqs, requests x runs; "
+                 "error bars: 95% t-interval over runs)"))
+    serve = point_groups(records, "serve")
+    _pareto_plot(plt, serve, out / "serve_pareto.png", "tpot_p99_s", "ms per output token (p99)",
+                 lambda f, runs: f"{fmt(f.get('rate'))}/s n={run_count(f)}x{len(runs)}",
+                 "served at an offered rate (Poisson)", metric="tpot_p99")
+    made.append(("serve_pareto.png", "Serve mode: p99 TPOT vs throughput at each offered rate (labels: req/s, "
+                 "requests x runs; error bars: 95% t-interval over runs)"))
 
     prec = [r for r in precision_rows(records) if r["perplexity"] is not None and r["weight_MB"] is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -157,6 +196,39 @@ def _plots(records: list[dict], out: Path) -> list[tuple[str, str]]:
     plt.close(fig)
     made.append(("context_cost.png", "Cost vs context length"))
     return made
+
+
+def _pareto_plot(plt: Any, groups: list[tuple[dict, list[dict]]], path: Path, key: str, ylabel: str, label: Any,
+                 title: str, metric: str | None = None) -> None:
+    """Throughput vs latency, one marker per point at the mean of its runs, error bars, Pareto frontier."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ours, colors = [], {}  # one colour per configuration family (all but max_num_seqs), fixed for the legend
+    for first, runs in groups:
+        xi = _iv(runs, lambda m: m.get("output_tok_s"))
+        yi = _iv(runs, _lat(key, metric) if metric else (lambda m: m.get(key)))
+        if xi is None or yi is None:
+            continue
+        x, y = xi.mean, yi.mean * 1e3
+        sysname = first.get("system", "tuneserve")
+        rest = {k: v for k, v in first["config"].items() if k != "max_num_seqs"}
+        fam = sysname if sysname != "tuneserve" or not rest else json.dumps(rest, default=str)
+        color = colors.setdefault(fam, f"C{len(colors) % 10}")
+        ax.errorbar([x], [y], xerr=[_err(xi)], yerr=[_err(yi, 1e3)], fmt="o" if sysname == "tuneserve" else "s",
+                    ms=5, capsize=2, lw=0.8, label=fam, color=color)
+        ax.annotate(label(first, runs), (x, y), fontsize=6)
+        if sysname == "tuneserve":
+            ours.append((x, y))
+    front = pareto(ours)
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto frontier")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    if uniq:
+        ax.legend(uniq.values(), uniq.keys(), fontsize=6)
+    ax.set(xlabel="output tokens/s", ylabel=ylabel, title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _html_table(rows: list[dict], title: str) -> str:
@@ -185,6 +257,8 @@ def render_report(records: list[dict], out_dir: str | Path, title: str = "tunese
     figs = "".join(f"<figure><img src='{src}' alt='{html.escape(cap)}'><figcaption>{html.escape(cap)}"
                    f"</figcaption></figure>" for src, cap in plots)
     tables = (_html_table(latency_rows(records), "1. Latency vs throughput by batch size")
+              + _html_table(serve_rows(records), "Served at an offered rate (mean ±half-width of a 95% "
+                            "t-interval over runs; requests: per run x runs)")
               + _html_table(precision_rows(records), "2. Precision vs quality vs memory vs speed")
               + _html_table(context_rows(records), "3. Context length vs cost")
               + _html_table(spec_rows(records), "Speculation on vs off"))

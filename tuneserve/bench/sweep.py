@@ -3,7 +3,8 @@
 Every finished point is appended to the results file at once (one JSON object per line), keyed by model,
 workload, mode, request rate and configuration, so an interrupted sweep resumes where it stopped and
 `tune`/`report` can reuse any point. Records keep per-request latencies, so goodput can be recomputed
-for any SLO later.
+for any SLO later. Besides engine arguments, a grid may set `speculative` (off, ngram, draft:MODEL) and
+`threads` (torch threads the engine runs on; every record says how many it had).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tuneserve.bench.records import append_record, load_records, point_key
+from tuneserve.bench.records import append_record, engine_cost, load_records, point_key, torch_threads
 from tuneserve.bench.workloads import WORKLOADS, build_workload
 from tuneserve.engine_args import EngineArgs
 
@@ -35,9 +36,9 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if not values:
             raise ValueError(f"--grid needs NAME=V1,V2,..., got {item!r}")
         name = name.strip().replace("-", "_")
-        allowed = {f for f in EngineArgs.__dataclass_fields__} | {"speculative"}
+        allowed = {f for f in EngineArgs.__dataclass_fields__} | {"speculative", "threads"}
         if name not in allowed:
-            raise ValueError(f"unknown grid axis {name!r}; use an engine argument or 'speculative'")
+            raise ValueError(f"unknown grid axis {name!r}; use an engine argument, 'speculative' or 'threads'")
         grid[name] = [_value(v.strip()) for v in values.split(",")]
     return grid
 
@@ -58,9 +59,12 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def engine_args_for(model: str, point: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Engine arguments of a grid point ('speculative' maps to speculative_config)."""
+    """Engine arguments of a grid point ('speculative' maps to speculative_config; 'threads' is no engine
+    argument: the measurement sets torch's thread count)."""
     args = {**(base or {}), "model": model}
     for name, value in point.items():
+        if name == "threads":
+            continue
         if name == "speculative":
             if value not in (None, "off") and value not in SPECULATIVE and not str(value).startswith("draft:"):
                 raise ValueError(f"speculative must be off, ngram or draft:MODEL, got {value!r}")
@@ -73,13 +77,6 @@ def engine_args_for(model: str, point: dict[str, Any], base: dict[str, Any] | No
     return args
 
 
-def model_weight_bytes(model) -> int:  # noqa: ANN001
-    """Bytes of every parameter and buffer except rope tables (packed weights, scales, norms)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith((".cos", ".sin")))
-    return total
-
-
 def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompts: int, output_len: int,
                     base: dict[str, Any]) -> dict[str, Any]:
     """Load an engine for the point and run the workload offline."""
@@ -87,15 +84,16 @@ def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompt
     from tuneserve.llm import LLM
 
     args = engine_args_for(model, point, base)
-    t0 = time.perf_counter()
-    llm = LLM(**args)
-    load_s = time.perf_counter() - t0
-    warm_up(llm)
-    work = build_workload(llm.get_tokenizer(), workload, num_prompts, output_len)
-    res = run_engine(llm, work)
-    eng = llm.llm_engine
-    res.update(load_s=load_s, weight_bytes=model_weight_bytes(eng.model),
-               kv_bytes_per_token=eng.config.model.arch.kv_bytes_per_token,
+    with torch_threads(point.get("threads")):
+        t0 = time.perf_counter()
+        llm = LLM(**args)
+        load_s = time.perf_counter() - t0
+        warm_up(llm)
+        work = build_workload(llm.get_tokenizer(), workload, num_prompts, output_len)
+        res = run_engine(llm, work)
+        eng = llm.llm_engine
+        res.update(engine_cost(eng))
+    res.update(load_s=load_s, kv_bytes_per_token=eng.config.model.arch.kv_bytes_per_token,
                spec_acceptance_rate=(eng.stats.spec_num_accepted_tokens / eng.stats.spec_num_draft_tokens
                                      if eng.stats.spec_num_draft_tokens else None))
     return res
@@ -104,29 +102,45 @@ def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompt
 def run_sweep(model: str, grid: dict[str, list[Any]], workload: str, out: str, num_prompts: int,
               output_len: int, base: dict[str, Any] | None = None, rates: list[float] | None = None,
               mode: str = "offline") -> list[dict]:
-    """Measure every grid point not yet in `out`; returns the records written now."""
+    """Measure every grid point not yet in `out`; returns the records written now. In serve mode one
+    server per point runs every rate of the ladder."""
     done = {r.get("key") for r in load_records(out)}
-    todo = []
-    for point in grid_points(grid):
+    todo: dict[int, list] = {}
+    points = grid_points(grid)
+    for i, point in enumerate(points):
         for rate in (rates if mode == "serve" else [None]):
             key = point_key(model, workload, mode, rate, point)
             if key not in done:
-                todo.append((point, rate, key))
+                todo.setdefault(i, []).append((rate, key))
     written = []
-    for point, rate, key in tqdm(todo, desc="sweep", unit="point", disable=not todo):
+    bar = tqdm(total=sum(map(len, todo.values())), desc="sweep", unit="point", disable=not todo)
+    for i, pending in todo.items():
+        point = points[i]
         if mode == "serve":
-            from tuneserve.bench.sweep_serve import measure_serve
+            from tuneserve.bench.sweep_serve import ServeSession
 
-            metrics = measure_serve(model, engine_args_for(model, point, base), workload, num_prompts, output_len,
-                                    rate)
+            with ServeSession(model, engine_args_for(model, point, base), point.get("threads")) as session:
+                for rate, key in pending:
+                    written.append(_write(out, key, mode, model, workload, rate, point, num_prompts, output_len,
+                                          session.run(workload, num_prompts, output_len, rate)))
+                    bar.update(1)
         else:
-            metrics = measure_offline(model, point, workload, num_prompts, output_len, base or {})
-        record = {"key": key, "kind": mode, "system": "tuneserve", "model": model, "workload": workload,
-                  "mode": mode, "rate": rate, "config": point, "metrics": metrics, "time": time.time(),
-                  "machine": platform.node()}
-        append_record(out, record)
-        written.append(record)
+            for rate, key in pending:
+                metrics = measure_offline(model, point, workload, num_prompts, output_len, base or {})
+                written.append(_write(out, key, mode, model, workload, rate, point, num_prompts, output_len,
+                                      metrics))
+                bar.update(1)
+    bar.close()
     return written
+
+
+def _write(out: str, key: str, mode: str, model: str, workload: str, rate: float | None, point: dict,
+           num_prompts: int, output_len: int, metrics: dict) -> dict:
+    record = {"key": key, "kind": mode, "system": "tuneserve", "model": model, "workload": workload,
+              "mode": mode, "rate": rate, "config": point, "num_prompts": num_prompts, "output_len": output_len,
+              "metrics": metrics, "time": time.time(), "machine": platform.node()}
+    append_record(out, record)
+    return record
 
 
 def main(ns: argparse.Namespace) -> int:

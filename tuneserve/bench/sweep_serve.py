@@ -1,31 +1,80 @@
-"""Serve-mode sweep points: the engine behind the HTTP server, loaded by `bench serve` at a request rate."""
+"""Serve-mode points: the engine behind the HTTP server, loaded by `bench serve` at an offered rate.
+
+One ServeSession loads a configuration once and runs any number of runs against it (rates, repeats).
+A run sends `num_prompts` requests with Poisson arrivals at `rate` req/s (inf: all at once); its prompts
+and arrival times come from one seed, which `run_seed` derives from the rate and the repeat, so every
+configuration sees the very same requests at the same rate and repeat (and no run reuses another's prompts,
+which prefix caching would turn into a head start).
+"""
 
 from __future__ import annotations
 
+import math
+import time
+import zlib
 from typing import Any
 
+from tuneserve.bench.records import engine_cost, torch_threads
 from tuneserve.bench.workloads import build_workload
 
 
-def measure_serve(model: str, engine_args: dict[str, Any], workload: str, num_prompts: int, output_len: int,
-                  rate: float | None) -> dict[str, Any]:
-    """Start a server for the point, send the workload at `rate` req/s (inf: all at once), and measure."""
-    from tuneserve.bench.load import BenchRequest
-    from tuneserve.bench.serve import run_benchmark
-    from tuneserve.engine_args import EngineArgs
-    from tuneserve.server.app import ServerSettings
-    from tuneserve.server.launch import BackgroundServer
+def run_seed(rate: float | None, repeat: int) -> int:
+    """The seed of a run's prompts and arrivals: a function of the offered rate and the repeat only."""
+    return zlib.crc32(f"{'inf' if rate is None or math.isinf(rate) else f'{rate:.6g}'}/{repeat}".encode()) & 0xFFFF
 
-    with BackgroundServer(EngineArgs.from_dict(engine_args), ServerSettings(max_waiting_requests=10**6)) as srv:
-        tok = srv.state.engine.engine.tokenizer
-        work = build_workload(tok, workload, num_prompts, output_len)
+
+class ServeSession:
+    """`with ServeSession(model, engine_args, threads) as s: s.run(...)`: one server, many runs."""
+
+    def __init__(self, model: str, engine_args: dict[str, Any], threads: int | None = None) -> None:
+        self.model, self.engine_args, self.threads = model, engine_args, threads
+        self.load_s = 0.0
+        self.cost: dict[str, int] = {}
+
+    def __enter__(self) -> ServeSession:
+        from tuneserve.engine_args import EngineArgs
+        from tuneserve.server.app import ServerSettings
+        from tuneserve.server.launch import BackgroundServer
+
+        self._threads = torch_threads(self.threads)
+        self._threads.__enter__()
+        t0 = time.perf_counter()
+        try:
+            self.srv = BackgroundServer(EngineArgs.from_dict(self.engine_args),
+                                        ServerSettings(max_waiting_requests=10**6))
+        except BaseException:
+            self._threads.__exit__(None, None, None)
+            raise
+        self.load_s = time.perf_counter() - t0
+        self.engine = self.srv.state.engine.engine
+        self.cost = engine_cost(self.engine)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.srv.stop()
+        finally:
+            self._threads.__exit__(None, None, None)
+
+    def run(self, workload: str, num_prompts: int, output_len: int, rate: float | None,
+            seed: int = 0) -> dict[str, Any]:
+        """Send the workload at `rate` req/s (None or inf: all at once) and measure what clients see."""
+        from tuneserve.bench.load import BenchRequest
+        from tuneserve.bench.serve import run_benchmark
+
+        work = build_workload(self.engine.tokenizer, workload, num_prompts, output_len, seed=seed)
         reqs = [BenchRequest(p, output_len) for p in work.prompts]
-        res = run_benchmark(srv.url, reqs, request_rate=float("inf") if rate is None else rate, progress=False)
+        res = run_benchmark(self.srv.url, reqs, request_rate=math.inf if rate is None else rate, seed=seed,
+                            progress=False)
+        return {**serve_metrics(res), **self.cost, "load_s": self.load_s, "seed": seed}
+
+
+def serve_metrics(res: dict) -> dict[str, Any]:
+    """A results-file record's metrics (seconds) from a `bench serve` result (milliseconds)."""
     m = res["metrics"]
-    ms = 1e-3
 
     def sec(key: str) -> float | None:
-        return None if m.get(key) is None else m[key] * ms
+        return None if m.get(key) is None else m[key] * 1e-3
 
     return {"output_tok_s": m["output_throughput"], "total_tok_s": m["total_token_throughput"],
             "request_throughput": m["request_throughput"], "elapsed_s": m["duration_s"],
@@ -34,4 +83,12 @@ def measure_serve(model: str, engine_args: dict[str, Any], workload: str, num_pr
             "tpot_p50_s": sec("median_tpot_ms"), "tpot_p99_s": sec("p99_tpot_ms"),
             "itl_p50_s": sec("median_itl_ms"), "itl_p99_s": sec("p99_itl_ms"),
             "e2el_p50_s": sec("median_e2el_ms"), "e2el_p99_s": sec("p99_e2el_ms"),
-            "requests": [{"ttft": r["ttft_s"], "tpot": r["tpot_s"], "e2el": r["e2el_s"]} for r in res["requests"]]}
+            "requests": [{"ttft": r["ttft_s"], "tpot": r["tpot_s"], "e2el": r["e2el_s"]}
+                         for r in res["requests"] if r["success"]]}
+
+
+def measure_serve(model: str, engine_args: dict[str, Any], workload: str, num_prompts: int, output_len: int,
+                  rate: float | None, threads: int | None = None) -> dict[str, Any]:
+    """One run of one configuration in its own server (what `tuneserve sweep --mode serve` measures)."""
+    with ServeSession(model, engine_args, threads) as s:
+        return s.run(workload, num_prompts, output_len, rate)

@@ -1,193 +1,228 @@
-"""`tuneserve tune`: pick the configuration with the highest goodput that meets every SLO.
+"""`tuneserve tune`: the configuration that meets every SLO at the highest sustained rate, or the cheapest one
+that meets them at a rate you give (--rate), with the evidence.
 
-SLOs are `metric<=value` or `metric>=value`, comma-separated, with units s, ms or %:
-  ttft_p99<=1s, tpot_p50<=80ms, e2el_p90<=20s  latency percentiles over the requests of a measurement
-  ppl_increase<=2%                              perplexity increase against the unquantized model
-  kl<=0.05, top1>=95%                           KL divergence / top-1 agreement against unquantized
-  output_tok_s>=100, weight_bytes<=2e8          throughput floor, memory ceiling
-Goodput = requests that met every latency SLO, per second of the measurement. Results come from a sweep
-file; missing points of the search space are measured within `--budget-minutes`.
+Latency SLOs are judged on requests that arrive at an offered rate (serve mode, Poisson arrivals, the
+server in this process), never on an offline batch; configurations are compared at the same workload,
+mode and offered rate only (bench/points.py). Each point is run --repeats times (more while its verdict is
+unsure); each figure is the mean over the runs with a 95% t-interval (bench/stats.py), and a configuration
+is called better only when intervals separate, otherwise it is a tie and the cheaper one (less memory,
+then fewer threads) is chosen (bench/rank.py). With --budget-minutes, tune runs its own search (coarse,
+then refined at the frontier; bench/tune_space.py, bench/tune_search.py), resumable from --results. SLO
+grammar: bench/slo.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import math
 import shlex
 import sys
-import time
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
+from tuneserve.bench.points import Judged, config_id
+from tuneserve.bench.rank import Capacity, Decision
+from tuneserve.bench.records import fmt, table
+from tuneserve.bench.slo import SLO, parse_slos, thin_tails
+from tuneserve.bench.stats import METHOD, Interval
+from tuneserve.bench.sweep import engine_args_for
+from tuneserve.bench.tune_search import Settings, Tuner
+from tuneserve.bench.tune_space import default_space, parse_space
+from tuneserve.bench.workloads import WORKLOADS
 
-from tuneserve.bench.records import load_records, table
-from tuneserve.bench.sweep import engine_args_for, grid_points, run_sweep
-from tuneserve.bench.sweep_quality import ensure_quality
-
-_SLO = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=)\s*([0-9.eE+-]+)\s*(ms|s|%)?\s*$")
-DEFAULT_SPACE = {"max_num_seqs": [1, 4, 16, 64], "quantization": [None, "int8", "int4"],
-                 "speculative": ["off", "ngram"]}
-LATENCY = ("ttft", "tpot", "e2el")
-
-
-@dataclass(frozen=True)
-class SLO:
-    metric: str
-    op: str  # "<=" | ">="
-    value: float
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}"
-
-
-def parse_slos(text: str) -> list[SLO]:
-    """'ttft_p99<=1s,tpot_p99<=80ms,ppl_increase<=2%' -> SLOs in seconds / fractions."""
-    out = []
-    for part in text.split(","):
-        m = _SLO.match(part)
-        if not m:
-            raise ValueError(f"cannot read SLO {part!r}: write metric<=value or metric>=value, e.g. tpot_p99<=80ms")
-        metric, op, value, unit = m.groups()
-        v = float(value) * {"ms": 1e-3, "%": 1e-2}.get(unit or "", 1.0)
-        out.append(SLO(metric, op, v))
-    return out
-
-
-def _latency_threshold(slos: list[SLO], kind: str) -> float | None:
-    vals = [s.value for s in slos if s.metric.startswith(kind) and s.op == "<="]
-    return min(vals) if vals else None
-
-
-def metric_value(record: dict, metric: str, quality: dict[str, dict]) -> float | None:
-    """A record's value of an SLO metric (None when not measured)."""
-    m = record["metrics"]
-    kind, _, pct = metric.partition("_p")
-    if kind in LATENCY and pct.isdigit():
-        vals = [r[kind] for r in m.get("requests", []) if r.get(kind) is not None]
-        return float(np.percentile(vals, int(pct))) if vals else m.get(f"{kind}_p{pct}_s")
-    if metric.endswith("_mean") and metric[:-5] in LATENCY:
-        vals = [r[metric[:-5]] for r in m.get("requests", []) if r.get(metric[:-5]) is not None]
-        return float(np.mean(vals)) if vals else None
-    q = quality.get(str(record["config"].get("quantization")))
-    base = quality.get("None")
-    if metric == "ppl_increase":
-        return None if q is None or base is None else q["perplexity"] / base["perplexity"] - 1
-    if metric in ("kl", "top1"):
-        if record["config"].get("quantization") is None:
-            return 0.0 if metric == "kl" else 1.0
-        return None if q is None else q["kl_divergence" if metric == "kl" else "top1_agreement"]
-    return m.get(metric)
-
-
-def goodput(record: dict, slos: list[SLO]) -> float:
-    """Requests meeting every latency threshold, per second."""
-    m = record["metrics"]
-    reqs = m.get("requests") or []
-    limits = {k: _latency_threshold(slos, k) for k in LATENCY}
-    ok = sum(all(limits[k] is None or (r.get(k) is not None and r[k] <= limits[k]) for k in LATENCY) for r in reqs)
-    return ok / m["elapsed_s"] if m.get("elapsed_s") else 0.0
-
-
-def evaluate(records: list[dict], slos: list[SLO], quality: dict[str, dict]) -> list[dict]:
-    """One evidence row per measured configuration: goodput, SLO values, pass/fail, worst excess."""
-    rows = []
-    for rec in records:
-        row: dict[str, Any] = {"config": rec["config"], "rate": rec.get("rate"), "record": rec,
-                               "goodput": goodput(rec, slos), "output_tok_s": rec["metrics"].get("output_tok_s")}
-        excess = []
-        for s in slos:
-            v = metric_value(rec, s.metric, quality)
-            row[str(s.metric)] = v
-            if v is None:
-                excess.append((float("inf"), s))
-                continue
-            ratio = v / s.value if s.op == "<=" else (s.value / v if v > 0 else float("inf"))
-            if s.value == 0:
-                ratio = 1.0 if (v <= 0 if s.op == "<=" else True) else float("inf")
-            excess.append((max(0.0, ratio - 1), s))
-        row["feasible"] = all(e == 0 for e, _ in excess)
-        row["worst"] = max(excess, key=lambda t: t[0]) if excess else (0.0, None)
-        rows.append(row)
-    return rows
-
-
-def choose(rows: list[dict]) -> tuple[dict | None, dict | None, SLO | None]:
-    """(best feasible row, closest infeasible row, its binding SLO)."""
-    feasible = [r for r in rows if r["feasible"]]
-    if feasible:
-        return max(feasible, key=lambda r: (r["goodput"], r["output_tok_s"] or 0)), None, None
-    if not rows:
-        return None, None, None
-    closest = min(rows, key=lambda r: r["worst"][0])
-    return None, closest, closest["worst"][1]
+MIN_REQUESTS = 200  # per run: p99 then has two requests beyond it
 
 
 def serve_command(model: str, config: dict) -> str:
-    """A ready-to-run `tuneserve serve` command for a configuration."""
+    """A ready-to-run `tuneserve serve` command for a configuration (threads as OMP_NUM_THREADS)."""
     args = engine_args_for(model, config)
-    parts = ["tuneserve", "serve", model]
+    parts = [f"OMP_NUM_THREADS={int(config['threads'])}"] if config.get("threads") is not None else []
+    parts += ["tuneserve", "serve", model]
     for k, v in args.items():
         if k == "model" or v is None:
             continue
-        flag = "--" + k.replace("_", "-")
-        parts += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+        parts += ["--" + k.replace("_", "-"), json.dumps(v) if isinstance(v, dict) else str(v)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def quality_index(records: list[dict], model: str) -> dict[str, dict]:
-    """quantization (as str) -> quality metrics, from 'quality' records of the model."""
-    return {str(r["config"].get("quantization")): r["metrics"] for r in records
-            if r.get("kind") == "quality" and r.get("model") == model}
+def settings_from(ns: argparse.Namespace) -> Settings:
+    """Settings from the flags, or ValueError saying which flag is wrong."""
+    slos = parse_slos(ns.slo)
+    checks = [(ns.num_prompts >= 1, "--num-prompts must be >= 1"),
+              (ns.output_len >= 1, "--output-len must be >= 1"),
+              (ns.repeats >= 2, "--repeats must be >= 2 (an interval needs two runs)"),
+              (ns.max_repeats >= ns.repeats, "--max-repeats must be >= --repeats"),
+              (ns.rate is None or (ns.rate > 0 and math.isfinite(ns.rate)),
+               "--rate must be a finite number of requests/s > 0 (an infinite rate is an offline batch)"),
+              (0 < ns.min_rate <= ns.start_rate <= ns.max_rate < math.inf,
+               "need 0 < --min-rate <= --start-rate <= --max-rate (finite)"),
+              (ns.budget_minutes >= 0, "--budget-minutes must be >= 0")]
+    for ok, why in checks:
+        if not ok:
+            raise ValueError(why)
+    return Settings(ns.model, ns.workload, ns.results, slos, ns.num_prompts, ns.output_len, ns.repeats,
+                    ns.max_repeats, ns.rate, ns.start_rate, ns.min_rate, ns.max_rate)
+
+
+def _fig(v: Interval | float | None) -> str:
+    if isinstance(v, Interval):
+        return str(v)
+    return fmt(v)
+
+
+def _runs(j: Judged | None) -> str:
+    return "-" if j is None else f"{j.point.requests}x{len(j.point.runs)}"
+
+
+def _cost(row: dict, cost: tuple[float, float]) -> dict:
+    row["memory_MiB"] = None if math.isinf(cost[0]) else cost[0] / 2**20
+    row["threads"] = None if math.isinf(cost[1]) else int(cost[1])
+    return row
+
+
+def _verdict(e: Capacity | Judged, cid: str, chosen: str | None, ties: set[str]) -> str:
+    if cid == chosen:
+        return "chosen"
+    if cid in ties:
+        return "tie"
+    if isinstance(e, Judged):
+        return e.state  # pass (but dearer), fail or unsure
+    if e.sure <= 0:
+        return "never surely met"
+    return "worse" if chosen else "-"
+
+
+def evidence_rows(decision: Decision, evidence: list, slos: list[SLO], rate: float | None,
+                  skipped: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """The evidence table: one row per configuration, its figures at `rate` (like for like)."""
+    chosen = config_id(_cfg(decision.chosen)) if decision.chosen is not None else None
+    ties = {config_id(_cfg(t)) for t in decision.ties}
+    rows = []
+    for e in evidence:
+        cid = config_id(_cfg(e))
+        if isinstance(e, Capacity):
+            at = next((j for r, j in e.points.items() if rate is not None and math.isclose(r, rate)), None)
+            row = {"config": cid, "sustained": e.sure or None, "fails_at": None if math.isinf(e.upper) else e.upper,
+                   "estimate": e.estimate or None}
+        else:
+            at = e
+            row = {"config": cid, "rate": e.rate}
+        _cost(row, at.point.cost if at else e.cost)
+        row["runs"] = _runs(at)
+        for s in slos:
+            row[s.metric] = _fig(at.figures.get(s.metric)) if at else "-"
+        row["goodput"] = _fig(at.goodput) if at else "-"
+        row["verdict"] = _verdict(e, cid, chosen, ties)
+        row["_key"] = ((-e.sure, -e.estimate) if isinstance(e, Capacity) else ()) + (row["memory_MiB"] or 0, cid)
+        rows.append(row)
+    rows.sort(key=lambda r: r.pop("_key"))
+    rows += [{"config": cid, "verdict": "skipped: " + why} for cid, why in skipped.items()]
+    cols = [c for c in (rows[0] if rows else {"config": 0}) if c != "verdict"]
+    return rows, cols + ["verdict"]
+
+
+def _fixed_axes(configs: list[dict]) -> dict:
+    """The axes with one value in every configuration (when there are two configurations or more)."""
+    if len(configs) < 2:
+        return {}
+    first = configs[0]
+    return {k: v for k, v in first.items() if all(k in c and c[k] == v for c in configs)}
+
+
+def _cfg(x: Capacity | Judged) -> dict:
+    return x.config if isinstance(x, Capacity) else x.point.config
+
+
+def report(tuner: Tuner, out=None) -> int:  # noqa: ANN001
+    """Print the evidence and the answer (to stdout by default); 0 when a configuration was chosen."""
+    out = out or sys.stdout
+    s = tuner.s
+    decision, evidence = tuner.decide()
+    rate = s.rate if s.rate is not None else (decision.rate if decision.chosen else
+                                              (decision.closest.rate if decision.closest else None))
+    for w in thin_tails(s.slos, s.num_prompts):
+        print(f"warning: {w} (--num-prompts)", file=out)
+    mode = f"at {s.rate:g} req/s" if s.rate is not None else "highest sustained rate"
+    title = (f"tune ({mode}): {s.model}, workload {s.workload}, {s.num_prompts} requests per run, {s.output_len} "
+             f"tokens out, serve mode (Poisson arrivals); SLOs {', '.join(map(str, s.slos))}\n"
+             f"figures at {fmt(rate)} req/s: mean ±half-width, {METHOD}; runs: requests x runs")
+    rows, cols = evidence_rows(decision, evidence, s.slos, rate, tuner.skipped)
+    fixed = _fixed_axes([_cfg(e) for e in evidence])
+    if fixed:  # axes every configuration shares go in the title, not in every row
+        title += f"; every configuration has {json.dumps(fixed, default=str)}"
+        for r in rows:
+            r["config"] = json.dumps({k: v for k, v in json.loads(r["config"]).items() if k not in fixed})
+    print(table(rows, cols, title=title) if rows else title + "\n(no serve measurements of this workload)", file=out)
+    if decision.chosen is None:
+        c = decision.closest
+        if c is None:
+            print("\nno serve measurements to choose from: give --budget-minutes to measure", file=out)
+            return 1
+        where = f"Closest: {config_id(c.point.config)} at {c.rate:g} req/s"
+        slo = c.worst[1]
+        if c.point.failed:
+            why = f"{c.point.failed} requests failed"
+        elif slo is not None and c.worst[0] > 0:
+            why = f"binding SLO {slo} (measured {_fig(c.figures.get(slo.metric))})"
+        else:
+            open_ = [k for k, v in c.states.items() if v != "pass"]
+            why = (f"every SLO is met by the means, not surely: {', '.join(open_)} (intervals straddle the bound; "
+                   f"more runs narrow them: --repeats, --max-repeats)")
+        print(f"\nno configuration surely meets every SLO. {where}: {why}", file=out)
+        return 1
+    ch = decision.chosen
+    if isinstance(ch, Capacity):
+        top = max(ch.points)
+        upper = (f"no measured rate made it surely fail (up to {top:g} req/s)" if math.isinf(ch.upper) else
+                 f"it surely fails at {ch.upper:g} req/s")
+        print(f"\nchosen: {ch.id}: meets every SLO at {ch.sure:g} req/s (95%); {upper}", file=out)
+    else:
+        print(f"\nchosen: {config_id(ch.point.config)}: the cheapest that meets every SLO at {ch.rate:g} req/s "
+              f"(95%), goodput {_fig(ch.goodput)} req/s", file=out)
+    for t in decision.ties:
+        what = (f"capacity brackets overlap: [{ch.sure:g}, {ch.upper:g}) vs [{t.sure:g}, {t.upper:g})"
+                if isinstance(t, Capacity) else "goodput intervals overlap")
+        print(f"tie with {config_id(_cfg(t))} ({what}): chose the cheaper (memory, then threads)", file=out)
+    print("run it with:\n  " + serve_command(s.model, _cfg(ch)), file=out)
+    if tuner.spent:
+        print("(the budget ran out before the search did: run again with the same --results to go on)", file=out)
+    return 0
 
 
 def main(ns: argparse.Namespace) -> int:
-    slos = parse_slos(ns.slo)
-    space = json.loads(ns.space) if ns.space else DEFAULT_SPACE
-    deadline = time.monotonic() + ns.budget_minutes * 60
+    s = settings_from(ns)
+    tuner = Tuner(s, ns.budget_minutes * 60, progress=not ns.no_progress)
     if ns.budget_minutes > 0:
-        _measure_missing(ns, space, slos, deadline)
-    records = [r for r in load_records(ns.results) if r.get("system", "tuneserve") == "tuneserve"
-               and r.get("model") == ns.model and r.get("workload") == ns.workload and r.get("kind") != "quality"]
-    rows = evaluate(records, slos, quality_index(load_records(ns.results), ns.model))
-    best, closest, binding = choose(rows)
-    cols = ["config", "rate", "goodput", "output_tok_s"] + [s.metric for s in slos] + ["feasible"]
-    shown = [{**r, "config": json.dumps(r["config"], default=str)} for r in sorted(rows, key=lambda r: -r["goodput"])]
-    print(table(shown, cols, title=f"tune: {ns.model}, workload {ns.workload}, SLOs {', '.join(map(str, slos))}"))
-    if best is not None:
-        print(f"\nchosen: {json.dumps(best['config'], default=str)} with goodput {best['goodput']:.2f} req/s")
-        print("run it with:\n  " + serve_command(ns.model, best["config"]))
-        return 0
-    if closest is None:
-        print("no measurements to choose from: run `tuneserve sweep` or give --budget-minutes", file=sys.stderr)
-        return 1
-    v = closest.get(binding.metric)
-    print(f"\nno configuration meets every SLO. Binding SLO: {binding} (closest configuration "
-          f"{json.dumps(closest['config'], default=str)} has {binding.metric}={v if v is None else f'{v:.4g}'})")
-    return 1
-
-
-def _measure_missing(ns: argparse.Namespace, space: dict, slos: list[SLO], deadline: float) -> None:
-    """Measure points of the search space that the results file lacks, until the budget is spent."""
-    for point in grid_points(space):
-        if time.monotonic() > deadline:
-            print("[tuneserve] tune: budget spent; choosing among what is measured", file=sys.stderr)
-            return
-        run_sweep(ns.model, {k: [v] for k, v in point.items()}, ns.workload, ns.results, ns.num_prompts,
-                  ns.output_len)
-        if any(s.metric in ("ppl_increase", "kl", "top1") for s in slos):
-            ensure_quality(ns.model, point.get("quantization"), ns.results)
+        for w in thin_tails(s.slos, s.num_prompts):
+            print(f"[tuneserve] warning: {w}", file=sys.stderr)
+        point_s = s.min_repeats * s.num_prompts / (s.rate or s.start_rate)
+        if point_s > ns.budget_minutes * 60:
+            print(f"[tuneserve] warning: one point takes about {point_s:.0f}s ({s.min_repeats} runs x "
+                  f"{s.num_prompts} requests at {s.rate or s.start_rate:g} req/s), more than the budget: raise "
+                  f"--budget-minutes (a tune resumes from --results)", file=sys.stderr)
+        tuner.search(parse_space(ns.space) if ns.space else default_space(s.model))
+    return report(tuner)
 
 
 def add_parser(sub) -> None:  # noqa: ANN001
-    p = sub.add_parser("tune", help="pick the configuration that meets your SLOs with the highest goodput")
+    p = sub.add_parser("tune", help="the configuration that meets your SLOs at the highest sustained rate "
+                                    "(or the cheapest at --rate)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--slo", required=True, help='e.g. "ttft_p99<=1s,tpot_p99<=80ms,ppl_increase<=2%%"')
-    p.add_argument("--workload", default="corpus")
-    p.add_argument("--results", default="results/sweep.jsonl")
-    p.add_argument("--budget-minutes", type=float, default=0.0, help="time to measure missing points")
-    p.add_argument("--space", default=None, help="search space as JSON {axis: [values]} (default: a small grid)")
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--slo", required=True, help='e.g. "ttft_p99<=2s,tpot_p99<=100ms,ppl_increase<=2%%"')
+    p.add_argument("--rate", type=float, default=None,
+                   help="offered requests/s: choose the cheapest configuration meeting every SLO there")
+    p.add_argument("--workload", default="corpus", choices=WORKLOADS)
+    p.add_argument("--results", default="results/sweep.jsonl", help="results file (read, appended, resumable)")
+    p.add_argument("--budget-minutes", type=float, default=0.0, help="time to measure; 0: decide from --results")
+    p.add_argument("--space", default=None, help="search space as JSON {axis: [values]}, base values first "
+                   "(default: quantization, speculative, max_num_seqs, max_num_batched_tokens, threads)")
+    p.add_argument("--num-prompts", type=int, default=MIN_REQUESTS,
+                   help=f"requests per run (below {MIN_REQUESTS} a p99 is nearly the maximum: warned)")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="runs per point (more while a verdict is unsure)")
+    p.add_argument("--max-repeats", type=int, default=6)
+    p.add_argument("--start-rate", type=float, default=1.0, help="first offered rate of the capacity search")
+    p.add_argument("--min-rate", type=float, default=0.5, help="lowest offered rate tried (a run at rate r "
+                   "takes num_prompts / r seconds)")
+    p.add_argument("--max-rate", type=float, default=64.0, help="highest offered rate tried")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)

@@ -2,7 +2,8 @@
 
 Besides the main corpus workload, `--ladder` adds fixed batches (64 tokens in, 64 out) that every system
 runs with all requests started together. Each engine row gets `ratio_vs_best_peer`: its output tok/s over
-the fastest peer's on the same workload.
+the fastest peer's on the same workload. Every system runs on the same number of CPU threads, --threads
+(default: torch's count, what the engine uses), and the table and the JSON say how many each had.
 """
 
 from __future__ import annotations
@@ -12,18 +13,31 @@ from typing import Any
 
 from tuneserve.bench.offline import add_workload_args, run_engine, warm_up
 from tuneserve.bench.peers import hf, llama_cpp
-from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult
-from tuneserve.bench.records import table, write_json
+from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult, peer_threads
+from tuneserve.bench.records import table, torch_threads, write_json
 from tuneserve.bench.workloads import corpus_workload, ladder_workload
 from tuneserve.engine_args import EngineArgs
+
+COLUMNS = ["system", "config", "threads", "num_requests", "output_tok_s", "total_tok_s", "mean_ttft_s",
+           "mean_tpot_s", "ratio_vs_best_peer"]
 
 
 def _rows(results: list[PeerResult]) -> list[dict[str, Any]]:
     return [{**r.to_dict(), **{k: v for k, v in r.extra.items() if k == "num_requests"}} for r in results]
 
 
+def peers_table(rows: list[dict[str, Any]], title: str) -> str:
+    """The printed comparison, threads included."""
+    return table(rows, COLUMNS, title=title)
+
+
 def main(ns: Any) -> int:
     """`tuneserve bench peers`: the engine, HF transformers and llama.cpp on the same prompts, same run."""
+    with torch_threads(peer_threads(ns.threads)) as threads:
+        return _compare(ns, threads)
+
+
+def _compare(ns: Any, threads: int) -> int:
     from tuneserve.llm import LLM
 
     args = EngineArgs.from_cli_args(ns)
@@ -36,29 +50,30 @@ def main(ns: Any) -> int:
     work = corpus_workload(tok, ns.corpus, ns.num_prompts, ns.min_input, ns.max_input, ns.output_len,
                            ns.prompt_seed)
     ladder = [int(b) for b in ns.ladder.split(",")] if ns.ladder else []
-    rows: list[dict[str, Any]] = [{**run_engine(llm, work), "config": f"max_num_seqs={args.max_num_seqs}"}]
+    rows: list[dict[str, Any]] = [{**run_engine(llm, work), "config": f"max_num_seqs={args.max_num_seqs}",
+                                   "threads": threads}]
     for b in ladder:
-        rows.append({**run_engine(llm, ladder_workload(tok, b)), "config": f"ladder batch={b}"})
+        rows.append({**run_engine(llm, ladder_workload(tok, b)), "config": f"ladder batch={b}", "threads": threads})
     del llm
     hf_sizes = [int(b) for b in ns.hf_batch_sizes.split(",") if b]
     if hf_sizes:
-        rows += _rows(hf.run_hf(path, work.prompts, work.output_len, hf_sizes, ns.time_limit))
+        rows += _rows(hf.run_hf(path, work.prompts, work.output_len, hf_sizes, ns.time_limit, threads=threads))
         for b in ladder:
-            rows += _rows([_ladder(r, b) for r in hf.run_hf(path, ladder_workload(tok, b).prompts, 64, [b])])
+            rows += _rows([_ladder(r, b) for r in hf.run_hf(path, ladder_workload(tok, b).prompts, 64, [b],
+                                                            threads=threads)])
     par = [int(b) for b in ns.llama_parallel.split(",") if b]
     if par and llama_cpp.is_available():
-        rows += _rows(llama_cpp.run_llama_cpp(path, work.prompts, work.output_len, par,
+        rows += _rows(llama_cpp.run_llama_cpp(path, work.prompts, work.output_len, par, n_threads=threads,
                                               time_limit_s=ns.time_limit))
         for b in ladder:
             ladder_prompts = ladder_workload(tok, b).prompts
-            rows += _rows([_ladder(r, b) for r in llama_cpp.run_llama_cpp(path, ladder_prompts, 64, [b])])
+            rows += _rows([_ladder(r, b) for r in llama_cpp.run_llama_cpp(path, ladder_prompts, 64, [b],
+                                                                            n_threads=threads)])
     elif par:
         print(f"[tuneserve] llama.cpp skipped: {PEERS_INSTALL_HINT}", file=sys.stderr)
     _add_ratios(rows)
-    cols = ["system", "config", "num_requests", "output_tok_s", "total_tok_s", "mean_ttft_s", "mean_tpot_s",
-            "ratio_vs_best_peer"]
-    print(table(rows, cols, title=f"bench peers: {args.model}, workload {work.name}, same run"))
-    write_json(ns.json, {"engine_args": args.to_dict(), "workload": work.name, "results": rows})
+    print(peers_table(rows, f"bench peers: {args.model}, workload {work.name}, same run, {threads} threads each"))
+    write_json(ns.json, {"engine_args": args.to_dict(), "workload": work.name, "threads": threads, "results": rows})
     return 0
 
 
@@ -88,6 +103,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ladder", default="1,8,32", help="fixed batches (64 in, 64 out) to compare too")
     p.add_argument("--hf-batch-sizes", default="1,8,32,64", help="HF batch sizes on the main workload")
     p.add_argument("--llama-parallel", default="1,8,32,64", help="llama.cpp sequences in flight")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of every system (default: torch's count, what the engine uses)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="per peer config: start no new batch after this many seconds (no extrapolation)")
     EngineArgs.add_cli_args(p, with_model=False)

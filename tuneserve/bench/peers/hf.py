@@ -7,7 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tuneserve.bench.peers.result import PeerResult, check_workload, make_result, mean
+from tuneserve.bench.peers.result import PeerResult, check_workload, make_result, mean, peer_threads
+from tuneserve.bench.records import torch_threads
 
 
 class _StepClock:
@@ -63,11 +64,25 @@ def run_hf(
     batch_sizes: Sequence[int] = (1, 8, 32, 64),
     time_limit_s: float | None = None,
     return_tokens: bool = False,
+    threads: int | None = None,
 ) -> list[PeerResult]:
-    """Measure HF transformers `generate` (fp32, SDPA, left-padded static batches), one result per size."""
+    """Measure HF transformers `generate` (fp32, SDPA, left-padded static batches), one result per size,
+    on `threads` torch threads (default: the engine's count, `peer_threads`)."""
+    check_workload(prompts, max_new_tokens)
+    with torch_threads(peer_threads(threads)):
+        return _run_hf(gguf_path, prompts, max_new_tokens, batch_sizes, time_limit_s, return_tokens)
+
+
+def _run_hf(
+    gguf_path: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_sizes: Sequence[int],
+    time_limit_s: float | None,
+    return_tokens: bool,
+) -> list[PeerResult]:
     import torch
 
-    check_workload(prompts, max_new_tokens)
     t_load = time.perf_counter()
     model = _load_hf(gguf_path)
     load_s = time.perf_counter() - t_load
@@ -140,7 +155,8 @@ def run_hf(
             extra["tokens"] = tokens
         results.append(
             make_result(
-                "hf-transformers", f"batch={bs}", prompt_lens, out_lens, elapsed, ttfts, tpots, extra
+                "hf-transformers", f"batch={bs}", prompt_lens, out_lens, elapsed, ttfts, tpots, extra,
+                threads=torch.get_num_threads(),
             )
         )
     return results

@@ -8,7 +8,14 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult, check_workload, make_result, mean
+from tuneserve.bench.peers.result import (
+    PEERS_INSTALL_HINT,
+    PeerResult,
+    check_workload,
+    make_result,
+    mean,
+    peer_threads,
+)
 
 
 def is_available() -> bool:
@@ -62,7 +69,7 @@ def run_llama_cpp(
     prompts: list[list[int]],
     max_new_tokens: int,
     n_parallel: Sequence[int] = (1, 8, 32, 64),
-    n_threads: int = 2,
+    n_threads: int | None = None,
     time_limit_s: float | None = None,
     kv_unified: bool = False,
     return_tokens: bool = False,
@@ -72,7 +79,9 @@ def run_llama_cpp(
 
     `extra_bufts` enables llama.cpp's repacked CPU weight layouts (AMX, interleaved); it is off by default
     because with a GGML_NATIVE build on an AMX-capable host the AMX matmul faults (`ldtilecfg`) here.
+    `n_threads` (decode and batch threads) defaults to the engine's thread count (`peer_threads`).
     """
+    n_threads = peer_threads(n_threads)
     L = _import_llama_cpp()
     import numpy as np
 
@@ -262,4 +271,5 @@ def _llama_workload(
         ttfts,
         tpots,
         extra,
+        threads=n_threads,
     )

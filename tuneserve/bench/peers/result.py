@@ -13,6 +13,8 @@ Definitions (the same for both peers, so their numbers compare):
 - TPOT of a request: (time of its last token - time of its first token) / (output tokens - 1).
 - peak_rss_bytes: the process's maximum resident set size so far (`getrusage`); it never decreases, so
   for the second and later configs of a run it is an upper bound, not that config's own peak.
+- threads: the CPU threads the peer computed on; by default the engine's own count (torch's intra-op
+  threads, `peer_threads`), so that no system gets more cores than another.
 
 `time_limit_s` never extrapolates: once it is exceeded no new batch (HF) or request (llama.cpp) is
 started (the first batch / the first n_parallel requests always start), work already started is
@@ -47,11 +49,21 @@ class PeerResult:
     mean_ttft_s: float | None
     mean_tpot_s: float | None
     peak_rss_bytes: int | None
+    threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-serializable dict."""
         return asdict(self)
+
+
+def peer_threads(threads: int | None = None) -> int:
+    """The threads a peer runs on: `threads`, else the engine's count (torch's intra-op threads)."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return int(threads) if threads is not None else torch.get_num_threads()
 
 
 def peak_rss_bytes() -> int:
@@ -84,6 +96,7 @@ def make_result(
     ttfts: Sequence[float],
     tpots: Sequence[float],
     extra: dict[str, Any],
+    threads: int | None = None,
 ) -> PeerResult:
     """Assemble a PeerResult from per-request measurements."""
     out_tokens = int(sum(out_lens))
@@ -101,5 +114,6 @@ def make_result(
         mean_ttft_s=mean(ttfts),
         mean_tpot_s=mean(tpots),
         peak_rss_bytes=peak_rss_bytes(),
+        threads=threads,
         extra=extra,
     )
