@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "tuneserve"
 LAYERS: list[set[str]] = [
     {"log", "errors", "faults", "config", "sampling_params", "outputs"},
     {"core", "overflow"},  # torch-free bookkeeping and policies
-    {"dtypes", "weights", "corpus", "tokenizer", "chat_template", "kernels", "sample", "structured"},
+    {"dtypes", "weights", "corpus", "tokenizer", "chat_template", "kernels", "sample", "structured", "tool_calls"},
     {"models", "quant", "engine_args"},
     {"calibration"},
     {"loading"},

@@ -95,6 +95,27 @@ def test_greedy_constrained_output_is_the_same_with_speculation_and_preemption(m
     assert stats.spec_num_drafts > 0 or stats.num_preemptions > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_drafts_of_constrained_requests_are_checked_against_the_grammar(make_llm, tiny_dirs, method):
+    """Constrained requests draft (only what their grammar allows), verify against k + 1 masked rows, and
+    keep their greedy and seeded output; what they emit always fits."""
+    regex = r"(ab|ba|c)+d"
+    so = StructuredOutputsParams(regex=regex)
+    params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=so),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=40, structured_outputs=so),
+              SamplingParams(temperature=0.7, max_tokens=40, structured_outputs=so)]
+    spec = {"method": method, "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": False}
+    if method == "draft":
+        spec["model"] = str(tiny_dirs["llama-draft"])
+    ref = make_llm().generate(PROMPTS[:3], params, use_tqdm=False)
+    llm = make_llm(speculative_config=spec)
+    got = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got[:2]] == [o.outputs[0].token_ids for o in ref[:2]]
+    assert all(re.fullmatch(regex, o.outputs[0].text) for o in got), [o.outputs[0].text for o in got]
+    stats = llm.llm_engine.get_stats()
+    assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens > 0
+
+
 def test_matchers_end_with_their_requests(make_llm):
     llm = make_llm()
     engine = llm.llm_engine

@@ -87,7 +87,7 @@ def _env() -> _BudgetedSandbox:
 
 
 def render_untrusted(template: str, messages: list[dict], add_generation_prompt: bool, special: dict[str, str],
-                     seconds: float = 1.0, max_chars: int = 1 << 20) -> str:
+                     seconds: float = 1.0, max_chars: int = 1 << 20, tools: list[dict] | None = None) -> str:
     """Render a request's chat template for `messages`; raises TemplateError (a 400) on anything it
     refuses: a template over MAX_TEMPLATE_CHARS, a sandbox violation, or a budget overrun."""
     if len(template) > MAX_TEMPLATE_CHARS:
@@ -96,7 +96,8 @@ def render_untrusted(template: str, messages: list[dict], add_generation_prompt:
     try:
         compiled = _env().from_string(template)
         parts, size = [], 0
-        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **special):
+        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                       **special):
             _tick()
             size += len(piece)
             if size > max_chars:

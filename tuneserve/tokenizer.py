@@ -95,14 +95,14 @@ class IncrementalDetokenizer:
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True,
-                chat_template: str | None = None) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template."""
+                chat_template: str | None = None, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation (and the tools it may call) rendered with the model's chat template."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError("this model has no chat template (it is a base model); send a plain prompt to "
                          "the completions API instead, or pass chat_template")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        chat_template=template)
+                                        chat_template=template, tools=tools)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)

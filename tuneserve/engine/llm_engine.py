@@ -166,6 +166,8 @@ class LLMEngine:
                 m = self.config.model
                 self._grammars = LLGuidanceBackend(self.tokenizer, m.arch.vocab_size, m.arch.eos_token_ids)
                 self.runner.grammars = self._grammars
+                if self.spec is not None and self.spec.draft is not None:  # drafts of constrained requests
+                    self.spec.draft.runner.grammars = self._grammars
             return self._grammars
 
     def _compile_grammar(self, params: SamplingParams) -> object:

@@ -34,6 +34,7 @@ from tuneserve.server.protocol import (
 from tuneserve.server.schema import server_openapi
 from tuneserve.server.settings import ServerSettings
 from tuneserve.server.streaming import GuardedBody, chat_events, completion_events
+from tuneserve.server.tools import chat_message
 from tuneserve.tokenizer import chat_prompt
 
 logger = logging.getLogger("tuneserve.server")
@@ -165,18 +166,18 @@ def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: 
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         serving = state.ready()
-        prepared = await serving.admit(body, serving.prepare_chat)
-        _log_request(settings, [prepared])
+        chat = await serving.admit(body, serving.prepare_chat)
+        _log_request(settings, [chat.request])
         if body.stream:
-            return _event_stream(serving, chat_events(serving, body, prepared, settings.max_request_seconds),
-                                 [prepared])
-        outs = await _collect(serving, [prepared], request)
+            return _event_stream(serving, chat_events(serving, body, chat, settings.max_request_seconds),
+                                 [chat.request])
+        outs = await _collect(serving, [chat.request], request)
         if outs is None:
             return Response(status_code=CLIENT_CLOSED)
         (out,) = outs
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+        choices = [{"index": c.index, **chat_message(chat.tools, c.text, c.finish_reason),
                     "logprobs": serving.chat_logprobs(c.logprobs) if body.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+                    "stop_reason": c.stop_reason} for c in out.outputs]
         return JSONResponse({"id": out.request_id, "object": "chat.completion", "created": now(),
                              "model": state.model_name, "choices": choices, "usage": usage([out])})
 
@@ -274,7 +275,8 @@ def _register_errors(app: FastAPI) -> None:
         if "schema" in served:
             return served["schema"]
         engine = state.engine.engine if state.engine is not None else None
-        schema = server_openapi(base_openapi(), state.settings, engine, state.model_name)
+        tools = state.serving is not None and state.serving.tool_parser is not None
+        schema = server_openapi(base_openapi(), state.settings, engine, state.model_name, tools)
         if engine is not None:  # complete once the model is loaded: keep it
             served["schema"] = schema
         return schema

@@ -19,7 +19,9 @@ from tuneserve.outputs import RequestOutput, TokenLogprobs
 from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.server.async_engine import AsyncEngine
 from tuneserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from tuneserve.server.tools import ToolPlan, ToolRequest, plan_tools
 from tuneserve.tokenizer import chat_prompt
+from tuneserve.tool_calls.registry import tool_call_parser
 
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt"}
 
@@ -34,6 +36,14 @@ def _param_of(error: ValueError, names: dict[str, str] | None = None) -> str | N
     return (names or {}).get(param, param)
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedChat:
+    """A chat request ready to run, and how its output is read for tool calls (None: plain messages)."""
+
+    request: PreparedRequest
+    tools: ToolPlan | None
+
+
 class OpenAIServing:
     """Shared logic of the two generation endpoints."""
 
@@ -43,6 +53,8 @@ class OpenAIServing:
         self.settings = settings
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.model.max_model_len
+        # the model's tool-call format (None: it renders no tools we can parse); ValueError for an unknown name
+        self.tool_parser = tool_call_parser(settings.tool_call_parser, getattr(self.tokenizer, "chat_template", None))
         # tokenizing an 8 MiB prompt or rendering a template takes a while: never on the event loop
         self.pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="tuneserve-prepare")
 
@@ -73,10 +85,10 @@ class OpenAIServing:
     # ----- request preparation ---------------------------------------------------------------
     def _prepare(self, rid: str, prompt: str | list[int], body, max_tokens: int | None,  # noqa: ANN001
                  logprobs: int | None, prompt_logprobs: int | None = None,
-                 names: dict[str, str] | None = None) -> PreparedRequest:
+                 names: dict[str, str] | None = None, tools: ToolRequest | None = None) -> PreparedRequest:
         eng = self.engine.engine
         try:
-            params = body.sampling_params(max_tokens, logprobs, prompt_logprobs)
+            params = body.sampling_params(max_tokens, logprobs, prompt_logprobs, tools)
             return eng.prepare_request(rid, prompt, params, priority=body.priority)
         except ValueError as e:  # unnamed (a KV cache too small): the request's size is what to change
             names = names or {}
@@ -118,10 +130,14 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     # ----- chat ------------------------------------------------------------------------------
-    def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+    def prepare_chat(self, body: ChatCompletionRequest) -> PreparedChat:
         """The conversation's request (its limits were checked by `admit`)."""
         try:
-            ids = self._chat_ids(body)
+            tools = self._tool_request(body)
+        except ParamError as e:
+            raise APIError(400, str(e), e.param) from None
+        try:
+            ids = self._chat_ids(body, tools.template_tools)
         except APIError:
             raise
         except ValueError as e:
@@ -134,13 +150,22 @@ class OpenAIServing:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         names = {"prompt": "messages", "logprobs": "top_logprobs",
                  "max_tokens": "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"}
-        return self._prepare(f"chatcmpl-{uuid.uuid4().hex}", ids, body, max_tokens, logprobs, names=names)
+        request = self._prepare(f"chatcmpl-{uuid.uuid4().hex}", ids, body, max_tokens, logprobs, names=names,
+                                tools=tools)
+        return PreparedChat(request, tools.plan)
 
-    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+    def _tool_request(self, body: ChatCompletionRequest) -> ToolRequest:
+        """What the body's tool fields ask; a request's own template brings its own call format."""
+        parser = self.tool_parser
+        if body.chat_template and body.tools and self.settings.tool_call_parser == "auto":
+            parser = tool_call_parser("auto", body.chat_template)
+        return plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, parser, self.tokenizer)
+
+    def _chat_ids(self, body: ChatCompletionRequest, tools: list[dict] | None) -> list[int]:
         """The conversation's token ids: the model's template, or (if the operator allows it) the
         request's own, rendered in a time- and size-limited sandbox."""
         if not body.chat_template:
-            return chat_prompt(self.tokenizer, body.conversation(), body.add_generation_prompt)
+            return chat_prompt(self.tokenizer, body.conversation(), body.add_generation_prompt, tools=tools)
         if not self.settings.trust_request_chat_template:
             raise APIError(400, "this server does not render chat templates sent in requests; leave out "
                            "chat_template (the operator can allow it with --trust-request-chat-template)",
@@ -148,7 +173,8 @@ class OpenAIServing:
         tok = self.tokenizer
         special = {k: getattr(tok, k) or "" for k in ("bos_token", "eos_token")}
         try:
-            text = render_untrusted(body.chat_template, body.conversation(), body.add_generation_prompt, special)
+            text = render_untrusted(body.chat_template, body.conversation(), body.add_generation_prompt, special,
+                                    tools=tools)
         except TemplateError as e:
             raise APIError(400, f"chat_template: {e}", "chat_template") from None
         return tok(text, add_special_tokens=False).input_ids

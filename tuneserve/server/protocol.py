@@ -8,12 +8,12 @@ context) are checked in openai_serving / the engine and written into the schema 
 Unknown fields are a 400 (as OpenAI does), never silently ignored. Of OpenAI's fields that this server
 does not implement, the harmless ones are accepted and ignored: `user`, `safety_identifier`,
 `prompt_cache_key`, `metadata`, `service_tier` (hints that never change the output), `store` (false
-only: nothing is kept), `parallel_tool_calls` (no tools run) and `stream_options` without `stream` (nothing
-to act on). `tools`, `tool_choice`, `functions`, `function_call`, `modalities` and
-`suffix` are accepted only with values that ask for nothing (no tools) and are otherwise a 400
-saying they are not supported yet; `best_of`, `audio`, `prediction`, ... are refused as unknown fields,
-by name (OPENAI_NOT_YET). `response_format` (text, json_object, json_schema) and vLLM's `structured_outputs`
-constrain the output (server/structured.py).
+only: nothing is kept) and `stream_options` without `stream` (nothing to act on). The legacy `functions`,
+`function_call`, and `modalities` and `suffix` are accepted only with values that ask for nothing and are
+otherwise a 400 saying they are not supported; `best_of`, `audio`, `prediction`, ... are refused as unknown
+fields, by name (OPENAI_NOT_YET). `response_format` (text, json_object, json_schema) and vLLM's
+`structured_outputs` constrain the output (server/structured.py); `tools`, `tool_choice` and
+`parallel_tool_calls` call tools (server/tools.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tuneserve.sampling_params import (
     utf8_error,
 )
 from tuneserve.server.structured import ResponseFormat, StructuredOutputs, structured_params
+from tuneserve.server.tools import MAX_TOOLS, AssistantToolCall, ToolChoice, ToolDefinition, ToolRequest
 
 
 class APIError(Exception):
@@ -114,23 +115,18 @@ def _bounded(name: str) -> Any:
     return Field(None, le=hi, **({"gt": lo} if open_low else {"ge": lo}))
 
 
-LATER = "yet ({} arrives in a later release)"
+LEGACY = "(the legacy form of tool calling: send tools and tool_choice instead)"
 
 
 def _not_supported(why: str, allowed: tuple) -> Any:
     """A before-validator: the value must be one of `allowed` (those ask for nothing), else a 400."""
 
     def check(cls, v: object) -> object:  # noqa: ANN001
-        if v not in allowed:
+        if not any(type(v) is type(a) and v == a for a in allowed):  # 0.0 == False, but 0.0 is not false
             raise ValueError(f"is not supported {why}; leave it out")
         return v
 
     return check
-
-
-def _later(feature: str, allowed: tuple) -> Any:
-    """_not_supported for a feature that is planned."""
-    return _not_supported(LATER.format(feature), allowed)
 
 
 class _Body(BaseModel):
@@ -168,20 +164,19 @@ class _SamplingFields(_Body):
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra field
-    tools: Annotated[list[dict], Field(max_length=0)] | None = None
-    tool_choice: Literal["none"] | None = None
 
-    _tools = field_validator("tools", mode="before")(_later("tool calling", (None, [])))
-    _tool_choice = field_validator("tool_choice", mode="before")(_later("tool calling", (None, "none")))
-
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """SamplingParams for this body; raises ValueError naming the bad field."""
-        kw: dict[str, Any] = dict(n=self.n, max_tokens=max_tokens, seed=self.seed, stop=self.stop,
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                        tools: ToolRequest | None = None) -> SamplingParams:
+        """SamplingParams for this body (and its tool calling); raises ValueError naming the bad field."""
+        structured = structured_params(self.response_format, self.structured_outputs)
+        stop = self.stop
+        if tools is not None:
+            structured = tools.merge_constraint(structured)
+            stop = self.stop_list() + list(tools.stop) if tools.stop else stop
+        kw: dict[str, Any] = dict(n=self.n, max_tokens=max_tokens, seed=self.seed, stop=stop,
                                   stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                                   min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                  logit_bias=self.logit_bias,
-                                  structured_outputs=structured_params(self.response_format, self.structured_outputs))
+                                  logit_bias=self.logit_bias, structured_outputs=structured)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             v = getattr(self, name)
@@ -231,6 +226,8 @@ class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None  # passed to the chat template, which may show it
+    # an assistant's calls, and the call a tool message answers; like every field, given to the template
+    tool_calls: Annotated[list[AssistantToolCall], Field(max_length=MAX_TOOLS)] | None = None
     tool_call_id: Text | None = None
 
     def text(self) -> str:
@@ -241,6 +238,8 @@ class ChatMessage(_Body):
     def for_template(self) -> dict:
         msg = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         msg.update({k: v for k in ("name", "tool_call_id") if (v := getattr(self, k)) is not None})
+        if self.tool_calls:
+            msg["tool_calls"] = [c.for_template() for c in self.tool_calls]
         return msg
 
 
@@ -255,15 +254,17 @@ class ChatCompletionRequest(_SamplingFields):
                              Annotated[str, Field(max_length=512), AfterValidator(_utf8)]],
                         Field(max_length=16)] | None = None
     store: Literal[False] | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: Annotated[list[dict], Field(max_length=0)] | None = None
     function_call: Literal["none"] | None = None
     modalities: list[Literal["text"]] | None = None
 
     _store = field_validator("store", mode="before")(_not_supported("(this server keeps nothing)", (None, False)))
-    _functions = field_validator("functions", mode="before")(_later("function calling", (None, [])))
+    _functions = field_validator("functions", mode="before")(_not_supported(LEGACY, (None, [])))
     _function_call = field_validator("function_call", mode="before")(
-        _later("function calling", (None, "none")))
+        _not_supported(LEGACY, (None, "none")))
 
     @field_validator("modalities", mode="before")
     @classmethod

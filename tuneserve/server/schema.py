@@ -298,13 +298,25 @@ def _set(prop: dict | list | None, kind: str, **keys: Any) -> None:
             b.update(keys)
 
 
-def server_openapi(base: dict, settings, engine=None, model_name: str | None = None) -> dict:  # noqa: ANN001
-    """The OpenAPI document of a server (its ServerSettings; the LLMEngine once loaded): FastAPI's `base`
-    with the responses and the run-time bounds added."""
+def server_openapi(base: dict, settings, engine=None, model_name: str | None = None,  # noqa: ANN001
+                   tool_calls: bool = True) -> dict:
+    """The OpenAPI document of a server (its ServerSettings; the LLMEngine once loaded; whether its model
+    calls tools): FastAPI's `base` with the responses and the run-time bounds added."""
     schema = copy.deepcopy(base)
     document_responses(schema)
     model = engine.config.model if engine is not None else None
     bound_requests(schema, settings.limits, model_name if engine is not None else None,
                    model.arch.vocab_size if model else None, model.max_model_len if model else None,
                    getattr(settings, "trust_request_chat_template", True))
+    if not tool_calls:
+        no_tools(schema)
     return schema
+
+
+def no_tools(schema: dict) -> None:
+    """A model that calls no tools takes no tools, and no tool_choice but "none"."""
+    chat = schema.get("components", {}).get("schemas", {}).get("ChatCompletionRequest", {}).get("properties", {})
+    if "tools" in chat:
+        chat["tools"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "default": None}
+    if "tool_choice" in chat:
+        chat["tool_choice"] = {"anyOf": [{"enum": ["none"]}, {"type": "null"}], "default": None}

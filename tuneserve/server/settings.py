@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from tuneserve.server.limits import RequestLimits, add_limit_flags, limits_from_args
+from tuneserve.tool_calls.registry import PARSERS
 
 
 @dataclass
@@ -22,6 +23,7 @@ class ServerSettings:
     drain_timeout: float = 30.0
     metrics_require_api_key: bool = False  # /metrics behind the API key too
     trust_request_chat_template: bool = False  # render a request's own chat_template (sandboxed)
+    tool_call_parser: str = "auto"  # the model's tool-call format: auto (from its template), none, or a name
     log_prompts: bool = False  # prompt text in the debug log (off: ids, sizes and errors only)
     exit_on_fatal: bool = True  # exit the process when the engine cannot recover (a supervisor restarts it)
     prepare_threads: int = 4  # threads that tokenize and render templates off the event loop
@@ -48,6 +50,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-require-api-key", action="store_true", help="guard /metrics with the API key too")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="render chat templates sent in requests (sandboxed, with time and size limits)")
+    p.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=["auto", "none", *sorted(PARSERS)],
+                   help="how tool calls are written: auto (the format the chat template writes), none (no tool "
+                   "calling), or a parser name (hermes)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text at debug level (off by default)")
     p.add_argument("--log-level", default="info")
     add_limit_flags(p)
@@ -60,4 +65,5 @@ def settings_from_args(ns: argparse.Namespace) -> ServerSettings:
                           max_header_bytes=ns.max_header_bytes, max_request_seconds=ns.max_request_seconds,
                           drain_timeout=ns.drain_timeout, metrics_require_api_key=ns.metrics_require_api_key,
                           trust_request_chat_template=ns.trust_request_chat_template, log_prompts=ns.log_prompts,
+                          tool_call_parser=ns.tool_call_parser,
                           limits=limits_from_args(ns))

@@ -14,8 +14,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from tuneserve.server.async_engine import EngineDeadError, RequestFailedError
-from tuneserve.server.openai_serving import OpenAIServing, now, sse, usage
+from tuneserve.server.openai_serving import OpenAIServing, PreparedChat, now, sse, usage
 from tuneserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from tuneserve.server.tools import delta_json, finish_reason
 
 logger = logging.getLogger("tuneserve.server")
 
@@ -89,10 +90,13 @@ async def completion_events(serving: OpenAIServing, body: CompletionRequest, pre
     yield sse("[DONE]")
 
 
-async def chat_events(serving: OpenAIServing, body: ChatCompletionRequest, prepared, limit_s: float):  # noqa: ANN001, ANN201
-    """The SSE stream of a /v1/chat/completions request."""
-    rid = prepared.parent.request_id
+async def chat_events(serving: OpenAIServing, body: ChatCompletionRequest, chat: PreparedChat, limit_s: float):  # noqa: ANN201
+    """The SSE stream of a /v1/chat/completions request; tool calls stream as OpenAI streams them (a call's
+    id and name first, then pieces of its arguments)."""
+    rid = chat.request.parent.request_id
     created, final, completion = now(), None, 0
+    streamers = [chat.tools.streamer() for _ in range(body.n)] if chat.tools is not None else None
+    called = [False] * body.n
 
     def chunk(choices: list[dict], **extra) -> str:
         return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": serving.model_name,
@@ -102,16 +106,23 @@ async def chat_events(serving: OpenAIServing, body: ChatCompletionRequest, prepa
                   "finish_reason": None} for i in range(body.n)])
     try:
         async with asyncio.timeout(limit_s):
-            async for _, out in serving.merged([prepared]):
+            async for _, out in serving.merged([chat.request]):
                 choices = []
                 for c in out.outputs:
                     completion += len(c.token_ids)
                     if not c.text and not c.token_ids and c.finish_reason is None:
                         continue
                     lps = serving.chat_logprobs(c.logprobs) if body.logprobs and c.logprobs else None
-                    delta = {"content": c.text} if c.text else {}
-                    choices.append({"index": c.index, "delta": delta, "logprobs": lps,
-                                    "finish_reason": c.finish_reason})
+                    reason = c.finish_reason
+                    if streamers is None:
+                        delta = {"content": c.text} if c.text else {}
+                    else:
+                        d = streamers[c.index].feed(c.text)
+                        if reason is not None:
+                            d.extend(streamers[c.index].finish())
+                        called[c.index] = called[c.index] or bool(d.calls)
+                        delta, reason = delta_json(d.content, d.calls), finish_reason(reason, called[c.index])
+                    choices.append({"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": reason})
                 if choices:
                     yield chunk(choices)
                 final = out

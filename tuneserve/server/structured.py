@@ -15,29 +15,29 @@ from tuneserve.sampling_params import MAX_CHOICES, ParamError, StructuredOutputs
 MAX_GRAMMAR_CHARS = 1 << 20  # a schema or grammar is compiled per distinct text: bound the work
 
 
-class _Body(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
 
 Grammar = Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)]
 
 
-class JSONSchemaFormat(_Body):
+class JSONSchemaFormat(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
     description: str | None = None
     json_schema: dict = Field(alias="schema", default_factory=dict)  # {} (no schema): any JSON value
     strict: bool | None = None  # the output always follows the schema here
 
 
-class ResponseFormatText(_Body):
+class ResponseFormatText(StrictModel):
     type: Literal["text"]
 
 
-class ResponseFormatJSONObject(_Body):
+class ResponseFormatJSONObject(StrictModel):
     type: Literal["json_object"]
 
 
-class ResponseFormatJSONSchema(_Body):
+class ResponseFormatJSONSchema(StrictModel):
     type: Literal["json_schema"]
     json_schema: JSONSchemaFormat
 
@@ -46,7 +46,7 @@ ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJSONObject | Respo
                            Field(discriminator="type")]
 
 
-class StructuredOutputs(_Body):
+class StructuredOutputs(StrictModel):
     """vLLM's extra field: exactly one constraint."""
 
     json_: dict | Grammar | None = Field(None, alias="json")

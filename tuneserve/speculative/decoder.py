@@ -51,8 +51,7 @@ class SpecDecoder:
         live = [r for r in running if r.status == RequestStatus.RUNNING]
         if self.draft is not None:
             self.draft.release_except({r.request_id for r in live})
-        # constrained requests do not draft: their drafts would need checking against the grammar
-        decoding = [r for r in live if r.num_computed_tokens == r.num_tokens - 1 and r.grammar is None]
+        decoding = [r for r in live if r.num_computed_tokens == r.num_tokens - 1]
         base = sum(1 if r in decoding else r.num_tokens - r.num_computed_tokens for r in live)
         k, n = self.ctl.plan(len(decoding), base)
         if k == 0:
@@ -75,6 +74,9 @@ class SpecDecoder:
             self._record_hit(kr, self._set(r, toks, probs))
 
     def _set(self, r: Request, toks: list[int], probs: torch.Tensor | None) -> bool:
+        if r.grammar is not None and toks:  # a constrained request drafts only what its grammar allows
+            n = r.grammar.valid_prefix(toks)
+            toks, probs = toks[:n], (probs[:n] if probs is not None and n else None)
         r.spec_token_ids, r.spec_draft_probs = toks, probs
         return bool(toks)
 

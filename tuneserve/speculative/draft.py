@@ -99,15 +99,26 @@ class DraftProposer:
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in active}
         # round 0: catch up on the tokens the draft has not seen; later rounds feed the last draft
         feed = {i: reqs[i].all_token_ids[len(self.states[reqs[i].request_id].fed):] for i in active}
-        for step in range(max(ks[i] for i in active)):
-            batch = [i for i in active if ks[i] > step]
-            logits = self._forward(reqs, batch, feed)
-            for row, i in enumerate(batch):
-                tok, q = self._draw(reqs[i], logits[row], drafts[i])
-                drafts[i].append(tok)
-                if q is not None:
-                    probs[i].append(q)
-                feed[i] = [tok]
+        ended: set[int] = set()  # constrained requests whose draft reached EOS
+        try:
+            for step in range(max(ks[i] for i in active)):
+                batch = [i for i in active if ks[i] > step and i not in ended]
+                if not batch:
+                    break
+                logits = self._forward(reqs, batch, feed)
+                for row, i in enumerate(batch):
+                    tok, q = self._draw(reqs[i], logits[row], drafts[i])
+                    drafts[i].append(tok)
+                    if q is not None:
+                        probs[i].append(q)
+                    feed[i] = [tok]
+                    if reqs[i].grammar is not None:  # the next draft follows the grammar from here
+                        if tok in self.runner.eos_ids or not reqs[i].grammar.accept([tok]):
+                            ended.add(i)
+        finally:  # the matchers go back to where the target is
+            for i in active:
+                if reqs[i].grammar is not None:
+                    reqs[i].grammar.rollback(len(drafts[i]) - (i in ended))
         for i in active:
             p = torch.stack(probs[i]) if probs[i] else None
             out[i] = (drafts[i], p)
@@ -142,7 +153,14 @@ class DraftProposer:
         return self.runner.model.compute_logits(hidden[last])
 
     def _draw(self, r: Request, logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None]:
-        """The next draft after `drafted`, and the distribution it was drawn from (for rejection sampling)."""
+        """The next draft after `drafted`, and the distribution it was drawn from (for rejection sampling);
+        a constrained request's among what its grammar allows (its matcher has taken `drafted`)."""
+        if r.grammar is not None:
+            bitmask = self.runner.grammars.allocate_bitmask(1)
+            r.grammar.fill_bitmask(bitmask, 0)
+            logits = logits.unsqueeze(0).clone()
+            self.runner.grammars.apply_bitmask(logits, bitmask)
+            logits = logits[0]
         if r.params.greedy:
             return int(logits.argmax()), None
         if r.params.seed is not None:  # as the target's sampler draws at this output position

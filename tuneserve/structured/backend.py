@@ -22,6 +22,13 @@ class Matcher(Protocol):
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row `row` of a bitmask from `allocate_bitmask`."""
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens` (drafts) the grammar takes in order from here; the matcher does not move."""
+
+    def fill_bitmasks(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
+        """Rows row .. row + len(drafts): the allowed next tokens here and after each prefix of `drafts`
+        (which the grammar takes); the matcher ends where it started."""
+
     def is_terminated(self) -> bool:
         """Whether the grammar is complete and takes no token but EOS."""
 

@@ -44,10 +44,12 @@ def grammar_text(params: StructuredOutputsParams) -> str:
 
 
 class LLGuidanceMatcher:
-    """backend.Matcher over an llguidance LLMatcher."""
+    """backend.Matcher over an llguidance LLMatcher. EOS is never consumed here: llguidance does not count
+    it in the history that rollback undoes, and nothing follows it."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, eos_token_ids: tuple[int, ...]) -> None:
         self._m = matcher
+        self._eos = frozenset(eos_token_ids)
 
     def accept(self, tokens: list[int]) -> bool:
         return all(self._m.consume_token(t) for t in tokens)
@@ -57,6 +59,27 @@ class LLGuidanceMatcher:
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row)
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        eos = next((i for i, t in enumerate(tokens) if t in self._eos), None)
+        if eos is not None:  # an EOS ends the drafts: it fits where the grammar may end
+            n = self._m.validate_tokens(tokens[:eos])
+            return n + 1 if n == eos and self._m.validate_tokens(tokens[:eos + 1]) == eos + 1 else n
+        return self._m.validate_tokens(tokens)
+
+    def fill_bitmasks(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
+        taken = 0
+        for j, tok in enumerate([*drafts, None]):
+            llguidance.torch.fill_next_token_bitmask(self._m, bitmask, row + j)
+            if tok is None:
+                break
+            if tok in self._eos:  # the request ends at this draft if it is accepted: later rows allow all
+                bitmask[row + j + 1:row + len(drafts) + 1] = -1
+                break
+            if not self._m.consume_token(tok):
+                raise RuntimeError(f"draft token {tok} does not fit the grammar: {self._m.get_error()}")
+            taken += 1
+        self._m.rollback(taken)
 
     def is_terminated(self) -> bool:
         return self._m.is_stopped()
@@ -69,7 +92,7 @@ class LLGuidanceBackend:
     """backend.GrammarBackend for one tokenizer and vocabulary (the logits' width)."""
 
     def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:  # noqa: ANN001
-        self.vocab_size = vocab_size
+        self.vocab_size, self.eos_token_ids = vocab_size, tuple(eos_token_ids)
         self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size,
                                                        eos_token=list(eos_token_ids) or None)
         self._compiled: dict[str, llguidance.LLMatcher] = {}
@@ -99,7 +122,7 @@ class LLGuidanceBackend:
         return prototype
 
     def matcher(self, compiled: llguidance.LLMatcher) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(compiled.deep_copy())
+        return LLGuidanceMatcher(compiled.deep_copy(), self.eos_token_ids)
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         return llguidance.torch.allocate_token_bitmask(rows, self.vocab_size)

@@ -8,6 +8,7 @@ knows about requests comes from the SchedulerOutput; everything it returns goes 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -46,7 +47,10 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.eos_ids = config.model.arch.eos_token_ids
         self.grammars: GrammarBackend | None = None  # set by the engine with the first constrained request
-        self.mask_seconds = 0.0  # spent filling and applying grammar masks (the cost of structure)
+        self.mask_seconds = 0.0  # the step's wait for grammar masks, and applying them (the cost of structure)
+        # next-token masks are filled on this thread while the forward runs (llguidance releases the GIL)
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tuneserve-masks")
+        self._early_masks: Future | None = None
 
     # ----- one step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -60,11 +64,32 @@ class ModelRunner:
         out = RunnerOutput.empty(0)
         if live:
             run = [reqs[i] for i in live]
-            ctx, input_ids = self.prepare_inputs(run)
-            faults.hit("forward")
-            hidden = self.model(input_ids, ctx)  # (N, hidden): an exception here fails the whole step
-            out = self._sample(run, hidden)
+            self._early_masks = self._fill_masks_early(run)
+            try:
+                ctx, input_ids = self.prepare_inputs(run)
+                faults.hit("forward")
+                hidden = self.model(input_ids, ctx)  # (N, hidden): an exception here fails the whole step
+                out = self._sample(run, hidden)
+            finally:
+                if self._early_masks is not None:
+                    self._early_masks.exception()  # the matchers are the scheduler's again only after the fill
+                self._early_masks = None
         return scatter_output(out, live, len(reqs), errors) if errors else out
+
+    def _fill_masks_early(self, reqs: list[ScheduledRequest]) -> Future | None:
+        """Start filling the masks of constrained requests that sample one token (their matchers do not move
+        before the step ends): {request id: row}, bitmask."""
+        constrained = [r for r in reqs if r.grammar is not None and r.sample and not r.num_draft_tokens]
+        if not constrained:
+            return None
+
+        def fill() -> tuple[dict[str, int], torch.Tensor]:
+            bitmask = self.grammars.allocate_bitmask(len(constrained))
+            for k, r in enumerate(constrained):
+                r.grammar.fill_bitmask(bitmask, k)
+            return {r.req_id: k for k, r in enumerate(constrained)}, bitmask
+
+        return self._mask_pool.submit(fill)
 
     def _check_requests(self, reqs: list[ScheduledRequest]) -> dict[int, Exception]:
         """Per-request checks before the batch is built: a request that fails one is left out of the
@@ -174,22 +199,50 @@ class ModelRunner:
         if not idx:
             return
         t0 = time.perf_counter()
-        bitmask = self.grammars.allocate_bitmask(len(idx))
-        for k, j in enumerate(idx):
-            reqs[j].grammar.fill_bitmask(bitmask, k)
+        early = self._early_result()
+        if all(reqs[j].req_id in early[0] for j in idx):
+            bitmask = early[1][[early[0][reqs[j].req_id] for j in idx]]
+        else:
+            bitmask = self.grammars.allocate_bitmask(len(idx))
+            for k, j in enumerate(idx):
+                reqs[j].grammar.fill_bitmask(bitmask, k)
         sub = logits[idx]
         self.grammars.apply_bitmask(sub, bitmask)
-        allowed = torch.isfinite(sub)
-        early = [k for k, j in enumerate(idx) if _output_end(reqs[j]) - reqs[j].prompt_len < reqs[j].params.min_tokens]
-        if early and self.eos_ids:  # the sampler bans EOS before min_tokens
+        self._check_alive(sub, [reqs[j] for j in idx], [_output_end(reqs[j]) for j in idx])
+        logits[idx] = sub
+        self.mask_seconds += time.perf_counter() - t0
+
+    def _early_result(self) -> tuple[dict[str, int], torch.Tensor | None]:
+        """The masks filled during the forward; none if that failed (each request then fills its own, so a
+        failure is pinned on the request at fault)."""
+        if self._early_masks is None or self._early_masks.exception() is not None:
+            return {}, None
+        return self._early_masks.result()
+
+    def _constrain_drafted(self, logits: torch.Tensor, r: ScheduledRequest, drafts: list[int]) -> torch.Tensor:
+        """r's k + 1 verification rows, masked: row j to what the grammar allows after drafts[:j]."""
+        t0 = time.perf_counter()
+        bitmask = self.grammars.allocate_bitmask(len(drafts) + 1)
+        r.grammar.fill_bitmasks(bitmask, 0, drafts)
+        logits = logits.clone()
+        self.grammars.apply_bitmask(logits, bitmask)
+        end = _output_end(r)
+        self._check_alive(logits, [r] * (len(drafts) + 1), [end + j for j in range(len(drafts) + 1)])
+        self.mask_seconds += time.perf_counter() - t0
+        return logits
+
+    def _check_alive(self, masked: torch.Tensor, reqs: list[ScheduledRequest], ends: list[int]) -> None:
+        """Raise if a masked row allows nothing (counting the sampler's EOS ban before min_tokens); row i is
+        reqs[i]'s output position ends[i]."""
+        allowed = torch.isfinite(masked)
+        early = [i for i, (r, end) in enumerate(zip(reqs, ends)) if end - r.prompt_len < r.params.min_tokens]
+        if early and self.eos_ids:
             allowed[torch.tensor(early).unsqueeze(1), torch.tensor(list(self.eos_ids)).unsqueeze(0)] = False
         dead = (~allowed.any(-1)).nonzero()
         if len(dead):  # picking each request alone pins the error on this one
-            r = reqs[idx[int(dead[0])]]
+            r = reqs[int(dead[0])]
             raise RuntimeError(f"the grammar allows no next token for {r.req_id} (min_tokens "
                                f"{r.params.min_tokens} may not fit the grammar)")
-        logits[idx] = sub
-        self.mask_seconds += time.perf_counter() - t0
 
     def _verify(self, r: ScheduledRequest, logits: torch.Tensor) -> tuple[list[int], int]:
         """Check r's draft tokens against the target logits at their k + 1 positions (sample/rejection.py).
@@ -199,6 +252,8 @@ class ModelRunner:
         """
         k = r.num_draft_tokens
         drafts = r.token_ids[-k:]
+        if r.grammar is not None:
+            logits = self._constrain_drafted(logits, r, drafts)
         rows = [self._sampling_row(r, drafts[:j]) for j in range(k + 1)]
         if any(row.params.uses_penalties or row.params.min_tokens for row in rows):
             logits = apply_penalties(logits.clone(), rows)
