@@ -83,13 +83,15 @@ def build_tiny_gemma3(path: Path, seed: int = 0, layers: int = 6, window: int = 
 
 # ----- the model families of tests/test_families.py, as HF directories and llama.cpp-style GGUF files -----
 FAMILY_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen3": "Qwen3Config",
-                  "gemma3": "Gemma3TextConfig"}
+                  "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config"}
 
 
 def build_family(path: Path, family: str, rope: dict | None = None, seed: int = 0, std: float = 0.25,
-                 layers: int = 2, max_pos: int = 256, tie: bool = True, **extra) -> Path:
+                 layers: int = 2, max_pos: int = 256, tie: bool = True, embed_scale: float = 1.0, **extra) -> Path:
     """A random tiny model of `family` built with transformers' own config and model classes, saved to path.
-    `rope` is its rope_parameters (rope_theta 10000 unless given); `extra` more config keys."""
+    `rope` is its rope_parameters (rope_theta 10000 unless given); `extra` more config keys. embed_scale
+    multiplies the embeddings (gemma's sqrt(hidden)-scaled tied ones otherwise make a model that repeats
+    its last token whatever the layers compute)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -107,19 +109,24 @@ def build_family(path: Path, family: str, rope: dict | None = None, seed: int = 
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, std)
-            elif "norm" in name:
-                p.uniform_(-0.5, 0.5) if family == "gemma3" else p.uniform_(0.5, 1.5)
+            elif "norm" in name:  # gemma multiplies by (1 + w)
+                p.uniform_(-0.5, 0.5) if family.startswith("gemma") else p.uniform_(0.5, 1.5)
+            elif "embed_tokens" in name:
+                p.mul_(embed_scale)
     model.save_pretrained(path, safe_serialization=True)
     byte_tokenizer().save_pretrained(path)
     return path
 
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3"}
+             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3"}
 GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "self_attn.qkv_proj": "attn_qkv",
+              "mlp.gate_up_proj": "ffn_up", "pre_feedforward_layernorm": "ffn_norm",
+              "post_feedforward_layernorm": "post_ffw_norm"}
+GGUF_GEMMA_LAYER = {**GGUF_LAYER, "post_attention_layernorm": "post_attention_norm"}
 
 
 def _llama3_rope_freqs(rp: dict, head_dim: int) -> np.ndarray:
@@ -143,9 +150,10 @@ def _llama3_rope_freqs(rp: dict, head_dim: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+               extra_tensors: dict[str, np.ndarray] | None = None, qtype: str | None = None) -> Path:
     """The HF model at hf_dir as an fp32 GGUF file laid out as llama.cpp writes it: its tensor names, q/k rows
-    permuted for llama-arch files, rope scaling as metadata or factor tensors. extra_*: added as given."""
+    permuted for llama-arch files, rope scaling as metadata or factor tensors. extra_*: added as given.
+    qtype (e.g. "Q8_0"): the matrices in that ggml type instead."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -154,6 +162,7 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     heads, kv, hidden = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"]
     hd = c.get("head_dim") or hidden // heads
     rp = c["rope_parameters"]
+    rot = int(hd * rp.get("partial_rotary_factor", 1.0))
     w = gguf.GGUFWriter(str(out), a)
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(hidden)
@@ -163,7 +172,7 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     w.add_head_count_kv(kv)
     w.add_key_length(hd)
     w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
+    w.add_rope_dimension_count(rot)
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
     w.add_rope_freq_base(rp["rope_theta"])
     w.add_vocab_size(c["vocab_size"])
@@ -171,6 +180,13 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     w.add_eos_token_id(c["eos_token_id"])
     if c["architectures"][0] == "MistralForCausalLM" and c.get("sliding_window"):
         w.add_sliding_window(c["sliding_window"])
+    if a == "gemma2":  # as llama.cpp's Gemma2Model writes it
+        w.add_sliding_window(c["sliding_window"])
+        w.add_attn_logit_softcapping(c["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(c["final_logit_softcapping"])
+    if a == "phi3":  # as llama.cpp's Phi3MiniModel writes it: 0 for no window, the original context always
+        w.add_sliding_window(c.get("sliding_window") or 0)
+        w.add_rope_scaling_orig_ctx_len(c["original_max_position_embeddings"])
     tensors = {}
     kind = rp.get("rope_type", "default")
     if kind == "linear":
@@ -188,7 +204,8 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
         orig = rp["original_max_position_embeddings"]
         scale = c["max_position_embeddings"] / orig
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)))
-        w.add_rope_scaling_orig_ctx_len(orig)
+        if a != "phi3":
+            w.add_rope_scaling_orig_ctx_len(orig)
         tensors["rope_factors_long.weight"] = np.array(rp["long_factor"], dtype=np.float32)
         tensors["rope_factors_short.weight"] = np.array(rp["short_factor"], dtype=np.float32)
     for key, value in (extra_meta or {}).items():
@@ -204,6 +221,8 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
     for name, t in state.items():
+        if a == "gemma2" and name.endswith("norm.weight"):  # llama.cpp's Gemma2Model adds gemma's 1 to norms
+            t = t + 1
         if name in globals_:
             tensors[globals_[name]] = t
             continue
@@ -212,10 +231,15 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
         if a == "llama" and part in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's LlamaModel.permute
             n = heads if part == "self_attn.q_proj" else kv
             t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-        tensors[f"blk.{layer}.{GGUF_LAYER[part]}.{kind_}"] = t
+        tensors[f"blk.{layer}.{(GGUF_GEMMA_LAYER if a == 'gemma2' else GGUF_LAYER)[part]}.{kind_}"] = t
     tensors.update(extra_tensors or {})
     for name, t in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if qtype and t.ndim == 2:
+            kind = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(t, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

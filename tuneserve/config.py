@@ -45,7 +45,7 @@ class RopeScaling:
 class ArchConfig:
     """Architecture hyper-parameters read from a checkpoint (GGUF metadata or config.json)."""
 
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3" | "phi3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -70,6 +70,9 @@ class ArchConfig:
     attention_out_bias: bool = False  # o_proj has a bias (llama / qwen3 `attention_bias` covers q, k, v and o)
     # the longest sequence served (0: max_position_embeddings); longrope picks its factors by it
     served_len: int = 0
+    rotary_dim: int = 0  # leading dims of each head that rotate (0: all; phi3's partial_rotary_factor)
+    attn_logit_softcapping: float = 0.0  # scores -> cap * tanh(scores / cap) before softmax (0: off; gemma2)
+    final_logit_softcapping: float = 0.0  # the same on the output logits (gemma2)
 
     def for_context(self, max_len: int) -> ArchConfig:
         """This architecture as served up to max_len tokens (only longrope depends on it)."""

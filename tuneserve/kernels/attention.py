@@ -13,6 +13,10 @@ Masks encode causality, the group's sliding window (`window` tokens back, 0 = no
 On the CPU the short queries can take a compiled kernel (csrc/paged_attention.c) instead; whether a
 model's layers use it is decided once at load (KernelConfig.attention, kernels/config.py) and passed in
 as `compiled`.
+
+Attention logit soft-capping (gemma2: scores -> cap * tanh(scores / cap) before the mask and softmax) is
+computed by the portable path only, with the scores written out instead of SDPA's fused kernel; the
+compiled kernel has no cap, so a softcapped call never takes it, whatever `compiled` says.
 """
 
 from __future__ import annotations
@@ -148,33 +152,49 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     compiled: bool | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend every query to its request's cache. -> (N, H, D)
     compiled: whether short queries may take the compiled kernel (a bound KernelConfig's choice; True
-    promises it is built); None: wherever it is built."""
+    promises it is built); None: wherever it is built. softcap: cap of the attention scores, 0 for none
+    (the portable path then, see above)."""
     hkv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
     allowed = compiled_available() if compiled is None else compiled
-    use_c = allowed and meta.short_rows is not None and short_attention_c_ok(q, k_cache)
+    use_c = allowed and not softcap and meta.short_rows is not None and short_attention_c_ok(q, k_cache)
     if meta.short_is_all and not use_c:
-        return _short_attention(q, k_cache, v_cache, meta, scale)
+        return _short_attention(q, k_cache, v_cache, meta, scale, softcap)
     out = torch.empty_like(q)
     if use_c:
         short_attention_c(q, out, k_cache, v_cache, meta, scale)
     elif meta.short_rows is not None:
-        o = _short_attention(q, k_cache, v_cache, meta, scale)
+        o = _short_attention(q, k_cache, v_cache, meta, scale, softcap)
         rows = meta.short_rows
         if meta.short_valid is not None:
             o, rows = o[meta.short_valid], rows[meta.short_valid]
         out.index_copy_(0, rows, o)
     for p in meta.prefills:
         out[p.q_start:p.q_end] = _prefill_attention(q[p.q_start:p.q_end], k[p.q_start:p.q_end],
-                                                    v[p.q_start:p.q_end], k_cache, v_cache, p, meta, scale)
+                                                    v[p.q_start:p.q_end], k_cache, v_cache, p, meta, scale,
+                                                    softcap)
     return out
 
 
-def _short_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _sdpa(q, k, v, mask: torch.Tensor | None, scale: float, softcap: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention (mask None: causal, with as many queries as keys), or with softcap
+    its math written out, the scaled scores capped as HF's eager attention does."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def _short_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                     softcap: float = 0.0) -> torch.Tensor:
     """All short queries in one SDPA call. Returns (B*Qm, H, D) in padded row order."""
     b, qm = meta.short_qpos.shape
     h, d = q.shape[1], q.shape[2]
@@ -187,12 +207,12 @@ def _short_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float)
     mask = meta.short_mask()  # (B, 1, Qm, T)
     if g > 1:
         mask = mask.unsqueeze(2).expand(b, 1, g, qm, mask.shape[-1]).reshape(b, 1, g * qm, -1)
-    o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale)  # (B, Hkv, G*Qm, D)
+    o = _sdpa(qs, keys, vals, mask, scale, softcap)  # (B, Hkv, G*Qm, D)
     return o.view(b, hkv, g, qm, d).permute(0, 3, 1, 2, 4).reshape(b * qm, h, d)
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: AttentionMetadata,
-                       scale: float) -> torch.Tensor:
+                       scale: float, softcap: float = 0.0) -> torch.Tensor:
     """One long query chunk against its request's cache. q: (L, H, D) -> (L, H, D)."""
     hkv, d = k.shape[1], k.shape[2]
     kpos = None
@@ -215,12 +235,12 @@ def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: Attention
     kh = keys.transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
     vh = vals.transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
     if p.start_pos == 0 and not meta.window:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        o = _sdpa(qh, kh, vh, None, scale, softcap)
     else:
         if kpos is None:
             kpos = torch.arange(kh.shape[2], device=q.device)
         mask = _allowed(p.positions.unsqueeze(-1), kpos, meta.window, meta.sinks)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        o = _sdpa(qh, kh, vh, mask, scale, softcap)
     o = o.squeeze(0)
     return o.transpose(0, 1)
 

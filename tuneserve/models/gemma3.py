@@ -3,14 +3,12 @@
 Differences from llama: embeddings scaled by sqrt(hidden); four norms per layer (before and after both
 attention and MLP); per-head RMS norm on q and k; GELU-tanh MLP; attention scale 1/sqrt(query_pre_attn_scalar);
 sliding layers use a 512-token window and rope base 1e4, global layers (every 6th) rope base 1e6.
-Norm weights here already include Gemma's "+1" (GGUF stores them so; HF checkpoints get it added at load).
+Norm weights here already include Gemma's "+1" (GGUF stores them so; weights/safetensors.py adds it to
+HF checkpoints' as it reads them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,11 +18,15 @@ from tuneserve.models.llama import LlamaForCausalLM
 
 
 class Gemma3DecoderLayer(nn.Module):
+    """Norms before and after both attention and MLP (Gemma 2 too, which lacks the q/k norms)."""
+
+    qk_norm = True
+
     def __init__(self, arch: ArchConfig, layer: int) -> None:
         super().__init__()
         h, eps = arch.hidden_size, arch.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps)
-        self.self_attn = Attention(arch, layer, qk_norm=True)
+        self.self_attn = Attention(arch, layer, qk_norm=self.qk_norm)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
         self.mlp = GatedMLP(h, arch.intermediate_size, arch.hidden_act)
@@ -41,10 +43,3 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         return x * torch.tensor(self.arch.hidden_size**0.5, dtype=x.dtype)
-
-    def load_weights(self, weights: Iterable[tuple[str, np.ndarray | torch.Tensor]],
-                     norms_include_one: bool = True) -> None:
-        """As llama; HF-layout checkpoints store norm weights as w where Gemma multiplies by (1 + w)."""
-        if norms_include_one:
-            return super().load_weights(weights)
-        return super().load_weights((n, w + 1 if "norm" in n else w) for n, w in weights)

@@ -41,22 +41,24 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotate-half rotary embedding; cos/sin for a step's positions are computed once, shared by layers.
 
-    Frequencies and the attention factor (folded into cos/sin) come from models/rope.py."""
+    Frequencies and the attention factor (folded into cos/sin) come from models/rope.py. With `rot_dim`
+    below head_dim (partial rotary, phi3) only each head's first rot_dim dims rotate, the rest pass."""
 
     def __init__(self, head_dim: int, theta: float, max_pos: int, scaling: RopeScaling | None = None,
-                 served_len: int = 0) -> None:
+                 served_len: int = 0, rot_dim: int = 0) -> None:
         super().__init__()
-        self.head_dim, self.theta, self.max_pos = head_dim, theta, max_pos
+        self.rot_dim, self.theta, self.max_pos = rot_dim or head_dim, theta, max_pos
         self.scaling, self.served_len = scaling or RopeScaling(), served_len or max_pos
-        self.key = hash((theta, self.scaling, self.served_len))  # layers with equal tables share one per step
-        self.register_buffer("cos", torch.empty(max_pos, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_pos, head_dim // 2), persistent=False)
+        # layers with equal tables share one per step
+        self.key = hash((theta, self.scaling, self.served_len, self.rot_dim))
+        self.register_buffer("cos", torch.empty(max_pos, self.rot_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_pos, self.rot_dim // 2), persistent=False)
         if not self.cos.is_meta:
             self.init_tables()
 
     def init_tables(self) -> None:
         """Fill the cos/sin tables (again after the module moved off the meta device)."""
-        inv_freq, att = rope_frequencies(self.head_dim, self.theta, self.scaling, self.served_len)
+        inv_freq, att = rope_frequencies(self.rot_dim, self.theta, self.scaling, self.served_len)
         angles = torch.outer(torch.arange(self.max_pos, dtype=torch.float64), inv_freq)  # (max_pos, D/2)
         self.cos = (angles.cos() * att).float().to(self.cos.device)
         self.sin = (angles.sin() * att).float().to(self.sin.device)
@@ -72,8 +74,9 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (N, H, D) -> rotated (N, H, D)."""
         cos, sin = self.tables(ctx, x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        x1, x2 = x[..., :self.rot_dim].chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out if self.rot_dim == x.shape[-1] else torch.cat((out, x[..., self.rot_dim:]), dim=-1)
 
 
 class GatedMLP(nn.Module):
@@ -109,17 +112,19 @@ class Attention(nn.Module):
             self.rotary = Rotary(self.d, arch.rope_theta_local, arch.max_position_embeddings)
         else:
             self.rotary = Rotary(self.d, arch.rope_theta, arch.max_position_embeddings, arch.rope_scaling,
-                                 arch.served_len)
+                                 arch.served_len, arch.rotary_dim)
         scalar = arch.query_pre_attn_scalar or self.d
         self.scale = 1.0 / math.sqrt(scalar)
         qk_norm = arch.qk_norm if qk_norm is None else qk_norm
         self.q_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.d, arch.rms_norm_eps) if qk_norm else None
+        self.softcap = arch.attn_logit_softcapping  # 0: none
         self.compiled_attention: bool | None = None  # bound at load (bind_kernels); None: where built
 
     def bind_kernels(self, config: KernelConfig) -> None:
-        """Take config's attention choice; the kernel takes at most 256 query heads."""
-        self.compiled_attention = config.attention == "compiled" and self.h <= 256
+        """Take config's attention choice; the kernel takes at most 256 query heads and no softcap (a
+        softcapped layer attends on the portable torch path, kernels/attention.py)."""
+        self.compiled_attention = config.attention == "compiled" and self.h <= 256 and not self.softcap
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (N, hidden) -> (N, hidden)."""
@@ -131,5 +136,5 @@ class Attention(nn.Module):
         q, k = self.rotary(q, ctx), self.rotary(k, ctx)
         k_cache, v_cache = ctx.kv_caches[self.layer]
         o = paged_attention(q, k, v, k_cache, v_cache, ctx.attn[self.layer], self.scale,
-                            self.compiled_attention)  # (N, H, D)
+                            self.compiled_attention, self.softcap)  # (N, H, D)
         return self.o_proj(o.reshape(n, self.q_size))

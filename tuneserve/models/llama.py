@@ -63,11 +63,14 @@ class LlamaForCausalLM(nn.Module):
         self.dense_compiled = config.dense == "compiled"
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (R, hidden) -> fp32 logits (R, vocab)."""
+        """hidden: (R, hidden) -> fp32 logits (R, vocab), soft-capped where the arch says (gemma2)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if not isinstance(head, (nn.Embedding, nn.Linear)):
-            return head.logits(hidden)  # a quantized head (tied: the packed embedding itself)
-        return linear(hidden, head.weight, compiled=self.dense_compiled).float()
+            logits = head.logits(hidden)  # a quantized head (tied: the packed embedding itself)
+        else:
+            logits = linear(hidden, head.weight, compiled=self.dense_compiled).float()
+        cap = self.arch.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     # ----- weights --------------------------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
@@ -83,8 +86,10 @@ class LlamaForCausalLM(nn.Module):
         out["mlp.up_proj.weight"] = ("mlp.gate_up_proj.weight", inter, inter)
         return out
 
-    def load_weights(self, weights: Iterable[tuple[str, np.ndarray | torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (HF names) into our parameters, fusing q/k/v and gate/up."""
+    def load_weights(self, weights: Iterable[tuple[str, np.ndarray | torch.Tensor]],
+                     elsewhere: frozenset[str] = frozenset()) -> None:
+        """Copy checkpoint tensors (HF names) into our parameters, fusing q/k/v and gate/up; the parameters
+        in `elsewhere` are filled by someone else (GGUF blocks served natively) and may be missing."""
         params = dict(self.named_parameters())
         fused = self._fused_slices()
         loaded: set[str] = set()
@@ -110,7 +115,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[key].shape)}")
             params[key].data.copy_(t)
             loaded.add(key)
-        self._check_loaded(params, fused, loaded)
+        self._check_loaded({k: v for k, v in params.items() if k not in elsewhere}, fused, loaded)
 
     def _check_loaded(self, params: dict, fused: dict, loaded: set[str]) -> None:
         missing = []

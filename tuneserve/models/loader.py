@@ -9,7 +9,6 @@ from tuneserve.config import ArchConfig
 from tuneserve.models.layers import Rotary
 from tuneserve.models.registry import model_class
 from tuneserve.weights import open_checkpoint
-from tuneserve.weights.safetensors import HFCheckpoint
 
 
 def build_model(arch: ArchConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -23,10 +22,14 @@ def build_model(arch: ArchConfig, device: torch.device, dtype: torch.dtype = tor
     return model.to(dtype) if dtype != torch.float32 else model
 
 
-def load_weights(model: nn.Module, path: str, arch: ArchConfig, progress: bool) -> None:
-    """Fill a built model from the (unquantized or dequantized-on-read) checkpoint at path."""
-    ckpt = open_checkpoint(path)
-    if arch.architecture == "gemma3" and isinstance(ckpt, HFCheckpoint):
-        model.load_weights(ckpt.tensors(progress=progress), norms_include_one=False)
-    else:
-        model.load_weights(ckpt.tensors(progress=progress))
+def load_weights(model: nn.Module, path: str, arch: ArchConfig, progress: bool,
+                 native: tuple[set[str], set[str]] | None = None) -> None:
+    """Fill a built model from the (unquantized or dequantized-on-read) checkpoint at path. `native`: the
+    checkpoint's weights and our modules' weights that are served from the file's own blocks instead
+    (quant/gguf_native.py): not read here, and their parameters left unwritten (never resident)."""
+    if native is None:
+        model.load_weights(open_checkpoint(path).tensors(progress=progress))
+        return
+    sources, targets = native
+    model.load_weights(open_checkpoint(path).tensors(progress=progress, skip=frozenset(sources)),
+                       elsewhere=frozenset(targets))

@@ -5,15 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 from tuneserve.config import ArchConfig
+from tuneserve.models.gemma2 import Gemma2ForCausalLM
 from tuneserve.models.gemma3 import Gemma3ForCausalLM
 from tuneserve.models.llama import LlamaForCausalLM
+from tuneserve.models.phi3 import Phi3ForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,  # llama with a sliding window on every layer (ArchConfig.layer_windows)
     "qwen2": LlamaForCausalLM,  # llama with q/k/v biases (ArchConfig.attention_bias) and an untied head
     "qwen3": LlamaForCausalLM,  # llama with per-head q/k RMS norm (ArchConfig.qk_norm)
+    "gemma2": Gemma2ForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "phi3": Phi3ForCausalLM,  # llama with fused checkpoint tensors (longrope, partial rotary in ArchConfig)
 }
 
 

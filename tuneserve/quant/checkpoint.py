@@ -42,7 +42,8 @@ def quant_kind(path: str | Path) -> str | None:
 def hf_config(arch: ArchConfig) -> dict:
     """An HF-style config.json for arch, readable by weights/safetensors.HFCheckpoint."""
     names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+             "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+             "phi3": "Phi3ForCausalLM"}
     cfg = {
         "architectures": [names[arch.architecture]], "model_type": arch.architecture,
         "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
@@ -64,6 +65,14 @@ def hf_config(arch: ArchConfig) -> dict:
             cfg["rope_scaling"] = rope
     else:
         cfg["rope_parameters"] = {"rope_theta": arch.rope_theta, **rope}
+    if arch.architecture == "gemma2":  # null caps: none (an absent key would mean Gemma2Config's default)
+        cfg.update(sliding_window=max(windows) or None, query_pre_attn_scalar=arch.query_pre_attn_scalar,
+                   layer_types=types, attn_logit_softcapping=arch.attn_logit_softcapping or None,
+                   final_logit_softcapping=arch.final_logit_softcapping or None)
+    elif arch.architecture == "phi3":
+        cfg.update(sliding_window=max(windows) or None, attention_bias=False,
+                   original_max_position_embeddings=arch.rope_scaling.original_max_position_embeddings or None,
+                   partial_rotary_factor=(arch.rotary_dim or arch.head_dim) / arch.head_dim)
     if arch.architecture == "mistral":
         cfg["sliding_window"] = max(windows) or None
     elif arch.architecture in ("qwen2", "qwen3"):

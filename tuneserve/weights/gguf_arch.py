@@ -5,6 +5,12 @@ a file carrying something we would not compute (experts, softcapping, another ro
 served as if it were plain llama. Rope scaling: `rope.scaling.type` linear / yarn, the llama3
 per-frequency divisors as the `rope_freqs` tensor, longrope as `rope_factors_long` / `rope_factors_short`.
 Mistral files use arch `llama`; one with a sliding window becomes our "mistral".
+
+Gemma 2: every other layer slides (layer 0 first) over `attention.sliding_window`; soft caps default to
+llama.cpp's 50 / 30 where absent. Gemma 2 and 3: the attention scale is 1/sqrt(head_dim), except for
+the 27B models (46 and 62 layers), where llama.cpp (after gemma_pytorch) uses 1/sqrt(hidden / heads).
+Phi-3: `rope.dimension_count` below head_dim is partial rotary; a sliding window applies to every layer,
+as HF applies Phi-3's (llama.cpp currently ignores it; a window of 0 means none, as in Phi-4 files).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 from tuneserve.config import ArchConfig, RopeScaling
 from tuneserve.weights.hf_arch import refuse
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _KNOWN = {"context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
           "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
@@ -24,19 +30,22 @@ _KNOWN = {"context_length", "embedding_length", "block_count", "feed_forward_len
           "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
           "rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
           "rope.scaling.finetuned"}
+_KNOWN_BY_ARCH = {"gemma2": {"attn_logit_softcapping", "final_logit_softcapping"}}  # keys only these compute
 _NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,)}  # keys harmless only at these values
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def _check_keys(meta: dict, a: str, where: str) -> None:
     for key, value in meta.items():
         sub = key[len(a) + 1:] if key.startswith(a + ".") else None
-        if sub is None or sub in _KNOWN or value in _NEUTRAL.get(sub, ()):
+        if sub is None or sub in _KNOWN or sub in _KNOWN_BY_ARCH.get(a, ()) or value in _NEUTRAL.get(sub, ()):
             continue
         raise refuse(where, key, value)
 
 
 def _rope(meta: dict, a: str, names: set[str], read: Callable[[str], np.ndarray], head_dim: int,
           where: str) -> RopeScaling:
+    """The rope scaling of the file; head_dim: of the rotated part."""
     def get(sub: str) -> object:
         return meta.get(f"{a}.rope.scaling.{sub}")
 
@@ -91,18 +100,34 @@ def arch_from_gguf(meta: dict, names: set[str], read: Callable[[str], np.ndarray
     hidden = int(m[f"{a}.embedding_length"])
     heads = int(m[f"{a}.attention.head_count"])
     head_dim = int(m.get(f"{a}.attention.key_length") or hidden // heads)
-    for key in (f"{a}.attention.value_length", f"{a}.rope.dimension_count"):  # partial rotary, odd v heads
-        if m.get(key) not in (None, head_dim):
-            raise refuse(where, key, m[key], f"(head_dim is {head_dim})")
+    rot = int(m.get(f"{a}.rope.dimension_count") or head_dim)
+    v_len = f"{a}.attention.value_length"
+    if m.get(v_len) not in (None, head_dim):  # odd v heads
+        raise refuse(where, v_len, m[v_len], f"(head_dim is {head_dim})")
+    if rot != head_dim and not (a == "phi3" and 0 < rot < head_dim and rot % 2 == 0):  # partial rotary: phi3's
+        raise refuse(where, f"{a}.rope.dimension_count", rot, f"(head_dim is {head_dim})")
     layers = int(m[f"{a}.block_count"])
     window = int(m.get(f"{a}.attention.sliding_window") or 0)
     family = "llama" if a == "mistral" else a
     windows: tuple[int, ...] = ()
     kw: dict = {}
+    if a in ("gemma2", "gemma3"):
+        scalar = hidden // heads if layers == _GEMMA_27B_LAYERS[a] else head_dim
+        kw = dict(hidden_act="gelu_tanh", query_pre_attn_scalar=float(scalar))
     if a == "gemma3":
         # every 6th layer is global (5, 11, 17, ...); the pattern is not in the GGUF
         windows = tuple(0 if (i + 1) % 6 == 0 else (window or 512) for i in range(layers))
-        kw = dict(rope_theta_local=10000.0, hidden_act="gelu_tanh", query_pre_attn_scalar=float(head_dim))
+        kw.update(rope_theta_local=10000.0)
+    elif a == "gemma2":  # every other layer global (1, 3, 5, ...); llama.cpp's default caps where absent
+        if not window:
+            raise refuse(where, f"{a}.attention.sliding_window", m.get(f"{a}.attention.sliding_window"),
+                         "(gemma2 slides every other layer)")
+        windows = tuple(0 if i % 2 else window for i in range(layers))
+        kw.update(attn_logit_softcapping=float(m.get(f"{a}.attn_logit_softcapping", 50.0)),
+                  final_logit_softcapping=float(m.get(f"{a}.final_logit_softcapping", 30.0)))
+    elif a == "phi3":
+        windows = (window,) * layers if window else ()
+        kw = dict(rotary_dim=0 if rot == head_dim else rot)
     elif window and family == "llama":  # mistral: the window on every layer
         family, windows = "mistral", (window,) * layers
     elif window:
@@ -125,7 +150,7 @@ def arch_from_gguf(meta: dict, names: set[str], read: Callable[[str], np.ndarray
         attention_out_bias="blk.0.attn_output.bias" in names,
         qk_norm=a == "qwen3",
         layer_windows=windows,
-        rope_scaling=_rope(m, a, names, read, head_dim, where),
+        rope_scaling=_rope(m, a, names, read, rot, where),
         bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(sorted({int(e) for e in eos if e is not None})),
         **kw,

@@ -14,9 +14,12 @@ FAMILIES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
+GEMMA = ("gemma2", "gemma3")
 
 # key -> the values that leave the math as we compute it (absent counts as None)
 _NEUTRAL: dict[str, tuple] = {
@@ -32,6 +35,8 @@ _NEUTRAL: dict[str, tuple] = {
     "use_qk_norm": (None, False),
     "use_bidirectional_attention": (None, False),
 }
+# the _NEUTRAL keys a family computes (read by its own helper below); every other family refuses them
+_IMPLEMENTED = {"gemma2": {"attn_logit_softcapping", "final_logit_softcapping"}, "phi3": {"partial_rotary_factor"}}
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # every rope parameter HF knows; freq_factors is ours (written by quant/checkpoint.py for GGUF rope_freqs)
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
@@ -43,16 +48,18 @@ def refuse(where: str, key: str, value: object, why: str = "is not supported") -
     return ValueError(f"{where}: {key} = {value!r} {why}; refusing to serve a model we would compute differently")
 
 
-def parse_rope(rp: dict, c: dict, max_pos: int, where: str, prefix: str = "rope_parameters") -> RopeScaling:
+def parse_rope(rp: dict, c: dict, max_pos: int, where: str, prefix: str = "rope_parameters",
+               partial: bool = False) -> RopeScaling:
     """One rope_parameters / rope_scaling dict as HF standardizes it: `type` is the old `rope_type`, and a
-    top-level original_max_position_embeddings (Phi-3 style) wins over the dict's own."""
+    top-level original_max_position_embeddings (Phi-3 style) wins over the dict's own. partial: the
+    caller computes partial_rotary_factor (else it is refused)."""
     for k, v in rp.items():
         if k not in _ROPE_KEYS:
             raise refuse(where, f"{prefix}.{k}", v, "is not a rope parameter we know")
     t = rp.get("rope_type") or rp.get("type") or "default"
     if t not in ROPE_TYPES:
         raise refuse(where, f"{prefix}.rope_type", t, f"is not supported (supported: {', '.join(ROPE_TYPES)})")
-    if rp.get("partial_rotary_factor") not in _NEUTRAL["partial_rotary_factor"]:
+    if not partial and rp.get("partial_rotary_factor") not in _NEUTRAL["partial_rotary_factor"]:
         raise refuse(where, f"{prefix}.partial_rotary_factor", rp["partial_rotary_factor"])
     if t == "default":
         return RopeScaling()
@@ -92,23 +99,29 @@ def parse_rope(rp: dict, c: dict, max_pos: int, where: str, prefix: str = "rope_
 def _check_keys(c: dict, family: str, where: str) -> str:
     """Refuse what we do not compute; returns our name of the MLP activation."""
     for key, ok in _NEUTRAL.items():
-        if c.get(key) not in ok:
+        if c.get(key) not in ok and key not in _IMPLEMENTED.get(family, ()):
             raise refuse(where, key, c[key])
-    act_key = "hidden_activation" if family == "gemma3" else "hidden_act"
-    act = c.get(act_key) or ("gelu_pytorch_tanh" if family == "gemma3" else "silu")
-    if _ACTS.get(act) != ("gelu_tanh" if family == "gemma3" else "silu"):
+    gemma = family in GEMMA
+    act_key = "hidden_activation" if gemma else "hidden_act"
+    act = c.get(act_key) or ("gelu_pytorch_tanh" if gemma else "silu")
+    if _ACTS.get(act) != ("gelu_tanh" if gemma else "silu"):
         raise refuse(where, act_key, act)
     return _ACTS[act]
+
+
+def _layer_types(c: dict, default: list[str], layers: int, where: str) -> list[str]:
+    types = c.get("layer_types") or default
+    if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+        raise refuse(where, "layer_types", types, f"must name {layers} full_attention / sliding_attention layers")
+    return types
 
 
 def _qwen_windows(c: dict, layers: int, where: str) -> tuple[int, ...]:
     """Qwen2 / Qwen3: a window only with use_sliding_window, on the layers layer_types marks sliding
     (by default those from max_window_layers on)."""
     window = c.get("sliding_window") if c.get("use_sliding_window") else None
-    types = c.get("layer_types") or ["sliding_attention" if window and i >= c.get("max_window_layers", 28)
-                                     else "full_attention" for i in range(layers)]
-    if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
-        raise refuse(where, "layer_types", types, f"must name {layers} full_attention / sliding_attention layers")
+    types = _layer_types(c, ["sliding_attention" if window and i >= c.get("max_window_layers", 28)
+                             else "full_attention" for i in range(layers)], layers, where)
     if "sliding_attention" in types and not window:
         raise refuse(where, "layer_types", types, "marks sliding layers without use_sliding_window/sliding_window")
     return tuple(int(window) if t == "sliding_attention" else 0 for t in types) if window else ()
@@ -119,10 +132,8 @@ def _gemma3(c: dict, layers: int, head_dim: int, max_pos: int, where: str) -> di
     transformers 5's rope_parameters nested per layer type)."""
     window = c.get("sliding_window") or 512
     every = c.get("sliding_window_pattern") or 6  # older configs: every n-th layer is global
-    types = c.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
-                                     for i in range(layers)]
-    if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
-        raise refuse(where, "layer_types", types, f"must name {layers} full_attention / sliding_attention layers")
+    types = _layer_types(c, ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                             for i in range(layers)], layers, where)
     rope = c.get("rope_parameters") or {}
     full = dict(rope.get("full_attention") or {}, **(c.get("rope_scaling") or {}))
     local = rope.get("sliding_attention") or {}
@@ -137,6 +148,43 @@ def _gemma3(c: dict, layers: int, head_dim: int, max_pos: int, where: str) -> di
                 query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", head_dim)))
 
 
+def _gemma2(c: dict, layers: int, where: str) -> dict:
+    """Every other layer sliding (layer 0 first) unless layer_types says; Gemma2Config's defaults where a
+    key is absent (window 4096, query_pre_attn_scalar 256, soft caps 50 and 30; null: no cap)."""
+    window = c.get("sliding_window", 4096)
+    types = _layer_types(c, ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)],
+                         layers, where)
+    if "sliding_attention" in types and not window:
+        raise refuse(where, "sliding_window", window, "with sliding layers in layer_types")
+    return dict(layer_windows=tuple(int(window) if t == "sliding_attention" else 0 for t in types),
+                query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
+                attn_logit_softcapping=float(c.get("attn_logit_softcapping", 50.0) or 0.0),
+                final_logit_softcapping=float(c.get("final_logit_softcapping", 30.0) or 0.0))
+
+
+def _phi3(c: dict, layers: int, head_dim: int, max_pos: int, where: str) -> dict:
+    """Phi3Config's reading: rope type su or yarn means longrope and any other but default is an error;
+    partial_rotary_factor (the rope dict's, else the top level's) rotates each head's first dims;
+    original_max_position_embeddings defaults to 4096; the window on every layer; no biases."""
+    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    rp = dict(c.get(key) or {})
+    t = rp.pop("type", None) or rp.get("rope_type") or "default"
+    t = "longrope" if t in ("su", "yarn") else t
+    if t not in ("default", "longrope"):
+        raise refuse(where, f"{key}.rope_type", t, "is not a Phi-3 rope type (default, longrope, su)")
+    factor = rp.get("partial_rotary_factor")
+    factor = float(c.get("partial_rotary_factor", 1.0) if factor is None else factor)
+    rot = int(head_dim * factor)
+    if rot <= 0 or rot % 2:
+        raise refuse(where, "partial_rotary_factor", factor, f"(rotates {rot} of {head_dim} dims, not an even count)")
+    orig = {"original_max_position_embeddings": c.get("original_max_position_embeddings") or 4096}
+    window = c.get("sliding_window")
+    return dict(rope_theta=float(rp.get("rope_theta") or c.get("rope_theta") or 10000.0),
+                rope_scaling=parse_rope({**rp, "rope_type": t}, {**c, **orig}, max_pos, where, key, partial=True),
+                rotary_dim=0 if rot == head_dim else rot, layer_windows=(int(window),) * layers if window else (),
+                attention_bias=False, attention_out_bias=False)
+
+
 def arch_from_hf(c: dict, where: str) -> ArchConfig:
     """The ArchConfig of an HF config.json (multimodal wrappers already merged with their text_config)."""
     names = c.get("architectures") or []
@@ -145,12 +193,14 @@ def arch_from_hf(c: dict, where: str) -> ArchConfig:
         raise ValueError(f"{where}: architectures {names} not supported; supported: {sorted(FAMILIES)}")
     act = _check_keys(c, family, where)
     heads, layers = c["num_attention_heads"], c["num_hidden_layers"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    head_dim = c.get("head_dim") or (256 if family == "gemma2" else c["hidden_size"] // heads)
     max_pos = c.get("max_position_embeddings", 2048)
     bias = bool(c.get("attention_bias", False))  # llama, qwen3, gemma3: q, k, v and o
     kw: dict = dict(attention_bias=bias, attention_out_bias=bias)
     if family == "gemma3":
         kw.update(_gemma3(c, layers, head_dim, max_pos, where))
+    elif family == "phi3":
+        kw.update(_phi3(c, layers, head_dim, max_pos, where))
     else:
         key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"  # HF: rope_scaling wins when both
         rp = c.get(key) or {}
@@ -160,6 +210,8 @@ def arch_from_hf(c: dict, where: str) -> ArchConfig:
         window = c.get("sliding_window", 4096)
         kw.update(attention_bias=False, attention_out_bias=False,
                   layer_windows=(int(window),) * layers if window else ())
+    elif family == "gemma2":
+        kw.update(_gemma2(c, layers, where))
     elif family in ("qwen2", "qwen3"):
         kw["layer_windows"] = _qwen_windows(c, layers, where)
         if family == "qwen2":  # HF hard-codes q/k/v biases and none on o
@@ -176,7 +228,7 @@ def arch_from_hf(c: dict, where: str) -> ArchConfig:
         head_dim=head_dim,
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", family == "gemma3")),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", family in GEMMA)),
         hidden_act=act,
         qk_norm=family == "qwen3",
         bos_token_id=c.get("bos_token_id"),

@@ -1,4 +1,7 @@
-"""Reading Hugging Face model directories: config.json plus *.safetensors shards."""
+"""Reading Hugging Face model directories: config.json plus *.safetensors shards.
+
+Gemma (2 and 3) RMS norms multiply by (1 + w) where HF checkpoints store w; the tensors come out with the
+1 added, as GGUF files store them, so one model computes both."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import torch
 from tqdm import tqdm
 
 from tuneserve.config import ArchConfig
-from tuneserve.weights.hf_arch import arch_from_hf
+from tuneserve.weights.hf_arch import FAMILIES, arch_from_hf
+
+GEMMA_NORMS = ("gemma2", "gemma3")  # families whose norms multiply by (1 + w)
 
 
 class HFCheckpoint:
@@ -25,20 +30,25 @@ class HFCheckpoint:
         self.files = sorted(self.path.glob("*.safetensors"))
         if not self.files:
             raise ValueError(f"{self.path} has a config.json but no *.safetensors weights")
+        family = next((FAMILIES[n] for n in self.config.get("architectures") or [] if n in FAMILIES), None)
+        self.norms_add_one = family in GEMMA_NORMS
 
     def arch_config(self) -> ArchConfig:
         """Architecture hyper-parameters from config.json (weights/hf_arch.py)."""
         return arch_from_hf(self.config, str(self.path))
 
     def tensors(self, progress: bool = True) -> Iterator[tuple[str, np.ndarray | torch.Tensor]]:
-        """(name, tensor) for every weight in every shard."""
+        """(name, tensor) for every weight in every shard (gemma norms with their 1 added)."""
         from safetensors import safe_open
 
         for f in tqdm(self.files, desc=f"loading {self.path.name}", unit="shard", disable=not progress,
                       leave=False):
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():
+                    t = sf.get_tensor(name)
+                    if self.norms_add_one and name.endswith("norm.weight"):
+                        t = t.float() + 1  # in fp32, as HF computes it (a bf16 sum would round)
                     if name.startswith("model.language_model."):
-                        yield "model." + name[len("model.language_model."):], sf.get_tensor(name)
+                        yield "model." + name[len("model.language_model."):], t
                     else:
-                        yield name, sf.get_tensor(name)
+                        yield name, t
