@@ -126,7 +126,7 @@ def test_gemma3_kv_bytes_at_8k_are_under_30_percent_of_full_attention():
 # ----- the packaged Gemma 3 270M against HF transformers (fp32, same GGUF) ------------------------
 @pytest.fixture(scope="module")
 def gemma3():
-    return LLM("gemma3-270m", max_model_len=2048, kv_cache_memory_bytes=256 << 20)
+    return LLM("gemma3-270m", max_model_len=2048, kv_cache_memory_bytes=256 << 20, quantization="none")
 
 
 @pytest.mark.model

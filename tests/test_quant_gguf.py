@@ -78,3 +78,13 @@ def test_smollm2_native_blocks_match_the_dequantized_model():
         h = m(ids, fresh_context(arch, [ids.numel()], torch.device("cpu"), torch.float32))
         outs.append(m.compute_logits(h))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=2e-3)  # same weights, other order of sums
+
+
+def test_auto_serves_a_gguf_file_from_its_own_blocks(tiny_llama):
+    from tuneserve.engine_args import EngineArgs
+
+    path = _smollm2_path()
+    assert EngineArgs(model=path).create_engine_config().model.quantization == "gguf"  # the default
+    assert EngineArgs(model=path, quantization="none").create_engine_config().model.quantization is None
+    assert EngineArgs(model=path, quantization="int8").create_engine_config().model.quantization == "int8"
+    assert EngineArgs(model=str(tiny_llama)).create_engine_config().model.quantization is None  # HF: its dtype

@@ -43,7 +43,7 @@ def _layer_stats(model, windows, names):
 
 def test_gptq_and_awq_beat_rtn_on_real_layers_on_held_out_text(smollm2):
     _, model, tok = smollm2
-    names = ["layers.5.self_attn.qkv_proj", "layers.5.mlp.down_proj", "layers.20.mlp.gate_up_proj"]
+    names = ["layers.5.self_attn.qkv_proj", "layers.20.mlp.down_proj"]  # attention and MLP, early and late
     # 32 x 256 calibration tokens: with 8 x 256 (fewer tokens than down_proj has inputs, 1536) GPTQ overfits
     # the calibration Hessian and loses to RTN on held-out text (measured 0.0069 vs 0.0056).
     windows = calibration_windows(tok, "python-docs", 36, 256, seed=0)  # always present, no download
@@ -94,15 +94,20 @@ def _agreement(a, b):
 FLOORS = {"gguf-fp32act": (0.95, 30.0), "gguf": (0.35, 10.0), "int8": (0.3, 8.0), "int4": (0.02, 0.5)}
 
 
-@pytest.mark.parametrize("case", list(FLOORS))
-def test_quantized_greedy_generation_stays_close(smollm2, case, monkeypatch):
+@pytest.fixture(scope="module")
+def fp32_greedy(smollm2):
     from tuneserve import LLM
 
-    if case.endswith("fp32act"):
-        monkeypatch.setenv("TUNESERVE_QUANT_ACT", "fp32")
-    path = smollm2[0]
-    ref = _greedy(LLM(path, kv_cache_memory_bytes=64 << 20))
-    got = _greedy(LLM(path, quantization=case.split("-")[0], kv_cache_memory_bytes=64 << 20))
+    return _greedy(LLM(smollm2[0], kv_cache_memory_bytes=64 << 20, quantization="none"))
+
+
+@pytest.mark.parametrize("case", list(FLOORS))
+def test_quantized_greedy_generation_stays_close(smollm2, fp32_greedy, case):
+    from tuneserve import LLM
+
+    path, ref = smollm2[0], fp32_greedy
+    got = _greedy(LLM(path, quantization=case.split("-")[0], kv_cache_memory_bytes=64 << 20,
+                      quant_activations="fp32" if case.endswith("fp32act") else "auto"))
     pos, prefix = _agreement(ref, got)
     floor_pos, floor_prefix = FLOORS[case]
     assert pos >= floor_pos and prefix >= floor_prefix, (case, pos, prefix)

@@ -39,7 +39,7 @@ def hf_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
 
 def check_against_hf(alias: str, max_new: int) -> None:
     path = pull(alias)
-    llm = LLM(alias, max_model_len=1024, kv_cache_memory_bytes=256 << 20)
+    llm = LLM(alias, max_model_len=1024, kv_cache_memory_bytes=256 << 20, quantization="none")  # fp32, as HF
     tok = llm.get_tokenizer()
     prompts = [tok(p).input_ids for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True, logprobs=5)
@@ -54,7 +54,7 @@ def check_against_hf(alias: str, max_new: int) -> None:
 
 @pytest.mark.model
 def test_smollm2_reference_tokens():
-    llm = LLM("smollm2-135m", max_model_len=256, kv_cache_memory_bytes=64 << 20)
+    llm = LLM("smollm2-135m", max_model_len=256, kv_cache_memory_bytes=64 << 20, quantization="none")
     out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=12),
                        use_tqdm=False)[0]
     assert out.prompt_token_ids == [504, 3575, 282, 4649, 314]

@@ -15,6 +15,7 @@ from typing import Any
 
 from tuneserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
 from tuneserve.kernels.config import KERNELS, QUANT_ACTS, check_choice
+from tuneserve.log import log
 from tuneserve.quant.recipe import METHODS, parse_quantization
 from tuneserve.weights import open_checkpoint
 from tuneserve.weights.sources import DEFAULT_MODEL, resolve
@@ -39,7 +40,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None
-    quantization: str | None = None
+    quantization: str | None = "auto"  # auto: a GGUF file's own blocks, an HF directory's dtype; none: dtype
     speculative_config: dict | str | None = None
     sliding_window: int | None = None
     overflow_policy: str = "error"
@@ -63,7 +64,8 @@ class EngineArgs:
         arch = arch.for_context(max_len)  # longrope picks its factors by the served length
         device = self.device if self.device != "auto" else default_device()
         model = ModelConfig(model=self.model, path=str(path), arch=arch, dtype=self.dtype, max_model_len=max_len,
-                            quantization=self.quantization, seed=self.seed, tokenizer=self.tokenizer,
+                            quantization=auto_quantization(self.quantization, path), seed=self.seed,
+                            tokenizer=self.tokenizer,
                             kernels=self.kernels, quant_activations=self.quant_activations)
         budget = self.max_num_batched_tokens or (512 if self.enable_chunked_prefill else max(max_len, 2048))
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
@@ -102,7 +104,7 @@ class EngineArgs:
         check_choice("kernels", self.kernels, KERNELS)
         check_choice("quant_activations", self.quant_activations, QUANT_ACTS)
         q = self.quantization
-        need(q is None or q in ("none", *QUANTIZATIONS) or Path(q).exists() or q.split(":")[0] in METHODS,
+        need(q is None or q in ("auto", "none", *QUANTIZATIONS) or Path(q).exists() or q.split(":")[0] in METHODS,
              f"quantization must be one of {QUANTIZATIONS} (recipe options after colons, e.g. 'int4:g64') "
              f"or a quantized checkpoint directory, got {q!r}")
         if q is not None and ":" in q and not Path(q).exists():
@@ -204,3 +206,12 @@ def default_kv_memory(device: str) -> int:
     return min(int(available_memory_bytes() * KV_MEMORY_FRACTION), KV_MEMORY_CAP)
 
 
+def auto_quantization(quantization: str | None, path: Path) -> str | None:
+    """What "auto" serves: a GGUF file's own blocks through the native kernels (tensors without one are
+    dequantized, quant/gguf_native.py), anything else in its dtype. Other values pass through."""
+    if quantization != "auto":
+        return quantization
+    if Path(path).is_file() and Path(path).suffix == ".gguf":
+        log("quantization auto: gguf, the file's own blocks (--quantization none serves it dequantized)")
+        return "gguf"
+    return None

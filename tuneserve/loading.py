@@ -23,7 +23,7 @@ from tuneserve.models.layers import Rotary
 from tuneserve.models.loader import build_model, load_weights
 from tuneserve.quant.apply import resolve_group_size, rtn_quantize
 from tuneserve.quant.checkpoint import load_quantized, quant_kind
-from tuneserve.quant.gguf_native import load_native
+from tuneserve.quant.gguf_native import load_native, native_weights
 from tuneserve.quant.recipe import METHODS, QuantRecipe, parse_quantization
 from tuneserve.tokenizer import load_tokenizer
 
@@ -40,8 +40,11 @@ def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "
         progress = not quiet()
     model = build_model(arch, device)
     qdir = quantization if quantization and quant_kind(quantization) else (path if quant_kind(path) else None)
+    native = None
+    if quantization == "gguf" and Path(path).is_file():  # what is served from its blocks is never dequantized
+        native = native_weights(path, arch.num_layers, not arch.tie_word_embeddings)
     if qdir is None:
-        load_weights(model, path, arch, progress)
+        load_weights(model, path, arch, progress, native)
     if dtype != "float32":
         model = model.to(DTYPES[dtype])
         for m in model.modules():

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from tuneserve.engine_args import EngineArgs
+from tuneserve.engine_args import EngineArgs, auto_quantization
 from tuneserve.quant.recipe import AWQ_ROUNDINGS
 
 
@@ -94,12 +95,14 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from tuneserve.tokenizer import load_tokenizer
 
     args = EngineArgs.from_cli_args(ns)
-    quants = [q for q in (args.quantization or "").split(",") if q and q != "none"]
+    wanted = [q for q in (args.quantization or "").split(",") if q and q != "none"]
     args.quantization = None
     cfg = args.create_engine_config()
     path, arch, device = cfg.model.path, cfg.model.arch, torch.device(cfg.device)
+    # "auto" (the default) is what serving chooses: a GGUF file's own blocks, else nothing to compare
+    quants = [q for q in (auto_quantization(q, Path(path)) for q in wanted) if q]
     if quant_kind(path):  # a quantized checkpoint as MODEL: compare it with the model it came from
-        src = json.loads((__import__("pathlib").Path(path) / "quantization.json").read_text()).get("source")
+        src = json.loads((Path(path) / "quantization.json").read_text()).get("source")
         if not src:
             raise ValueError(f"{path} does not name its source model; pass the source as MODEL and the "
                              "directory as --quantization")

@@ -79,7 +79,8 @@ class LLMEngine:
         self._grammars: LLGuidanceBackend | None = None  # built with the first constrained request
         self._grammars_lock = threading.Lock()
         log(f"loaded {m.model} ({m.arch.architecture}, {m.arch.num_layers} layers) in "
-            f"{time.perf_counter() - t0:.1f}s on {config.device}, dtype {m.dtype}")
+            f"{time.perf_counter() - t0:.1f}s on {config.device}, dtype {m.dtype}, "
+            f"quantization {m.quantization or 'none'}")
 
     def build_scheduler(self) -> None:
         """A fresh KV manager (every block free) and scheduler (no requests): at start and after a reset."""

@@ -121,6 +121,34 @@ def _to_module(parts: list[dict], like: nn.Module) -> nn.Module:
     return ConcatLinear(mods)
 
 
+def _plan(num_layers: int, untied_head: bool, tensors: dict) -> list[tuple[str, list[str]]]:
+    """(our module, the checkpoint tensors it is made of) for every module that may be served natively."""
+    plan = [("embed_tokens", ["embed_tokens"])]
+    for i in range(num_layers):
+        a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
+        qkv, gate_up = f"{a}.qkv_proj", f"{m}.gate_up_proj"  # phi3 files store them fused, in our row order
+        plan += [(qkv, [qkv] if qkv + ".weight" in tensors else [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"]),
+                 (f"{a}.o_proj", [f"{a}.o_proj"]),
+                 (gate_up, [gate_up] if gate_up + ".weight" in tensors else [f"{m}.gate_proj", f"{m}.up_proj"]),
+                 (f"{m}.down_proj", [f"{m}.down_proj"])]
+    if untied_head and "lm_head.weight" in tensors:
+        plan.append(("lm_head", ["lm_head"]))
+    return plan
+
+
+def native_weights(path: str, num_layers: int, untied_head: bool) -> tuple[set[str], set[str]]:
+    """What load_native will serve from the file's blocks: (the checkpoint's weight names, our modules'
+    weight names), so that loading can skip dequantizing them (no fp32 copy is ever built)."""
+    ck = GGUFCheckpoint(path)
+    tensors = {hf_name(t.name, ck.architecture).removeprefix("model."): t for t in ck.reader.tensors}
+    sources, targets = set(), set()
+    for target, parts in _plan(num_layers, untied_head, tensors):
+        if all(tensors[p + ".weight"].tensor_type.name in NATIVE + REPACKED for p in parts):
+            sources.update(p + ".weight" for p in parts)
+            targets.add(target + ".weight")
+    return sources, targets
+
+
 def load_native(model: nn.Module, path: str, progress: bool = True) -> dict:
     """Swap model's projections, embedding and head for modules over the GGUF file's own blocks."""
     ck = GGUFCheckpoint(path)
@@ -143,15 +171,7 @@ def load_native(model: nn.Module, path: str, progress: bool = True) -> dict:
         kinds[kind] += 1
         return d
 
-    plan = [("embed_tokens", ["embed_tokens"])]
-    for i in range(arch.num_layers):
-        a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
-        plan += [(f"{a}.qkv_proj", [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"]),
-                 (f"{a}.o_proj", [f"{a}.o_proj"]), (f"{m}.gate_up_proj", [f"{m}.gate_proj", f"{m}.up_proj"]),
-                 (f"{m}.down_proj", [f"{m}.down_proj"])]
-    if model.lm_head is not None and "lm_head.weight" in tensors:
-        plan.append(("lm_head", ["lm_head"]))
-    for target, sources in plan:
+    for target, sources in _plan(arch.num_layers, model.lm_head is not None, tensors):
         parts = [part(s) for s in sources]
         if any(p is None for p in parts):
             fallback += [s for s, p in zip(sources, parts) if p is None]

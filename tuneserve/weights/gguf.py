@@ -2,11 +2,14 @@
 
 Traps handled here (shared/MODELS.md): GGUF lists shapes (in, out), torch wants (out, in); llama-arch
 files store attn_q / attn_k rows permuted for interleaved rope, which we undo so every model uses
-rotate-half rope; gemma norm weights already include the +1. What the metadata means: gguf_arch.py.
+rotate-half rope; gemma norm weights already include the +1; phi3 fuses q/k/v (`attn_qkv`) and gate/up
+(`ffn_up`, gate rows first), named here as HF's phi3 names them (models/phi3.py splits them).
+What the metadata means: gguf_arch.py.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
     "attn_output": "self_attn.o_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
@@ -42,8 +46,10 @@ def hf_name(gguf_name: str, arch: str) -> str:
     m = _BLK.match(gguf_name)
     if m:
         layer, part, kind = m.groups()
-        if part == "ffn_norm":  # llama: the norm before the MLP; gemma3 has a separate post-attn norm
-            mapped = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
+        if part == "ffn_norm":  # llama: the norm before the MLP; gemma has a separate post-attn norm
+            mapped = "pre_feedforward_layernorm" if arch in ("gemma2", "gemma3") else "post_attention_layernorm"
+        elif part == "ffn_up" and arch == "phi3":
+            mapped = "mlp.gate_up_proj"
         else:
             mapped = _LAYER_NAMES.get(part, part)
         return f"model.layers.{layer}.{mapped}.{kind}"
@@ -58,14 +64,21 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@functools.lru_cache(maxsize=1)
+def _reader(path: str, mtime_ns: int):  # noqa: ANN202 - gguf.GGUFReader
+    """The file's reader, kept for the next opening: parsing a 150k-token vocabulary's metadata takes ~20 s,
+    and loading opens the file several times (config, weights, native blocks). Tensor data is memory-mapped."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
 class GGUFCheckpoint:
     """One GGUF file: its metadata, architecture, tokenizer fields and tensors."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        self.reader = GGUFReader(str(self.path))
+        self.reader = _reader(str(self.path), self.path.stat().st_mtime_ns)
         self.meta = {k: self._value(f) for k, f in self.reader.fields.items()
                      if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
         self.architecture = str(self.meta["general.architecture"])
@@ -95,8 +108,9 @@ class GGUFCheckpoint:
     def _vocab_size(self) -> int:
         return len(self.reader.fields["tokenizer.ggml.tokens"].data)
 
-    def tensors(self, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-        """(HF-style name, float32 array in torch layout) for every tensor, dequantized."""
+    def tensors(self, progress: bool = True, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF-style name, float32 array in torch layout) for every tensor, dequantized; tensors whose name
+        (without "model.") is in `skip` are neither read nor yielded (they are served from their blocks)."""
         from gguf.quants import dequantize
 
         arch = self.arch_config()
@@ -104,9 +118,11 @@ class GGUFCheckpoint:
                       disable=not progress, leave=False):
             if t.name in ROPE_TENSORS:  # read into arch.rope_scaling, not weights
                 continue
+            name = hf_name(t.name, self.architecture)
+            if name.removeprefix("model.") in skip:
+                continue
             w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
             w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
-            name = hf_name(t.name, self.architecture)
             if self.architecture in ("llama", "mistral") and t.name.endswith(_PERMUTED):
                 n = arch.num_heads if "attn_q" in t.name else arch.num_kv_heads
                 w = unpermute_rope_rows(w, n)
