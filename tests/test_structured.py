@@ -227,10 +227,14 @@ def test_response_format_json_schema_and_structured_outputs(client):
 
 
 def test_bench_offline_measures_the_cost_of_a_schema(llm):
-    from tuneserve.bench.offline import run_engine
+    from tuneserve.bench.offline import run_engine, structure_cost
     from tuneserve.bench.workloads import DEMO_SCHEMA, Workload
 
     work = Workload([[5, 6, 7], [8, 9]], 24, "tiny")
     free = run_engine(llm, work)
     constrained = run_engine(llm, work, structured=StructuredOutputsParams(json=DEMO_SCHEMA))
     assert free["mask_share"] == 0.0 and 0.0 < constrained["mask_share"] < 1.0
+    work = Workload([[5, 6, 7], [8, 9]], 400, "tiny")
+    schema, same = structure_cost(llm, work, SCHEMA, temperature=1.0, max_num_seqs=2)
+    assert schema["valid"] == 1.0 and same["lengths"] == schema["lengths"] and "texts" not in schema
+    assert schema["vs_unconstrained"] == schema["output_tok_s"] / same["output_tok_s"]

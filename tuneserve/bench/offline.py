@@ -8,6 +8,7 @@ Default workload (the core issue's): 64 requests, prompts of 64-512 tokens cut f
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 
@@ -22,11 +23,13 @@ def peak_rss_bytes() -> int:
 
 
 def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - tuneserve.LLM
-               structured: StructuredOutputsParams | None = None) -> dict:
-    """Run a workload through an LLM (every request constrained by `structured` when given); returns
-    throughput and latency figures, and the share of the step spent on grammar masks."""
-    params = SamplingParams(temperature=0, max_tokens=work.output_len, ignore_eos=True,
-                            structured_outputs=structured)
+               structured: StructuredOutputsParams | None = None, temperature: float = 0.0,
+               lengths: list[int] | None = None) -> dict:
+    """Run a workload through an LLM (every request constrained by `structured` when given; request i
+    seeded with i, and producing lengths[i] tokens when given); returns throughput and latency figures,
+    and the share of the step spent on grammar masks."""
+    params = [SamplingParams(temperature=temperature, seed=i, max_tokens=lengths[i] if lengths else work.output_len,
+                             ignore_eos=True, structured_outputs=structured) for i in range(len(work.prompts))]
     eng = llm.llm_engine
     preempt0, hits0, queries0 = eng.scheduler.num_preemptions, eng.kv.prefix_hits, eng.kv.prefix_queries
     s0 = eng.get_stats()
@@ -39,7 +42,9 @@ def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - 
     tpots = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
     e2els = [o.metrics.e2e for o in outs]
     s1 = eng.get_stats()
+    texts = [o.outputs[0].text for o in outs]
     return {
+        "lengths": [len(o.outputs[0].token_ids) for o in outs],
         "mask_share": (s1.structured_mask_seconds - mask0) / max(1e-9, s1.step_seconds - step0),
         "system": label,
         "workload": work.name,
@@ -55,12 +60,43 @@ def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - 
         "preemptions": eng.scheduler.num_preemptions - preempt0,
         "prefix_hit_rate": ((eng.kv.prefix_hits - hits0) / max(1, eng.kv.prefix_queries - queries0)),
         "peak_rss_bytes": peak_rss_bytes(),
+        **({"texts": texts} if structured is not None else {}),
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
         "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99),
         "e2el_p50_s": percentile(e2els, 50), "e2el_p99_s": percentile(e2els, 99),
         "requests": [{"ttft": a, "tpot": b, "e2el": c} for a, b, c in
                      zip(ttfts, [o.metrics.tpot for o in outs], e2els)],
     }
+
+
+def structure_cost(llm, work: Workload, schema: dict, temperature: float, max_num_seqs: int) -> list[dict]:  # noqa: ANN001
+    """The same workload with every request constrained to `schema`, then unconstrained with the same
+    output lengths (a grammar ends requests early; equal lengths keep the batch the same): the throughput
+    ratio, the mask share of the step, and how many outputs are valid against the schema."""
+    rows = []
+    for constrained in (True, False):
+        llm.llm_engine.kv.reset_prefix_cache()  # as cold as the first run
+        row = run_engine(llm, work, structured=StructuredOutputsParams(json=schema) if constrained else None,
+                         temperature=temperature, lengths=rows[0]["lengths"] if rows else None)
+        row["config"] = f"max_num_seqs={max_num_seqs} " + ("json-schema" if constrained else "same lengths")
+        rows.append(row)
+    texts = rows[0].pop("texts")
+    rows[0]["valid"] = sum(_valid(t, schema) for t in texts) / len(texts)
+    rows[0]["vs_unconstrained"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
+    return rows
+
+
+def _valid(text: str, schema: dict) -> bool:
+    """Whether text is JSON valid against schema (jsonschema, the test extra; without it: JSON at all)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    try:
+        import jsonschema
+    except ImportError:
+        return True
+    return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 
 def run_ladder(llm, batches: list[int], label: str = "tuneserve") -> list[dict]:  # noqa: ANN001
@@ -87,21 +123,17 @@ def main(ns: argparse.Namespace) -> int:
     warm_up(llm)
     work = corpus_workload(llm.get_tokenizer(), ns.corpus, ns.num_prompts, ns.min_input, ns.max_input,
                            ns.output_len, ns.prompt_seed)
-    main_row = run_engine(llm, work)
+    main_row = run_engine(llm, work, temperature=ns.temperature)
     main_row["config"] = f"max_num_seqs={args.max_num_seqs}"
     rows = [main_row]
-    if ns.json_schema:  # the same workload, every request constrained: the cost of structure
-        llm.llm_engine.kv.reset_prefix_cache()  # as cold as the first run
-        row = run_engine(llm, work, structured=StructuredOutputsParams(json=schema_of(ns.json_schema)))
-        row["config"] = f"max_num_seqs={args.max_num_seqs} json-schema"
-        row["vs_unconstrained"] = row["output_tok_s"] / main_row["output_tok_s"]
-        rows.append(row)
+    if ns.json_schema:
+        rows += structure_cost(llm, work, schema_of(ns.json_schema), ns.temperature, args.max_num_seqs)
     rows += run_ladder(llm, [int(b) for b in ns.ladder.split(",")] if ns.ladder else [])
     cols = ["system", "config", "workload", "output_tok_s", "total_tok_s", "mean_ttft_s", "mean_tpot_s",
-            "preemptions", "peak_rss_bytes"] + (["mask_share", "vs_unconstrained"] if ns.json_schema else [])
+            "preemptions", "peak_rss_bytes"] + (["mask_share", "valid", "vs_unconstrained"] if ns.json_schema else [])
+    cfg = llm.llm_engine.config  # resolved: "auto" is what it chose, "none" is None
     print(table(rows, cols, title=f"bench offline: {args.model} ({args.dtype}, quantization "
-                                  f"{args.quantization or 'none'})"))
-    cfg = llm.llm_engine.config  # resolved: quantization "none" is None there
+                                  f"{cfg.model.quantization or 'none'})"))
     note = bf16_note(cfg.model.dtype, cfg.model.quantization, cfg.device)
     if note:
         print(note)
@@ -139,6 +171,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--ladder", default="", help="also run fixed batches, e.g. 1,8,32 (64 in, 64 out)")
     p.add_argument("--json-schema", default=None, metavar="FILE|demo",
                    help="also run the workload with every request constrained to this JSON schema "
-                        "('demo': 20 properties) and report its throughput ratio and mask share")
+                        "('demo': 20 properties), then unconstrained with the same output lengths, and report "
+                        "the throughput ratio, the mask share of the step and the share of valid outputs")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (request i seeded with i)")
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(bench_main=main)
