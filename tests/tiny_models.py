@@ -245,3 +245,25 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def build_models(root: Path, models: dict) -> dict[str, dict]:
+    """{name: (family, rope, build_family kwargs, paths)} -> {name: {"hf": dir, "gguf": file or None}}."""
+    out = {}
+    for name, (family, rope, kw, paths) in models.items():
+        d = build_family(root / name, family, rope, **kw)
+        out[name] = {"hf": d, "gguf": write_gguf(d, root / f"{name}.gguf") if "gguf" in paths else None}
+    return out
+
+
+def round_trip_configs(d: dict):  # noqa: ANN201 - (ArchConfig, ArchConfig | None)
+    """A built model's architecture read from its HF directory and from its GGUF file (None without one),
+    each checked to survive quant/checkpoint.py's hf_config, which writes it back for a quantized save."""
+    from tuneserve.quant.checkpoint import hf_config
+    from tuneserve.weights import open_checkpoint
+    from tuneserve.weights.hf_arch import arch_from_hf
+
+    archs = [open_checkpoint(d[k]).arch_config() if d[k] is not None else None for k in ("hf", "gguf")]
+    for a in archs:
+        assert a is None or arch_from_hf(hf_config(a), "x") == a
+    return archs[0], archs[1]
