@@ -156,10 +156,8 @@ class DraftProposer:
         """The next draft after `drafted`, and the distribution it was drawn from (for rejection sampling);
         a constrained request's among what its grammar allows (its matcher has taken `drafted`)."""
         if r.grammar is not None:
-            bitmask = self.runner.grammars.allocate_bitmask(1)
-            r.grammar.fill_bitmask(bitmask, 0)
             logits = logits.unsqueeze(0).clone()
-            self.runner.grammars.apply_bitmask(logits, bitmask)
+            self.runner.grammars.apply_bitmask(logits, self.runner.fill_masks([r.grammar]))
             logits = logits[0]
         if r.params.greedy:
             return int(logits.argmax()), None

@@ -115,9 +115,10 @@ class TaggedCallStreamer:
         """Send the name as soon as it is written, then the arguments as they grow (never past their end)."""
         if not self.name_sent:
             head = _HEAD.match(self.body)
-            if head is None or json.loads(head[1]) not in self.tools:
+            name = json.loads(head[1]) if head is not None else None
+            if name not in self.tools:
                 return
-            out.add_call(ToolCallDelta(self.calls, self.id, json.loads(head[1]), ""))
+            out.add_call(ToolCallDelta(self.calls, self.id, name, ""))
             self.name_sent, self.args_start = True, head.end()
             self.scanned = self.args_start
         if not self.scanner.done:

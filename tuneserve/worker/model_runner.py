@@ -84,12 +84,16 @@ class ModelRunner:
             return None
 
         def fill() -> tuple[dict[str, int], torch.Tensor]:
-            bitmask = self.grammars.allocate_bitmask(len(constrained))
-            for k, r in enumerate(constrained):
-                r.grammar.fill_bitmask(bitmask, k)
-            return {r.req_id: k for k, r in enumerate(constrained)}, bitmask
+            return {r.req_id: k for k, r in enumerate(constrained)}, self.fill_masks([r.grammar for r in constrained])
 
         return self._mask_pool.submit(fill)
+
+    def fill_masks(self, matchers: list) -> torch.Tensor:  # noqa: ANN001 - backend.Matcher
+        """A bitmask whose row k allows the tokens matchers[k] takes next."""
+        bitmask = self.grammars.allocate_bitmask(len(matchers))
+        for k, m in enumerate(matchers):
+            m.fill_bitmask(bitmask, k)
+        return bitmask
 
     def _check_requests(self, reqs: list[ScheduledRequest]) -> dict[int, Exception]:
         """Per-request checks before the batch is built: a request that fails one is left out of the
@@ -203,9 +207,7 @@ class ModelRunner:
         if all(reqs[j].req_id in early[0] for j in idx):
             bitmask = early[1][[early[0][reqs[j].req_id] for j in idx]]
         else:
-            bitmask = self.grammars.allocate_bitmask(len(idx))
-            for k, j in enumerate(idx):
-                reqs[j].grammar.fill_bitmask(bitmask, k)
+            bitmask = self.fill_masks([reqs[j].grammar for j in idx])
         sub = logits[idx]
         self.grammars.apply_bitmask(sub, bitmask)
         self._check_alive(sub, [reqs[j] for j in idx], [_output_end(reqs[j]) for j in idx])
