@@ -163,3 +163,18 @@ def test_serve_mode_sweep_measures_through_http(tiny_dirs, tmp_path):
         assert m["num_requests"] == 4 and m["failed"] == 0 and len(m["requests"]) == 4 and m["threads"] == 1
         assert m["memory_bytes"] == m["weight_bytes"] + TINY_KV_BYTES
         assert all(q["ttft"] > 0 and q["e2el"] >= q["ttft"] for q in m["requests"])
+
+
+def test_sweep_takes_tensor_parallel_size_as_an_axis(tiny_dirs, tmp_path):
+    """Two ranks serve the point through HTTP; the record counts both ranks' weights and threads, and the
+    ranks are gone when the point's server stops."""
+    import multiprocessing
+
+    base = {"kv_cache_memory_bytes": TINY_KV_BYTES, "max_model_len": 1024}
+    recs = run_sweep(str(tiny_dirs["llama"]), {"tensor_parallel_size": [1, 2], "threads": [2]}, "random",
+                     str(tmp_path / "tp.jsonl"), num_prompts=4, output_len=3, base=base, rates=[float("inf")],
+                     mode="serve")
+    one, two = (r["metrics"] for r in recs)
+    assert one["failed"] == two["failed"] == 0 and one["threads"] == two["threads"] == 2
+    assert one["weight_bytes"] < two["weight_bytes"] < 2 * one["weight_bytes"]  # embedding and head replicated
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("tuneserve-tp")]

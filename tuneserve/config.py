@@ -73,12 +73,29 @@ class ArchConfig:
     rotary_dim: int = 0  # leading dims of each head that rotate (0: all; phi3's partial_rotary_factor)
     attn_logit_softcapping: float = 0.0  # scores -> cap * tanh(scores / cap) before softmax (0: off; gemma2)
     final_logit_softcapping: float = 0.0  # the same on the output logits (gemma2)
+    # mixture of experts (mixtral, qwen2_moe; models/moe.py): 0 experts = a dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: an always-on expert, gated by sigmoid(w . x)
 
     def for_context(self, max_len: int) -> ArchConfig:
         """This architecture as served up to max_len tokens (only longrope depends on it)."""
         if self.rope_scaling.rope_type != "longrope" or max_len == self.served_len:
             return self
         return replace(self, served_len=max_len)
+
+    def tensor_parallel_problem(self, world: int) -> str | None:
+        """Why this architecture cannot be split over `world` ranks (None: it can; parallel/shard.py)."""
+        h, hkv = self.num_heads, self.num_kv_heads
+        if h % world:
+            return f"num_heads ({h}) is not divisible by tensor_parallel_size ({world})"
+        if hkv % world and world % hkv:
+            return f"num_kv_heads ({hkv}) and tensor_parallel_size ({world}) must divide one another"
+        if self.intermediate_size % world:
+            return f"intermediate_size ({self.intermediate_size}) is not divisible by tensor_parallel_size ({world})"
+        return None
 
     def window_of(self, layer: int) -> int:
         """Sliding window of a layer, 0 for full attention."""
@@ -152,5 +169,6 @@ class EngineConfig:
     spec: SpecConfig | None = None
     overflow_policy: str = "error"
     tensor_parallel_size: int = 1
+    tensor_parallel_all_reduce: str = "auto"  # auto | shm | torch (parallel/group.py)
     device: str = "cpu"
     extra: dict = field(default_factory=dict)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from tuneserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
+from tuneserve.config import ArchConfig, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
 from tuneserve.kernels.config import KERNELS, QUANT_ACTS, check_choice
 from tuneserve.log import log
 from tuneserve.quant.recipe import METHODS, parse_quantization
@@ -46,6 +47,7 @@ class EngineArgs:
     overflow_policy: str = "error"
     seed: int = 0
     tensor_parallel_size: int = 1
+    tensor_parallel_all_reduce: str = "auto"  # auto: NCCL on CUDA, a shared buffer on CPU; torch: gloo on CPU
     scheduling_policy: str = "fcfs"
     device: str = "auto"
     kernels: str = "auto"  # auto | portable (every layer on the PyTorch path); kernels/config.py
@@ -63,6 +65,7 @@ class EngineArgs:
                              f"({arch.max_position_embeddings}); lower it")
         arch = arch.for_context(max_len)  # longrope picks its factors by the served length
         device = self.device if self.device != "auto" else default_device()
+        self._check_tensor_parallel(arch, device)
         model = ModelConfig(model=self.model, path=str(path), arch=arch, dtype=self.dtype, max_model_len=max_len,
                             quantization=auto_quantization(self.quantization, path), seed=self.seed,
                             tokenizer=self.tokenizer,
@@ -76,7 +79,7 @@ class EngineArgs:
                             sliding_window=self.sliding_window or 0)
         return EngineConfig(model=model, cache=cache, scheduler=sched, spec=self._spec_config(),
                             overflow_policy=self.overflow_policy, tensor_parallel_size=self.tensor_parallel_size,
-                            device=device)
+                            tensor_parallel_all_reduce=self.tensor_parallel_all_reduce, device=device)
 
     def _validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -96,7 +99,8 @@ class EngineArgs:
              f"overflow_policy must be one of {OVERFLOW_POLICIES}, got {self.overflow_policy!r}")
         need(self.scheduling_policy in ("fcfs", "priority"),
              f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
-        need(self.tensor_parallel_size == 1, "tensor_parallel_size > 1 is not supported yet; use 1")
+        need(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        check_choice("tensor_parallel_all_reduce", self.tensor_parallel_all_reduce, ("auto", "shm", "torch"))
         need(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
              f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         need(self.sliding_window is None or self.sliding_window >= 1,
@@ -111,6 +115,20 @@ class EngineArgs:
             parse_quantization(q)  # a bad recipe option fails here, not after the weights are loaded
         if q == "none":
             self.quantization = None
+
+    def _check_tensor_parallel(self, arch: ArchConfig, device: str) -> None:
+        n = self.tensor_parallel_size
+        if n == 1:
+            return
+        problem = arch.tensor_parallel_problem(n)
+        if problem is not None:
+            raise ValueError(f"tensor_parallel_size {n}: {problem}; choose a divisor of both head counts")
+        import torch
+
+        devices = torch.cuda.device_count() if device.startswith("cuda") else len(os.sched_getaffinity(0))
+        if n > devices:
+            kind = "GPUs" if device.startswith("cuda") else "CPUs"
+            raise ValueError(f"tensor_parallel_size {n} exceeds the {devices} {kind} this process may use")
 
     def _spec_config(self) -> SpecConfig | None:
         sc = self.speculative_config

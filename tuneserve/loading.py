@@ -25,7 +25,6 @@ from tuneserve.quant.apply import resolve_group_size, rtn_quantize
 from tuneserve.quant.checkpoint import load_quantized, quant_kind
 from tuneserve.quant.gguf_native import load_native, native_weights
 from tuneserve.quant.recipe import METHODS, QuantRecipe, parse_quantization
-from tuneserve.tokenizer import load_tokenizer
 
 
 def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "float32",
@@ -88,6 +87,9 @@ def quantize_with_recipe(model: nn.Module, spec: QuantRecipe, checkpoint_path: s
     """Quantize model in place with an explicit recipe; calibration text for GPTQ/AWQ is tokenized with
     `tokenizer` (default: the checkpoint's own). The new layers are not bound to a KernelConfig (they
     run `kernels.config.detected()` until `bind_kernels`)."""
+    if spec.method != "rtn" and model.arch.num_experts:  # calibration runs one MLP per layer, not routed ones
+        raise ValueError(f"{spec.method} calibration of a mixture-of-experts model is not supported; use "
+                         "int8 or int4 (round to nearest)")
     spec = resolve_group_size(model, spec)
     if spec.method == "rtn":
         rtn_quantize(model, spec, progress)
@@ -95,6 +97,8 @@ def quantize_with_recipe(model: nn.Module, spec: QuantRecipe, checkpoint_path: s
     if tokenizer is None:
         if checkpoint_path is None:
             raise ValueError(f"{spec.method} needs calibration text: pass checkpoint_path or tokenizer")
+        from tuneserve.tokenizer import load_tokenizer  # transformers: 2 s to import, a rank needs it only here
+
         tokenizer = load_tokenizer(checkpoint_path)
     windows = calibration_windows(tokenizer, spec.corpus, spec.samples, spec.seq_len, spec.seed)
     log(f"{spec.method}-int{spec.bits} g{spec.group_size}: calibrating on {len(windows)} x {spec.seq_len} "

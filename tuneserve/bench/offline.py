@@ -33,7 +33,7 @@ def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - 
     eng = llm.llm_engine
     preempt0, hits0, queries0 = eng.scheduler.num_preemptions, eng.kv.prefix_hits, eng.kv.prefix_queries
     s0 = eng.get_stats()
-    step0, mask0 = s0.step_seconds, s0.structured_mask_seconds
+    step0, mask0, reduce0 = s0.step_seconds, s0.structured_mask_seconds, s0.all_reduce_seconds
     t0 = time.perf_counter()
     outs = llm.generate(work.prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
@@ -46,6 +46,7 @@ def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - 
     return {
         "lengths": [len(o.outputs[0].token_ids) for o in outs],
         "mask_share": (s1.structured_mask_seconds - mask0) / max(1e-9, s1.step_seconds - step0),
+        "all_reduce_share": (s1.all_reduce_seconds - reduce0) / max(1e-9, s1.step_seconds - step0),
         "system": label,
         "workload": work.name,
         "num_requests": len(outs),
@@ -131,6 +132,7 @@ def main(ns: argparse.Namespace) -> int:
     rows += run_ladder(llm, [int(b) for b in ns.ladder.split(",")] if ns.ladder else [])
     cols = ["system", "config", "workload", "output_tok_s", "total_tok_s", "mean_ttft_s", "mean_tpot_s",
             "preemptions", "peak_rss_bytes"] + (["mask_share", "valid", "vs_unconstrained"] if ns.json_schema else [])
+    cols += ["all_reduce_share"] if args.tensor_parallel_size > 1 else []
     cfg = llm.llm_engine.config  # resolved: "auto" is what it chose, "none" is None
     print(table(rows, cols, title=f"bench offline: {args.model} ({args.dtype}, quantization "
                                   f"{cfg.model.quantization or 'none'})"))

@@ -89,12 +89,17 @@ def engine_cost(engine: Any) -> dict[str, int]:
     from tuneserve.quant.linear import model_weight_bytes
 
     weights = model_weight_bytes(engine.model)
+    ranks = getattr(engine, "ranks", None)
+    threads = torch.get_num_threads()
+    if ranks is not None:  # tensor parallel: the other ranks' shards (each holds the embedding and head too)
+        weights += sum(ranks.weight_bytes)
+        threads = ranks.threads_per_rank * ranks.world
     draft = getattr(getattr(engine, "spec", None), "draft", None)
     if draft is not None:
         weights += model_weight_bytes(draft.runner.model)
     kv = int(engine.config.cache.kv_cache_memory_bytes)
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "memory_bytes": weights + kv,
-            "threads": torch.get_num_threads()}
+            "threads": threads}
 
 
 @contextmanager

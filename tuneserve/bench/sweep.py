@@ -93,6 +93,7 @@ def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompt
         res = run_engine(llm, work)
         eng = llm.llm_engine
         res.update(engine_cost(eng))
+        eng.shutdown()  # tensor parallel: the ranks go now, not when the engine is collected
     res.update(load_s=load_s, kv_bytes_per_token=eng.config.model.arch.kv_bytes_per_token,
                spec_acceptance_rate=(eng.stats.spec_num_accepted_tokens / eng.stats.spec_num_draft_tokens
                                      if eng.stats.spec_num_draft_tokens else None))

@@ -214,7 +214,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--results", default="results/sweep.jsonl", help="results file (read, appended, resumable)")
     p.add_argument("--budget-minutes", type=float, default=0.0, help="time to measure; 0: decide from --results")
     p.add_argument("--space", default=None, help="search space as JSON {axis: [values]}, base values first "
-                   "(default: quantization, speculative, max_num_seqs, max_num_batched_tokens, threads)")
+                   "(default: quantization, speculative, max_num_seqs, max_num_batched_tokens, threads, "
+                   "tensor_parallel_size)")
     p.add_argument("--num-prompts", type=int, default=MIN_REQUESTS,
                    help=f"requests per run (below {MIN_REQUESTS} a p99 is nearly the maximum: warned)")
     p.add_argument("--output-len", type=int, default=64)

@@ -7,6 +7,7 @@ The default space holds the knobs that matter on the model at hand, the base (en
   max_num_seqs            64, 16, 4            requests in a batch
   max_num_batched_tokens  512, 128, 2048       tokens a step may take (the chunked-prefill budget)
   threads                 all torch threads, half of them (when there are two or more)
+  tensor_parallel_size    1, 2 (when there are two threads or more and the model splits in two)
 Coarse: the base, then each axis varied alone. Refine: the per-axis winners combined, then the neighbours of
 the chosen configuration and of those it ties with (adjacent values; for numeric axes also the rounded
 geometric midpoint while neighbours are twice apart or more), until nothing new is left.
@@ -26,15 +27,18 @@ def default_space(model: str) -> dict[str, list[Any]]:
     """The default search space for a model (base values first)."""
     import torch
 
+    from tuneserve.weights import open_checkpoint
     from tuneserve.weights.sources import resolve
 
-    gguf = str(resolve(model)).endswith(".gguf")
+    path = resolve(model)
     threads = torch.get_num_threads()
-    return {"quantization": (["gguf", None] if gguf else [None]) + ["int8", "int4"],
+    splits = threads >= 2 and open_checkpoint(path).arch_config().tensor_parallel_problem(2) is None
+    return {"quantization": (["gguf", None] if str(path).endswith(".gguf") else [None]) + ["int8", "int4"],
             "speculative": ["off", "ngram"],
             "max_num_seqs": [64, 16, 4],
             "max_num_batched_tokens": [512, 128, 2048],
-            "threads": [threads] + ([threads // 2] if threads >= 2 else [])}
+            "threads": [threads] + ([threads // 2] if threads >= 2 else []),
+            "tensor_parallel_size": [1] + ([2] if splits else [])}
 
 
 def parse_space(text: str) -> dict[str, list[Any]]:

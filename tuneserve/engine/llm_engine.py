@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -28,7 +29,7 @@ from tuneserve.engine.output_processor import OutputProcessor, ParentState
 from tuneserve.engine.prepared import PreparedRequest, aborted_output
 from tuneserve.engine.stats import EngineStats
 from tuneserve.engine_args import EngineArgs
-from tuneserve.errors import RequestError
+from tuneserve.errors import EngineFatalError, RequestError
 from tuneserve.kernels.config import resolve as resolve_kernels
 from tuneserve.kernels.cpu_build import flushing_denormals
 from tuneserve.loading import load_model
@@ -36,6 +37,9 @@ from tuneserve.log import log
 from tuneserve.outputs import RequestOutput
 from tuneserve.overflow.policy import fit_prompt
 from tuneserve.overflow.summarize import finish_summary, is_summary, parent_id_of_summary, plan_summary
+from tuneserve.parallel.group import RankGroup
+from tuneserve.parallel.rank import load_shard
+from tuneserve.parallel.shard import local_kv_heads
 from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.speculative.decoder import SpecDecoder
 from tuneserve.speculative.draft import DraftProposer, draft_engine_config
@@ -54,15 +58,25 @@ class LLMEngine:
         torch.manual_seed(config.model.seed)
         m = config.model
         self.tokenizer = load_tokenizer(m.path, m.tokenizer)
-        self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization,
-                                kernels=resolve_kernels(m.kernels, m.quant_activations))
+        self.ranks = RankGroup(config, config.tensor_parallel_all_reduce) if config.tensor_parallel_size > 1 else None
+        if self.ranks is None:
+            kernels = resolve_kernels(m.kernels, m.quant_activations)
+            self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype,
+                                    quantization=m.quantization, kernels=kernels)
+        else:  # the other ranks load theirs meanwhile
+            self.model = load_shard(config, 0, self.ranks.comm)
         self.groups = kv_groups(config)
         uses_draft = config.spec is not None and config.spec.method == "draft"
         draft_config = draft_engine_config(config.spec, config) if uses_draft else None
         target_memory, draft_memory = self._split_kv_budget(draft_config)
         self.num_blocks = plan_blocks(config, self.groups, target_memory)
         self.build_scheduler()
-        self.runner = ModelRunner(config, self.model, build_kv(config, self.groups, self.num_blocks))
+        kv_heads = local_kv_heads(m.arch, config.tensor_parallel_size)
+        self.runner = ModelRunner(config, self.model, build_kv(config, self.groups, self.num_blocks, kv_heads))
+        if self.ranks is not None:
+            weakref.finalize(self, self.ranks.close)  # an engine dropped without shutdown() stops its ranks
+            self.ranks.start(self.num_blocks)
+            self.runner.peers = self.ranks
         self.output = OutputProcessor(self.tokenizer)
         self.spec = None
         if config.spec is not None:
@@ -230,6 +244,8 @@ class LLMEngine:
         try:
             with flushing_denormals():  # this thread only, and only for the step
                 return self._step()
+        except EngineFatalError:
+            raise
         except Exception as e:  # noqa: BLE001 - not pinned to one request
             return reset_after_failed_step(self, e)
 
@@ -321,6 +337,13 @@ class LLMEngine:
         prepared.summary = None
         self.submit(prepared)
 
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op for one rank); the engine cannot step afterwards."""
+        if self.ranks is not None:
+            self.ranks.close()
+            self.runner.peers = None
+            self.ranks = None
+
     def has_unfinished_requests(self) -> bool:
         return any((self.output.parents, self._pending_outputs, self.summaries, self.unstarted_outputs))
 
@@ -333,6 +356,7 @@ class LLMEngine:
         s.num_blocks_in_use, s.num_block_refs = self.kv.num_blocks_in_use, self.kv.num_block_refs
         s.num_live_requests = len(self.output.parents) + len(self.summaries)
         s.structured_mask_seconds = self.runner.mask_seconds
+        s.all_reduce_seconds = self.ranks.comm.seconds if self.ranks is not None else 0.0
         return s
 
 

@@ -27,6 +27,7 @@ class EngineStats:
     num_live_requests: int = 0
     step_seconds: float = 0.0  # in the core step (execute + update)
     structured_mask_seconds: float = 0.0  # of which filling and applying grammar masks
+    all_reduce_seconds: float = 0.0  # tensor parallel: the driver's time in all-reduces (waits included)
 
     def count_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

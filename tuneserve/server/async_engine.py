@@ -147,6 +147,8 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.engine.shutdown()
 
     # ----- the loop thread ------------------------------------------------------------------
     def _run(self) -> None:

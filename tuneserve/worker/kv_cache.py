@@ -59,14 +59,16 @@ def plan_blocks(config: EngineConfig, groups: list[KVGroupSpec], memory: int, la
     return counts
 
 
-def build_kv(config: EngineConfig, groups: list[KVGroupSpec], num_blocks: list[int]) -> KVCache:
-    """Allocate the cache tensors: one per group, zeroed (padded reads of never-written slots must be finite)."""
+def build_kv(config: EngineConfig, groups: list[KVGroupSpec], num_blocks: list[int],
+             kv_heads: int | None = None) -> KVCache:
+    """Allocate the cache tensors: one per group, zeroed (padded reads of never-written slots must be finite).
+    `kv_heads`: the KV heads this cache holds (a tensor-parallel rank's share; default all)."""
     a = config.model.arch
     dtype, device = torch_dtype(config.model.dtype), torch.device(config.device)
     layers: list[tuple[torch.Tensor, torch.Tensor]] = [None] * a.num_layers  # type: ignore[list-item]
     layer_group = [0] * a.num_layers
     for g, spec in enumerate(groups):
-        shape = (len(spec.layers), 2, num_blocks[g], config.cache.block_size, a.num_kv_heads, a.head_dim)
+        shape = (len(spec.layers), 2, num_blocks[g], config.cache.block_size, kv_heads or a.num_kv_heads, a.head_dim)
         cache = torch.zeros(shape, dtype=dtype, device=device)
         for j, layer in enumerate(spec.layers):
             layers[layer] = (cache[j, 0], cache[j, 1])

@@ -51,6 +51,7 @@ class ModelRunner:
         # next-token masks are filled on this thread while the forward runs (llguidance releases the GIL)
         self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="tuneserve-masks")
         self._early_masks: Future | None = None
+        self.peers = None  # the other tensor-parallel ranks (parallel/group.py): each forward starts there too
 
     # ----- one step -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -66,9 +67,8 @@ class ModelRunner:
             run = [reqs[i] for i in live]
             self._early_masks = self._fill_masks_early(run)
             try:
-                ctx, input_ids = self.prepare_inputs(run)
                 faults.hit("forward")
-                hidden = self.model(input_ids, ctx)  # (N, hidden): an exception here fails the whole step
+                hidden = self.forward(run)  # (N, hidden): an exception here fails the whole step
                 out = self._sample(run, hidden)
             finally:
                 if self._early_masks is not None:
@@ -120,9 +120,21 @@ class ModelRunner:
         null = [[0]] * len(self.groups)
         reqs = [ScheduledRequest(f"_calib{i}", [0], 0, tuple(null), None, sample=True) for i in range(n)]
         t0 = time.perf_counter()
-        ctx, ids = self.prepare_inputs(reqs)
-        self.model.compute_logits(self.model(ids, ctx))
+        self.model.compute_logits(self.forward(reqs))
         return time.perf_counter() - t0
+
+    def forward(self, reqs: list[ScheduledRequest]) -> torch.Tensor:
+        """Final hidden states (N, hidden) of a batch; with tensor parallelism every rank runs it too, and a
+        failure between their all-reduces is fatal (the ranks would be out of step)."""
+        if self.peers is None:
+            ctx, ids = self.prepare_inputs(reqs)
+            return self.model(ids, ctx)
+        self.peers.send([(r.token_ids, r.start_pos, r.block_table) for r in reqs])
+        try:
+            ctx, ids = self.prepare_inputs(reqs)
+            return self.model(ids, ctx)
+        except Exception as e:  # noqa: BLE001 - re-raised as the group's fatal error
+            raise self.peers.failed(e) from e
 
     def prepare_inputs(self, reqs: list[ScheduledRequest]) -> tuple[ForwardContext, torch.Tensor]:
         """The forward context (positions, attention metadata per layer, KV views) and input ids of a batch."""

@@ -1,0 +1,1 @@
+"""Tensor parallelism: a model split across ranks (Megatron-style), one process per rank."""
