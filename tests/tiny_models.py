@@ -83,7 +83,8 @@ def build_tiny_gemma3(path: Path, seed: int = 0, layers: int = 6, window: int = 
 
 # ----- the model families of tests/test_families.py, as HF directories and llama.cpp-style GGUF files -----
 FAMILY_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen3": "Qwen3Config",
-                  "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config"}
+                  "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config",
+                  "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig"}
 
 
 def build_family(path: Path, family: str, rope: dict | None = None, seed: int = 0, std: float = 0.25,
@@ -100,10 +101,11 @@ def build_family(path: Path, family: str, rope: dict | None = None, seed: int = 
     if family == "gemma3":  # per layer type: the scaling applies to the global layers
         rope_parameters = {"full_attention": rope_parameters,
                            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}
-    cfg = cfg_cls(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=std, tie_word_embeddings=tie,
-                  rope_parameters=rope_parameters, **extra)
+    base = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
+                bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=std, tie_word_embeddings=tie,
+                rope_parameters=rope_parameters)
+    cfg = cfg_cls(**{**base, **extra})
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # non-trivial biases and norms: loading them wrongly must fail the tests
         for name, p in model.named_parameters():

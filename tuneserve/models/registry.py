@@ -8,6 +8,7 @@ from tuneserve.config import ArchConfig
 from tuneserve.models.gemma2 import Gemma2ForCausalLM
 from tuneserve.models.gemma3 import Gemma3ForCausalLM
 from tuneserve.models.llama import LlamaForCausalLM
+from tuneserve.models.moe import MoEForCausalLM
 from tuneserve.models.phi3 import Phi3ForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
@@ -18,6 +19,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "gemma2": Gemma2ForCausalLM,
     "gemma3": Gemma3ForCausalLM,
     "phi3": Phi3ForCausalLM,  # llama with fused checkpoint tensors (longrope, partial rotary in ArchConfig)
+    "mixtral": MoEForCausalLM,  # mistral's attention, top-2 of 8 experts
+    "qwen2_moe": MoEForCausalLM,  # qwen2's attention, top-k experts and a gated shared expert
 }
 
 

@@ -14,6 +14,7 @@ from tuneserve.quant.recipe import GROUP_SIZES, QuantRecipe, fitting_group_sizes
 from tuneserve.quant.rtn import quantize_int4, quantize_int8
 
 LAYER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+EXPERT_LINEARS = ("gate_up_proj", "down_proj")  # the router and the shared expert's gate stay unquantized
 
 
 def target_layers(model: nn.Module, embeddings: bool = True) -> Iterator[tuple[str, nn.Module]]:
@@ -26,6 +27,10 @@ def target_layers(model: nn.Module, embeddings: bool = True) -> Iterator[tuple[s
             name = f"layers.{i}.{suffix}"
             if isinstance(mods.get(name), nn.Linear):
                 yield name, mods[name]
+        for name, m in model.layers[i].named_modules():  # mixture of experts: every expert's projections
+            if ".experts." in f".{name}" or name.startswith("mlp.shared_expert."):
+                if name.rpartition(".")[2] in EXPERT_LINEARS and isinstance(m, nn.Linear):
+                    yield f"layers.{i}.{name}", m
     if embeddings and isinstance(mods.get("lm_head"), nn.Linear):
         yield "lm_head", mods["lm_head"]
 

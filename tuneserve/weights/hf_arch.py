@@ -18,6 +18,8 @@ FAMILIES = {
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",
     "Phi3ForCausalLM": "phi3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 GEMMA = ("gemma2", "gemma3")
 
@@ -34,9 +36,13 @@ _NEUTRAL: dict[str, tuple] = {
     "mlp_bias": (None, False),
     "use_qk_norm": (None, False),
     "use_bidirectional_attention": (None, False),
+    "shared_expert_intermediate_size": (None, 0),
 }
 # the _NEUTRAL keys a family computes (read by its own helper below); every other family refuses them
-_IMPLEMENTED = {"gemma2": {"attn_logit_softcapping", "final_logit_softcapping"}, "phi3": {"partial_rotary_factor"}}
+_IMPLEMENTED = {"gemma2": {"attn_logit_softcapping", "final_logit_softcapping"}, "phi3": {"partial_rotary_factor"},
+                "mixtral": {"num_local_experts", "num_experts_per_tok"},
+                "qwen2_moe": {"num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                              "shared_expert_intermediate_size"}}
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # every rope parameter HF knows; freq_factors is ours (written by quant/checkpoint.py for GGUF rope_freqs)
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
@@ -185,6 +191,25 @@ def _phi3(c: dict, layers: int, head_dim: int, max_pos: int, where: str) -> dict
                 attention_bias=False, attention_out_bias=False)
 
 
+def _moe(c: dict, family: str, layers: int, where: str) -> dict:
+    """Experts, as MixtralConfig / Qwen2MoeConfig read them (their defaults where a key is absent). Qwen2-MoE's
+    dense layers (mlp_only_layers, decoder_sparse_step) are refused: every layer must be sparse."""
+    if family == "mixtral":
+        return dict(num_experts=int(c.get("num_local_experts", 8)), norm_topk_prob=True,
+                    num_experts_per_tok=int(c.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(c["intermediate_size"]))
+    if c.get("mlp_only_layers"):
+        raise refuse(where, "mlp_only_layers", c["mlp_only_layers"], "(dense layers among sparse ones)")
+    if c.get("decoder_sparse_step", 1) != 1:
+        raise refuse(where, "decoder_sparse_step", c["decoder_sparse_step"], "(dense layers among sparse ones)")
+    bias = bool(c.get("qkv_bias", True))
+    return dict(num_experts=int(c.get("num_experts", 60)), num_experts_per_tok=int(c.get("num_experts_per_tok", 4)),
+                moe_intermediate_size=int(c.get("moe_intermediate_size", 1408)),
+                norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=int(c.get("shared_expert_intermediate_size", 5632)),
+                attention_bias=bias, attention_out_bias=False, layer_windows=_qwen_windows(c, layers, where))
+
+
 def arch_from_hf(c: dict, where: str) -> ArchConfig:
     """The ArchConfig of an HF config.json (multimodal wrappers already merged with their text_config)."""
     names = c.get("architectures") or []
@@ -206,8 +231,10 @@ def arch_from_hf(c: dict, where: str) -> ArchConfig:
         rp = c.get(key) or {}
         kw.update(rope_theta=float(rp.get("rope_theta") or c.get("rope_theta") or 10000.0),
                   rope_scaling=parse_rope(rp, c, max_pos, where, key))
-    if family == "mistral":  # HF: no biases; the window (default 4096 when the key is absent) on every layer
-        window = c.get("sliding_window", 4096)
+    if family in ("mixtral", "qwen2_moe"):
+        kw.update(_moe(c, family, layers, where))
+    if family in ("mistral", "mixtral"):  # HF: no biases; a window on every layer (Mistral's default 4096)
+        window = c.get("sliding_window", 4096 if family == "mistral" else None)
         kw.update(attention_bias=False, attention_out_bias=False,
                   layer_windows=(int(window),) * layers if window else ())
     elif family == "gemma2":
