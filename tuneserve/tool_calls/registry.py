@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from tuneserve.tool_calls.hermes import HermesParser
+from tuneserve.tool_calls.llama3_json import Llama3JsonParser
 from tuneserve.tool_calls.parser import ToolCallParser
 
-PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesParser(),)}
+PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesParser(), Llama3JsonParser())}
 
 
 def tool_call_parser(name: str, chat_template: str | None) -> ToolCallParser | None:

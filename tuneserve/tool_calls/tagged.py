@@ -164,14 +164,14 @@ def call_grammar(open_ref: str, close_ref: str, functions: Sequence[FunctionSpec
              f'call: {open_ref} "\\n" body "\\n" {close_ref}',
              "body: " + " | ".join(f"fn_{i}" for i in range(len(functions)))]
     for i, f in enumerate(functions):
-        rules.append(f"fn_{i}: %json {json.dumps(_call_schema(f), ensure_ascii=False)}")
+        rules.append(f"fn_{i}: %json {json.dumps(call_schema(f), ensure_ascii=False)}")
     return "\n".join(rules) + "\n"
 
 
-def _call_schema(f: FunctionSpec) -> dict:
-    """The schema of {"name": f, "arguments": ...}; the arguments' definitions move to the root, where
+def call_schema(f: FunctionSpec, args_key: str = "arguments") -> dict:
+    """The schema of {"name": f, args_key: ...}; the arguments' definitions move to the root, where
     their `#/$defs/...` references point."""
     params = dict(f.parameters) if f.parameters else {"type": "object"}
     defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
-    return {"type": "object", "properties": {"name": {"const": f.name}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False, **defs, "x-guidance": JSON_OPTIONS}
+    return {"type": "object", "properties": {"name": {"const": f.name}, args_key: params},
+            "required": ["name", args_key], "additionalProperties": False, **defs, "x-guidance": JSON_OPTIONS}
