@@ -81,13 +81,13 @@ def test_what_does_not_parse_is_content_as_written():
     assert parse(HERMES, TEXTS[7], NAMES, progressive=True).calls == []  # constrained output always has tags
 
 
-@pytest.mark.parametrize("progressive", [False, True])
-def test_streamed_pieces_reassemble_to_the_whole_parse(progressive):
+def check_random_pieces(parser, texts: list[str], progressive: bool) -> None:  # noqa: ANN001 - a ToolCallParser
+    """Each text streamed in random pieces reassembles to its whole parse."""
     rng = random.Random(0)
-    for text in TEXTS:
-        whole = parse(HERMES, text, NAMES, progressive)
+    for text in texts:
+        whole = parse(parser, text, NAMES, progressive)
         for _ in range(5):
-            s, deltas, i = HERMES.streamer(NAMES, progressive), [], 0
+            s, deltas, i = parser.streamer(NAMES, progressive), [], 0
             while i < len(text):
                 k = rng.randint(1, 7)
                 deltas.append(s.feed(text[i:i + k]))
@@ -98,6 +98,11 @@ def test_streamed_pieces_reassemble_to_the_whole_parse(progressive):
             assert [(c.name, c.arguments) for c in got.calls] == [(c.name, c.arguments) for c in whole.calls]
             firsts = [d.calls[0] for d in deltas if d.calls and d.calls[0].name]
             assert all(f.id for f in firsts)  # a call's first piece carries its id and name
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_streamed_pieces_reassemble_to_the_whole_parse(progressive):
+    check_random_pieces(HERMES, TEXTS, progressive)
 
 
 def test_progressive_streams_arguments_before_the_call_closes():

@@ -5,20 +5,19 @@ their schema through a server whose template is Llama 3's (the tools in the user
 from __future__ import annotations
 
 import json
-import random
 
 import jsonschema
 import openai
 import pytest
 from conftest import TINY_KV_BYTES
 from server_utils import LiveServer
-from test_tools import ADD, ASK, NAMES, SCHEMAS, TOOLS
+from test_tools import ADD, ASK, NAMES, SCHEMAS, TOOLS, check_random_pieces
 from tiny_models import build_tiny
 from transformers import AutoTokenizer
 
 from tuneserve.engine_args import EngineArgs
 from tuneserve.server.app import ServerSettings
-from tuneserve.tool_calls.parser import assemble, parse
+from tuneserve.tool_calls.parser import parse
 from tuneserve.tool_calls.registry import PARSERS, tool_call_parser
 
 LLAMA3 = PARSERS["llama3_json"]
@@ -54,19 +53,7 @@ def test_calls_parse_exactly_and_the_rest_is_content_as_written():
 
 
 def test_streamed_pieces_reassemble_to_the_whole_parse():
-    rng = random.Random(0)
-    for text in TEXTS:
-        whole = parse(LLAMA3, text, NAMES, False)
-        for _ in range(5):
-            s, deltas, i = LLAMA3.streamer(NAMES, False), [], 0
-            while i < len(text):
-                k = rng.randint(1, 7)
-                deltas.append(s.feed(text[i:i + k]))
-                i += k
-            deltas.append(s.finish())
-            got = assemble(deltas)
-            assert got.content == whole.content, text
-            assert [(c.name, c.arguments) for c in got.calls] == [(c.name, c.arguments) for c in whole.calls]
+    check_random_pieces(LLAMA3, TEXTS, progressive=False)
 
 
 def test_calls_cut_at_max_tokens_keep_the_complete_ones():

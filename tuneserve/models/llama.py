@@ -27,7 +27,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = Attention(arch, layer)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act)
+        self.mlp = self.make_mlp(arch)
+
+    @staticmethod
+    def make_mlp(arch: ArchConfig) -> nn.Module:
+        return GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)

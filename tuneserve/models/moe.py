@@ -22,8 +22,8 @@ from torch import nn
 
 from tuneserve.config import ArchConfig
 from tuneserve.kernels.dense_ops import DenseLinear
-from tuneserve.models.layers import Attention, ForwardContext, GatedMLP, RMSNorm
-from tuneserve.models.llama import LlamaForCausalLM
+from tuneserve.models.layers import GatedMLP
+from tuneserve.models.llama import DecoderLayer, LlamaForCausalLM
 
 Weights = Iterable[tuple[str, np.ndarray | torch.Tensor]]
 # Mixtral's checkpoint names for an expert's projections -> llama's
@@ -60,17 +60,10 @@ class SparseMoE(nn.Module):
         return out
 
 
-class MoEDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Attention(arch, layer)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = SparseMoE(arch)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+class MoEDecoderLayer(DecoderLayer):
+    @staticmethod
+    def make_mlp(arch: ArchConfig) -> nn.Module:
+        return SparseMoE(arch)
 
 
 class MoEForCausalLM(LlamaForCausalLM):
