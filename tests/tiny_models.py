@@ -121,7 +121,8 @@ def build_family(path: Path, family: str, rope: dict | None = None, seed: int = 
 
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3"}
+             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3",
+             "MixtralForCausalLM": "llama", "Qwen2MoeForCausalLM": "qwen2moe"}
 GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
@@ -149,6 +150,31 @@ def _llama3_rope_freqs(rp: dict, head_dim: int) -> np.ndarray:
             smooth = (orig / wavelen - lo) / (hi - lo)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+_EXPERT_PARTS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def _stack_experts(state: dict, experts: int, out: dict) -> dict:
+    """Mixtral's / Qwen2-MoE's per-expert tensors stacked into llama.cpp's ffn_*_exps (E, out, in), the router as
+    ffn_gate_inp and the shared expert as *_shexp (written to `out`); returns the remaining tensors."""
+    rest, stacks = {}, {}
+    for name, t in state.items():
+        parts = name.split(".")
+        if ".experts." in name:  # model.layers.L.{mlp|block_sparse_moe}.experts.E.PART.weight
+            layer, e, part = parts[2], int(parts[5]), parts[6]
+            stacks.setdefault((layer, _EXPERT_PARTS[part]), [None] * experts)[e] = t
+        elif parts[3:5] in (["mlp", "gate"], ["block_sparse_moe", "gate"]):
+            out[f"blk.{parts[2]}.ffn_gate_inp.weight"] = t
+        elif parts[4:5] == ["shared_expert"]:
+            out[f"blk.{parts[2]}.ffn_{_EXPERT_PARTS[parts[5]]}_shexp.weight"] = t
+        elif parts[4:5] == ["shared_expert_gate"]:
+            out[f"blk.{parts[2]}.ffn_gate_inp_shexp.weight"] = t.reshape(-1)
+        else:
+            rest[name] = t
+    for (layer, part), ts in stacks.items():
+        out[f"blk.{layer}.ffn_{part}_exps.weight"] = np.stack(ts)
+    return rest
 
 
 def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
@@ -180,12 +206,19 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     w.add_vocab_size(c["vocab_size"])
     w.add_bos_token_id(c["bos_token_id"])
     w.add_eos_token_id(c["eos_token_id"])
-    if c["architectures"][0] == "MistralForCausalLM" and c.get("sliding_window"):
+    if c["architectures"][0] in ("MistralForCausalLM", "MixtralForCausalLM") and c.get("sliding_window"):
         w.add_sliding_window(c["sliding_window"])
     if a == "gemma2":  # as llama.cpp's Gemma2Model writes it
         w.add_sliding_window(c["sliding_window"])
         w.add_attn_logit_softcapping(c["attn_logit_softcapping"])
         w.add_final_logit_softcapping(c["final_logit_softcapping"])
+    experts = c.get("num_local_experts") or c.get("num_experts")
+    if experts:  # as llama.cpp's MixtralModel / Qwen2MoeModel write them
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c["num_experts_per_tok"])
+        if a == "qwen2moe":
+            w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+            w.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
     if a == "phi3":  # as llama.cpp's Phi3MiniModel writes it: 0 for no window, the original context always
         w.add_sliding_window(c.get("sliding_window") or 0)
         w.add_rope_scaling_orig_ctx_len(c["original_max_position_embeddings"])
@@ -220,6 +253,8 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     state = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))
+    if experts:
+        state = _stack_experts(state, experts, tensors)
     globals_ = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
     for name, t in state.items():
@@ -237,7 +272,7 @@ def write_gguf(hf_dir: Path, out: Path, extra_meta: dict | None = None,
     tensors.update(extra_tensors or {})
     for name, t in tensors.items():
         t = np.ascontiguousarray(t, dtype=np.float32)
-        if qtype and t.ndim == 2:
+        if qtype and t.ndim >= 2 and "gate_inp" not in name:  # llama.cpp keeps routers in fp32
             kind = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(name, gguf.quants.quantize(t, kind), raw_dtype=kind)
         else:

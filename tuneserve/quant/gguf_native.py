@@ -19,6 +19,7 @@ ConcatLinear: they run the kernels `loading` binds to them (kernels/config.py), 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -122,18 +123,38 @@ def _to_module(parts: list[dict], like: nn.Module) -> nn.Module:
 
 
 def _plan(num_layers: int, untied_head: bool, tensors: dict) -> list[tuple[str, list[str]]]:
-    """(our module, the checkpoint tensors it is made of) for every module that may be served natively."""
+    """(our module, the checkpoint tensors it is made of) for every module that may be served natively. An
+    expert's tensors are named as its slice of the stacked tensor (`expert_name`; `_source` finds them)."""
     plan = [("embed_tokens", ["embed_tokens"])]
     for i in range(num_layers):
         a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
-        qkv, gate_up = f"{a}.qkv_proj", f"{m}.gate_up_proj"  # phi3 files store them fused, in our row order
+        qkv = f"{a}.qkv_proj"  # phi3 files store it fused, in our row order
         plan += [(qkv, [qkv] if qkv + ".weight" in tensors else [f"{a}.q_proj", f"{a}.k_proj", f"{a}.v_proj"]),
-                 (f"{a}.o_proj", [f"{a}.o_proj"]),
-                 (gate_up, [gate_up] if gate_up + ".weight" in tensors else [f"{m}.gate_proj", f"{m}.up_proj"]),
-                 (f"{m}.down_proj", [f"{m}.down_proj"])]
+                 (f"{a}.o_proj", [f"{a}.o_proj"])]
+        mlps = [m] if f"{m}.down_proj.weight" in tensors or f"{m}.gate_up_proj.weight" in tensors else []
+        if f"{m}.experts.down_proj.weight" in tensors:
+            mlps += [f"{m}.experts.{e}" for e in range(int(tensors[f"{m}.experts.down_proj.weight"].shape[2]))]
+        if f"{m}.shared_expert.down_proj.weight" in tensors:
+            mlps.append(f"{m}.shared_expert")
+        for p in mlps:
+            gate_up = f"{p}.gate_up_proj"  # phi3: fused, in our row order
+            plan += [(gate_up, [gate_up] if gate_up + ".weight" in tensors else [f"{p}.gate_proj", f"{p}.up_proj"]),
+                     (f"{p}.down_proj", [f"{p}.down_proj"])]
     if untied_head and "lm_head.weight" in tensors:
         plan.append(("lm_head", ["lm_head"]))
     return plan
+
+
+def _source(tensors: dict, name: str) -> tuple:  # (gguf ReaderTensor, expert index or None)
+    """The file's tensor holding `name` (without ".weight"), and the expert's index where it is stacked."""
+    t = tensors.get(name + ".weight")
+    if t is not None:
+        return t, None
+    m = _EXPERT.match(name)
+    return tensors[f"{m[1]}.experts.{m[3]}.weight"], int(m[2])
+
+
+_EXPERT = re.compile(r"(.*)\.experts\.(\d+)\.(\w+)$")
 
 
 def native_weights(path: str, num_layers: int, untied_head: bool) -> tuple[set[str], set[str]]:
@@ -143,7 +164,7 @@ def native_weights(path: str, num_layers: int, untied_head: bool) -> tuple[set[s
     tensors = {hf_name(t.name, ck.architecture).removeprefix("model."): t for t in ck.reader.tensors}
     sources, targets = set(), set()
     for target, parts in _plan(num_layers, untied_head, tensors):
-        if all(tensors[p + ".weight"].tensor_type.name in NATIVE + REPACKED for p in parts):
+        if all(_source(tensors, p)[0].tensor_type.name in NATIVE + REPACKED for p in parts):
             sources.update(p + ".weight" for p in parts)
             targets.add(target + ".weight")
     return sources, targets
@@ -158,11 +179,11 @@ def load_native(model: nn.Module, path: str, progress: bool = True) -> dict:
     fallback: list[str] = []
 
     def part(name: str) -> dict | None:
-        t = tensors[name + ".weight"]
+        t, expert = _source(tensors, name)
         kind = t.tensor_type.name
         if kind not in NATIVE + REPACKED:
             return None
-        d = decode(np.asarray(t.data), kind)
+        d = decode(np.asarray(t.data if expert is None else t.data[expert]), kind)
         if ck.architecture in ("llama", "mistral") and name.endswith(("q_proj", "k_proj")):
             heads = arch.num_heads if name.endswith("q_proj") else arch.num_kv_heads
             for k in ("q", "scales", "mins"):
@@ -181,7 +202,7 @@ def load_native(model: nn.Module, path: str, progress: bool = True) -> dict:
         if isinstance(new, QuantEmbedding):
             new.out_dtype = like.weight.dtype
         replace_module(model, target, new)
-    types = Counter(tensors[s + ".weight"].tensor_type.name for s in fallback)
+    types = Counter(_source(tensors, s)[0].tensor_type.name for s in fallback)
     return {"native": sum(kinds[k] for k in NATIVE), "repacked": sum(kinds[k] for k in REPACKED),
             "types": dict(kinds), "fallback": fallback,
             "fallback_summary": ", ".join(f"{n} {k}" for k, n in types.items()) or "none"}

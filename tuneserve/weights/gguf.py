@@ -34,6 +34,16 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+    # mixture of experts: the router, the experts stacked (E, out, in; tensors() yields them one by one), and
+    # Qwen2-MoE's shared expert with its gate
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # llama.cpp permutes q / k rows (weights and biases) of llama-arch files for its interleaved rope
@@ -55,6 +65,11 @@ def hf_name(gguf_name: str, arch: str) -> str:
         return f"model.layers.{layer}.{mapped}.{kind}"
     base, _, kind = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES.get(base, base)}.{kind}"
+
+
+def expert_name(stacked: str, e: int) -> str:
+    """The HF-style name of expert e's slice of a stacked expert tensor (mlp.experts.X -> mlp.experts.e.X)."""
+    return stacked.replace(".mlp.experts.", f".mlp.experts.{e}.")
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -119,6 +134,12 @@ class GGUFCheckpoint:
             if t.name in ROPE_TENSORS:  # read into arch.rope_scaling, not weights
                 continue
             name = hf_name(t.name, self.architecture)
+            if t.name.endswith("_exps.weight"):  # one tensor per expert, each read only if wanted
+                for e in range(int(t.shape[2])):
+                    one = expert_name(name, e)
+                    if one.removeprefix("model.") not in skip:
+                        yield one, dequantize(t.data[e], t.tensor_type).astype(np.float32, copy=False)
+                continue
             if name.removeprefix("model.") in skip:
                 continue
             w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
@@ -126,4 +147,6 @@ class GGUFCheckpoint:
             if self.architecture in ("llama", "mistral") and t.name.endswith(_PERMUTED):
                 n = arch.num_heads if "attn_q" in t.name else arch.num_kv_heads
                 w = unpermute_rope_rows(w, n)
+            if t.name.endswith("ffn_gate_inp_shexp.weight"):  # (hidden,): the gate is a 1-output linear
+                w = w.reshape(1, -1)
             yield name, w

@@ -22,7 +22,7 @@ import numpy as np
 from tuneserve.config import ArchConfig, RopeScaling
 from tuneserve.weights.hf_arch import refuse
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe")
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _KNOWN = {"context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
           "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
@@ -30,7 +30,11 @@ _KNOWN = {"context_length", "embedding_length", "block_count", "feed_forward_len
           "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
           "rope.scaling.attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
           "rope.scaling.finetuned"}
-_KNOWN_BY_ARCH = {"gemma2": {"attn_logit_softcapping", "final_logit_softcapping"}}  # keys only these compute
+_MOE = {"expert_count", "expert_used_count"}
+# keys only these compute (llama: Mixtral, as llama.cpp converts it)
+_KNOWN_BY_ARCH = {"gemma2": {"attn_logit_softcapping", "final_logit_softcapping"}, "llama": _MOE,
+                  "qwen2moe": _MOE | {"expert_feed_forward_length", "expert_shared_feed_forward_length",
+                                      "expert_weights_norm"}}
 _NEUTRAL = {"expert_count": (0,), "expert_used_count": (0,)}  # keys harmless only at these values
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
@@ -89,6 +93,21 @@ def _rope(meta: dict, a: str, names: set[str], read: Callable[[str], np.ndarray]
     raise refuse(where, f"{a}.rope.scaling.type", kind, "is not supported (none, linear, yarn, longrope)")
 
 
+def _experts(m: dict, a: str, names: set[str], where: str) -> dict:
+    """Mixtral (arch llama) or Qwen2-MoE, as llama.cpp writes them: stacked expert tensors, the experts'
+    size in feed_forward_length (Mixtral) or expert_feed_forward_length; Qwen2-MoE's routing weights are not
+    renormalized unless expert_weights_norm says so."""
+    n = int(m[f"{a}.expert_count"])
+    if "blk.0.ffn_gate_exps.weight" not in names:
+        raise refuse(where, f"{a}.expert_count", n, "without stacked expert tensors (blk.N.ffn_*_exps)")
+    kw = dict(num_experts=n, num_experts_per_tok=int(m[f"{a}.expert_used_count"]))
+    if a == "llama":
+        return dict(kw, moe_intermediate_size=int(m[f"{a}.feed_forward_length"]), norm_topk_prob=True)
+    return dict(kw, moe_intermediate_size=int(m[f"{a}.expert_feed_forward_length"]),
+                shared_expert_intermediate_size=int(m.get(f"{a}.expert_shared_feed_forward_length") or 0),
+                norm_topk_prob=bool(m.get(f"{a}.expert_weights_norm", False)))
+
+
 def arch_from_gguf(meta: dict, names: set[str], read: Callable[[str], np.ndarray], vocab: Callable[[], int],
                    where: str) -> ArchConfig:
     """ArchConfig from GGUF metadata; `read` loads a small tensor by name, `vocab` counts the tokenizer's."""
@@ -108,7 +127,7 @@ def arch_from_gguf(meta: dict, names: set[str], read: Callable[[str], np.ndarray
         raise refuse(where, f"{a}.rope.dimension_count", rot, f"(head_dim is {head_dim})")
     layers = int(m[f"{a}.block_count"])
     window = int(m.get(f"{a}.attention.sliding_window") or 0)
-    family = "llama" if a == "mistral" else a
+    family = {"mistral": "llama", "qwen2moe": "qwen2"}.get(a, a)
     windows: tuple[int, ...] = ()
     kw: dict = {}
     if a in ("gemma2", "gemma3"):
@@ -132,6 +151,9 @@ def arch_from_gguf(meta: dict, names: set[str], read: Callable[[str], np.ndarray
         family, windows = "mistral", (window,) * layers
     elif window:
         raise refuse(where, f"{a}.attention.sliding_window", window, "(which layers slide is not in the file)")
+    if m.get(f"{a}.expert_count"):
+        family = "mixtral" if a == "llama" else "qwen2_moe"
+        kw.update(_experts(m, a, names, where))
     eos = [m.get("tokenizer.ggml.eos_token_id"), m.get("tokenizer.ggml.eot_token_id")]
     return ArchConfig(
         architecture=family,
