@@ -69,9 +69,10 @@ def _close_to_hf(llm: LLM, hf_dir) -> None:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one(built):
-    """Each expert splits like any MLP (all ranks route alike: the router is replicated)."""
-    path = str(built["mixtral"]["hf"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_two_ranks_equal_one(built, name):
+    """Each expert splits like any MLP, summed once per layer (all ranks route alike: the router is replicated)."""
+    path = str(built[name]["hf"])
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     one = [o.outputs[0].token_ids for o in LLM(path, kv_cache_memory_bytes=1 << 22).generate(LONG, params)]
     llm = LLM(path, kv_cache_memory_bytes=1 << 22, tensor_parallel_size=2)

@@ -93,8 +93,9 @@ class ArchConfig:
             return f"num_heads ({h}) is not divisible by tensor_parallel_size ({world})"
         if hkv % world and world % hkv:
             return f"num_kv_heads ({hkv}) and tensor_parallel_size ({world}) must divide one another"
-        if self.intermediate_size % world:
-            return f"intermediate_size ({self.intermediate_size}) is not divisible by tensor_parallel_size ({world})"
+        for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(self, key) % world:
+                return f"{key} ({getattr(self, key)}) is not divisible by tensor_parallel_size ({world})"
         return None
 
     def window_of(self, layer: int) -> int:

@@ -2,7 +2,8 @@
 
 Per decoder layer: q/k/v and gate/up keep the rows of this rank's heads and intermediate units (column
 parallel: no communication); o and down keep the matching input columns and sum their partial outputs
-over the ranks with one all-reduce each (row parallel). Each rank holds num_heads / N query heads and
+over the ranks with one all-reduce each (row parallel). A mixture of experts splits every expert so and
+sums once, after the routed experts and the shared one are added up. Each rank holds num_heads / N query heads and
 num_kv_heads / N KV heads; where N exceeds the KV heads, each KV head is replicated on N / num_kv_heads
 ranks (as vLLM does), so a rank's query heads always find their KV head locally. Norms, the embedding and
 the LM head are replicated (rank 0 alone computes logits and samples).
@@ -22,6 +23,7 @@ from torch import nn
 from tuneserve.config import ArchConfig
 from tuneserve.kernels.dense_ops import DenseLinear
 from tuneserve.models.layers import Attention, GatedMLP
+from tuneserve.models.moe import SparseMoE
 from tuneserve.parallel.comm import Comm
 from tuneserve.quant.linear import ConcatLinear, QuantEmbedding, QuantLinear
 
@@ -66,11 +68,17 @@ def shard_model(model: nn.Module, rank: int, world: int, comm: Comm) -> list[str
     split through fp32 (see the module doc)."""
     fallback: list[str] = []
     dtype = model.norm.weight.dtype  # a layer split through fp32 computes in the model's dtype
-    for name, m in model.named_modules():
-        if isinstance(m, Attention):
-            _shard_attention(m, rank, world, comm, _Fallback(fallback, name, dtype))
-        elif isinstance(m, GatedMLP):
-            _shard_mlp(m, rank, world, comm, _Fallback(fallback, name, dtype))
+    for i, layer in enumerate(model.layers):
+        _shard_attention(layer.self_attn, rank, world, comm, _Fallback(fallback, f"layers.{i}.self_attn", dtype))
+        mlp, where = layer.mlp, _Fallback(fallback, f"layers.{i}.mlp", dtype)
+        if isinstance(mlp, SparseMoE):  # every expert split alike; the weighted sum is linear: one all-reduce
+            for e, expert in enumerate(mlp.experts):
+                _shard_mlp(expert, rank, world, None, _Fallback(fallback, f"{where.prefix}.experts.{e}", dtype))
+            if mlp.shared_expert is not None:
+                _shard_mlp(mlp.shared_expert, rank, world, None, _Fallback(fallback, f"{where.prefix}.shared", dtype))
+            layer.mlp = RowParallel(mlp, comm)
+        else:
+            _shard_mlp(mlp, rank, world, comm, where)
     return fallback
 
 
@@ -100,12 +108,14 @@ def _shard_attention(a: Attention, rank: int, world: int, comm: Comm, fallback: 
     a.q_size, a.kv_size = s.nq * d, s.nk * d
 
 
-def _shard_mlp(m: GatedMLP, rank: int, world: int, comm: Comm, fallback: _Fallback) -> None:
+def _shard_mlp(m: GatedMLP, rank: int, world: int, comm: Comm | None, fallback: _Fallback) -> None:
+    """Keep rank's intermediate units; comm None: the caller sums the partial outputs."""
     n = m.inter // world
     mine = torch.arange(rank * n, (rank + 1) * n)
     m.gate_up_proj = take_rows(m.gate_up_proj, torch.cat([mine, m.inter + mine]))
-    down = take_cols(m.down_proj, rank * n, (rank + 1) * n, keep_bias=rank == 0)
-    m.down_proj = RowParallel(fallback.checked(m.down_proj, down, "down_proj"), comm)
+    down = fallback.checked(m.down_proj, take_cols(m.down_proj, rank * n, (rank + 1) * n, keep_bias=rank == 0),
+                            "down_proj")
+    m.down_proj = down if comm is None else RowParallel(down, comm)
     m.inter = n
 
 
