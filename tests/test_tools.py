@@ -14,6 +14,7 @@ from server_utils import LiveServer
 from tiny_models import build_tiny
 from transformers import AutoTokenizer
 
+from tuneserve import SamplingParams
 from tuneserve.engine_args import EngineArgs
 from tuneserve.server.app import ServerSettings
 from tuneserve.server.protocol import ChatCompletionRequest
@@ -260,3 +261,12 @@ def test_qwen_coder_calls_a_tool_and_answers_from_its_result():
         assert "21" in (final.choices[0].message.content or "")
     finally:
         s.stop()
+
+
+def test_offline_chat_renders_the_tools_and_the_text_parses(make_llm):
+    llm = make_llm("qwen2")
+    out = llm.chat(ASK, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=TEMPLATE, tools=TOOLS)[0]
+    assert '"name": "get_weather"' in llm.get_tokenizer().decode(out.prompt_token_ids)
+    assert parse(tool_call_parser("auto", TEMPLATE), out.outputs[0].text, NAMES, False).content is not None
+    plain = llm.chat(ASK, SamplingParams(max_tokens=2), use_tqdm=False, chat_template=TEMPLATE)[0]
+    assert "tools:" not in llm.get_tokenizer().decode(plain.prompt_token_ids)

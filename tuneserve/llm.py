@@ -62,10 +62,13 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, using the model's chat template."""
+        """Generate replies to one conversation or a list of them, using the model's chat template; `tools`
+        (OpenAI's function definitions) are rendered by the template, and the calls the model writes are in the
+        text (`tuneserve.tool_calls.parser.parse` with the template's parser reads them)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [chat_prompt(self.get_tokenizer(), c, add_generation_prompt, chat_template) for c in convs]
+        prompts = [chat_prompt(self.get_tokenizer(), c, add_generation_prompt, chat_template, tools) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
