@@ -82,24 +82,8 @@ def append_record(path: str | Path, record: dict) -> None:
 
 
 def engine_cost(engine: Any) -> dict[str, int]:
-    """What an LLMEngine holds: weight bytes (a draft model's included), KV cache bytes, their sum, and the
-    torch threads it runs on."""
-    import torch
-
-    from tuneserve.quant.linear import model_weight_bytes
-
-    weights = model_weight_bytes(engine.model)
-    ranks = getattr(engine, "ranks", None)
-    threads = torch.get_num_threads()
-    if ranks is not None:  # tensor parallel: the other ranks' shards (each holds the embedding and head too)
-        weights += sum(ranks.weight_bytes)
-        threads = ranks.threads_per_rank * ranks.world
-    draft = getattr(getattr(engine, "spec", None), "draft", None)
-    if draft is not None:
-        weights += model_weight_bytes(draft.runner.model)
-    kv = int(engine.config.cache.kv_cache_memory_bytes)
-    return {"weight_bytes": weights, "kv_cache_bytes": kv, "memory_bytes": weights + kv,
-            "threads": threads}
+    """What an LLMEngine holds (LLMEngine.footprint): weight and KV cache bytes, their sum, its threads."""
+    return engine.footprint()
 
 
 @contextmanager

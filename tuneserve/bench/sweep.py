@@ -4,7 +4,9 @@ Every finished point is appended to the results file at once (one JSON object pe
 workload, mode, request rate and configuration, so an interrupted sweep resumes where it stopped and
 `tune`/`report` can reuse any point. Records keep per-request latencies, so goodput can be recomputed
 for any SLO later. Besides engine arguments, a grid may set `speculative` (off, ngram, draft:MODEL) and
-`threads` (torch threads the engine runs on; every record says how many it had).
+`threads` (torch threads the engine runs on; every record says how many it had) and, in serve mode,
+`replicas` (that many engines on Ray Serve behind one endpoint, prefix-aware routing, the threads shared
+out among them: tuneserve/deploy/lab.py).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if not values:
             raise ValueError(f"--grid needs NAME=V1,V2,..., got {item!r}")
         name = name.strip().replace("-", "_")
-        allowed = {f for f in EngineArgs.__dataclass_fields__} | {"speculative", "threads"}
+        allowed = {f for f in EngineArgs.__dataclass_fields__} | {"speculative", "threads", "replicas"}
         if name not in allowed:
-            raise ValueError(f"unknown grid axis {name!r}; use an engine argument, 'speculative' or 'threads'")
+            raise ValueError(f"unknown grid axis {name!r}; use an engine argument, 'speculative', 'threads' or "
+                             "'replicas'")
         grid[name] = [_value(v.strip()) for v in values.split(",")]
     return grid
 
@@ -63,7 +66,7 @@ def engine_args_for(model: str, point: dict[str, Any], base: dict[str, Any] | No
     argument: the measurement sets torch's thread count)."""
     args = {**(base or {}), "model": model}
     for name, value in point.items():
-        if name == "threads":
+        if name in ("threads", "replicas"):
             continue
         if name == "speculative":
             if value not in (None, "off") and value not in SPECULATIVE and not str(value).startswith("draft:"):
@@ -83,6 +86,8 @@ def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompt
     from tuneserve.bench.offline import run_engine, warm_up
     from tuneserve.llm import LLM
 
+    if int(point.get("replicas") or 1) > 1:
+        raise ValueError("replicas is a serve-mode axis (replicas sit behind an HTTP endpoint): use --mode serve")
     args = engine_args_for(model, point, base)
     with torch_threads(point.get("threads")):
         t0 = time.perf_counter()
@@ -118,9 +123,9 @@ def run_sweep(model: str, grid: dict[str, list[Any]], workload: str, out: str, n
     for i, pending in todo.items():
         point = points[i]
         if mode == "serve":
-            from tuneserve.bench.sweep_serve import ServeSession
+            from tuneserve.bench.sweep_serve import session_for
 
-            with ServeSession(model, engine_args_for(model, point, base), point.get("threads")) as session:
+            with session_for(model, point, base) as session:
                 for rate, key in pending:
                     written.append(_write(out, key, mode, model, workload, rate, point, num_prompts, output_len,
                                           session.run(workload, num_prompts, output_len, rate)))

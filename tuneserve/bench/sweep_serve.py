@@ -12,10 +12,30 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from tuneserve.bench.records import engine_cost, torch_threads
 from tuneserve.bench.workloads import build_workload
+
+# Sessions of `replicas` > 1 engines behind one endpoint (Ray Serve): tuneserve.deploy.lab adds its factory
+# here when imported (deploy sits above bench), as the CLI does; (model, engine args, threads, replicas) -> session
+REPLICA_SESSIONS: list[Callable[[str, dict, int | None, int], Any]] = []
+
+
+def session_for(model: str, point: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
+    """The session that serves a grid point: one in-process server, or `replicas` of them on Ray Serve (the
+    point's threads shared out among them)."""
+    from tuneserve.bench.sweep import engine_args_for
+
+    args, threads = engine_args_for(model, point, base), point.get("threads")
+    replicas = int(point.get("replicas") or 1)
+    if replicas == 1:
+        return ServeSession(model, args, threads)
+    if not REPLICA_SESSIONS:
+        raise ValueError("replicas > 1 runs on Ray Serve: pip install 'tuneserve[ray]' (and run through the CLI, "
+                         "or import tuneserve.deploy.lab)")
+    return REPLICA_SESSIONS[0](model, args, threads, replicas)
 
 
 def run_seed(rate: float | None, repeat: int) -> int:
@@ -59,14 +79,20 @@ class ServeSession:
     def run(self, workload: str, num_prompts: int, output_len: int, rate: float | None,
             seed: int = 0) -> dict[str, Any]:
         """Send the workload at `rate` req/s (None or inf: all at once) and measure what clients see."""
-        from tuneserve.bench.load import BenchRequest
-        from tuneserve.bench.serve import run_benchmark
+        return run_at(self.srv.url, self.engine.tokenizer, workload, num_prompts, output_len, rate, seed,
+                      {**self.cost, "load_s": self.load_s})
 
-        work = build_workload(self.engine.tokenizer, workload, num_prompts, output_len, seed=seed)
-        reqs = [BenchRequest(p, output_len) for p in work.prompts]
-        res = run_benchmark(self.srv.url, reqs, request_rate=math.inf if rate is None else rate, seed=seed,
-                            progress=False)
-        return {**serve_metrics(res), **self.cost, "load_s": self.load_s, "seed": seed}
+
+def run_at(url: str, tokenizer: Any, workload: str, num_prompts: int, output_len: int, rate: float | None,
+           seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """One run against a server at url: the workload at `rate` req/s; what clients see, with `extra`."""
+    from tuneserve.bench.load import BenchRequest
+    from tuneserve.bench.serve import run_benchmark
+
+    work = build_workload(tokenizer, workload, num_prompts, output_len, seed=seed)
+    reqs = [BenchRequest(p, output_len) for p in work.prompts]
+    res = run_benchmark(url, reqs, request_rate=math.inf if rate is None else rate, seed=seed, progress=False)
+    return {**serve_metrics(res), **extra, "seed": seed}
 
 
 def serve_metrics(res: dict) -> dict[str, Any]:

@@ -84,11 +84,10 @@ class BudgetSpent(Exception):
 
 
 def serve_session(model: str, config: dict) -> Any:
-    """The default session factory: the configuration behind an in-process HTTP server."""
-    from tuneserve.bench.sweep import engine_args_for
-    from tuneserve.bench.sweep_serve import ServeSession
+    """The default session factory: the configuration behind an in-process HTTP server (or its replicas)."""
+    from tuneserve.bench.sweep_serve import session_for
 
-    return ServeSession(model, engine_args_for(model, config), config.get("threads"))
+    return session_for(model, config)
 
 
 class Tuner:

@@ -40,6 +40,7 @@ from tuneserve.overflow.summarize import finish_summary, is_summary, parent_id_o
 from tuneserve.parallel.group import RankGroup
 from tuneserve.parallel.rank import load_shard
 from tuneserve.parallel.shard import local_kv_heads
+from tuneserve.quant.linear import model_weight_bytes
 from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.speculative.decoder import SpecDecoder
 from tuneserve.speculative.draft import DraftProposer, draft_engine_config
@@ -65,6 +66,7 @@ class LLMEngine:
                                     quantization=m.quantization, kernels=kernels)
         else:  # the other ranks load theirs meanwhile
             self.model = load_shard(config, 0, self.ranks.comm)
+        self.threads = torch.get_num_threads()  # per rank (RankGroup shares them out)
         self.groups = kv_groups(config)
         uses_draft = config.spec is not None and config.spec.method == "draft"
         draft_config = draft_engine_config(config.spec, config) if uses_draft else None
@@ -336,6 +338,18 @@ class LLMEngine:
         self.make_children(prepared)
         prepared.summary = None
         self.submit(prepared)
+
+    def footprint(self) -> dict[str, int]:
+        """What this engine holds: weight bytes (every tensor-parallel rank's and a draft model's included), KV
+        cache bytes, their sum, and the torch threads it runs on (over all ranks)."""
+        weights = model_weight_bytes(self.model)
+        if self.ranks is not None:  # the other ranks' shards (each holds the embedding and head too)
+            weights += sum(self.ranks.weight_bytes)
+        if self.spec is not None and self.spec.draft is not None:
+            weights += model_weight_bytes(self.spec.draft.runner.model)
+        kv = int(self.config.cache.kv_cache_memory_bytes)
+        return {"weight_bytes": weights, "kv_cache_bytes": kv, "memory_bytes": weights + kv,
+                "threads": self.threads * self.config.tensor_parallel_size}
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (a no-op for one rank); the engine cannot step afterwards."""

@@ -21,6 +21,7 @@ class _EngineCollector:
 
     def __init__(self, engine, model_name: str) -> None:  # noqa: ANN001 - LLMEngine
         self.engine, self.model = engine, model_name
+        self.footprint: dict[str, int] | None = None
 
     def collect(self):  # noqa: ANN201 - prometheus collector protocol
         s = self.engine.get_stats()
@@ -53,6 +54,12 @@ class _EngineCollector:
                     s.num_blocks_in_use)
         yield gauge("kv_block_refs", "References held on KV blocks (0 when idle: the leak check).", s.num_block_refs)
         yield gauge("engine_live_requests", "User requests the engine still tracks.", s.num_live_requests)
+        if self.footprint is None:  # fixed for the engine's life
+            self.footprint = self.engine.footprint()
+        yield gauge("engine_weight_bytes", "Bytes of the model's weights (all ranks, and a draft model).",
+                    self.footprint["weight_bytes"])
+        yield gauge("engine_kv_cache_bytes", "Bytes of the KV cache.", self.footprint["kv_cache_bytes"])
+        yield gauge("engine_threads", "Torch threads the engine computes on (all ranks).", self.footprint["threads"])
         errors = CounterMetricFamily(P + "engine_errors", "Engine errors by kind (request: pinned to one "
                                      "request; step: failed a whole step and reset the engine).",
                                      labels=lbl + ["kind"])
