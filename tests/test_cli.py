@@ -81,3 +81,29 @@ def test_engine_args_from_config_file(tmp_path):
     assert (args.max_num_seqs, args.block_size, args.model) == (9, 32, "m")  # flags override the file
     with pytest.raises(ValueError, match="unknown engine arguments"):
         EngineArgs.from_dict({"max_num_seq": 3})
+
+
+def test_replicas_without_ray_say_how_to_install(monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: `import ray` fails
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    assert cli.main(["serve", "some-model", "--replicas", "2"]) == 2
+    assert "pip install 'tuneserve[ray]'" in capsys.readouterr().err
+    (tmp_path / "d.json").write_text("{}")
+    assert cli.main(["deploy", "ray", "--config", str(tmp_path / "d.json")]) == 2
+    assert "pip install 'tuneserve[ray]'" in capsys.readouterr().err
+
+
+def test_serve_replicas_builds_the_deploy_config(monkeypatch):
+    pytest.importorskip("ray.serve")
+    from tuneserve.deploy import local
+
+    seen = {}
+    monkeypatch.setattr(local, "serve_forever", lambda cfg, host, port, **kw: seen.update(cfg=cfg, port=port) or 0)
+    assert cli.main(["serve", "m", "--replicas", "2", "--replica-threads", "1", "--max-num-seqs", "8",
+                     "--max-waiting-requests", "9", "--port", "8123"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.model, cfg.num_replicas, cfg.torch_threads, seen["port"]) == ("m", 2, 1, 8123)
+    assert cfg.engine().max_num_seqs == 8 and cfg.settings().max_waiting_requests == 9
+    assert cfg.ray_actor_options == {"num_cpus": 1} and cfg.routing == "prefix"

@@ -22,10 +22,12 @@ LAYERS: list[set[str]] = [
     {"calibration"},
     {"loading"},
     {"worker"},
+    {"parallel"},
     {"speculative"},
     {"engine"},
     {"llm"},
     {"server", "bench"},
+    {"deploy"},  # replicas on Ray Serve: wraps the server's app
     {"cli"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
@@ -123,6 +125,8 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     ("quant", {"tuneserve.models", "tuneserve.calibration", "tuneserve.loading", "tuneserve.engine"}),
     ("kernels", {"tuneserve.models", "tuneserve.engine", "tuneserve.quant"}),
     ("engine", {"tuneserve.server", "tuneserve.bench", "tuneserve.cli"}),
+    # Ray is an optional extra: only the deploy package (and the CLI verbs that start it) may import it
+    *[(pkg, {"ray"}) for pkg in ("core", "engine", "server", "bench", "worker", "models", "llm")],
 ])
 def test_package_keeps_to_its_side(package, forbidden):
     mods = _modules()

@@ -75,6 +75,27 @@ def test_chat_and_stream(client):
     assert text == r.choices[0].message.content
 
 
+def test_usage_reports_cached_tokens(client):
+    """The second request with the same 100-token prompt hits the prefix cache for its 6 whole blocks of 16
+    (96 tokens); the first hits nothing. The openai client parses the field, streamed usage included."""
+    prompt = "".join(chr(ord("a") + (i * 7) % 26) for i in range(100))  # byte tokenizer: 100 tokens
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    first = client.completions.create(**kw)
+    assert first.usage.prompt_tokens == 100 and first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.completions.create(**kw)
+    assert second.usage.prompt_tokens_details.cached_tokens == 96
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 96
+    msgs = [{"role": "user", "content": prompt[::-1]}]
+    chat = [client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2) for _ in range(2)]
+    n = chat[0].usage.prompt_tokens
+    assert chat[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert chat[1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True})
+    assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+
+
 def test_n_logprobs_stop_seed(client):
     r = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, temperature=1.0, n=2, seed=11,
                                   logprobs=3, extra_body={"ignore_eos": True})

@@ -125,7 +125,8 @@ def run_sweep(model: str, grid: dict[str, list[Any]], workload: str, out: str, n
         if mode == "serve":
             from tuneserve.bench.sweep_serve import session_for
 
-            with session_for(model, point, base) as session:
+            with session_for(model, engine_args_for(model, point, base), point.get("threads"),
+                             point.get("replicas")) as session:
                 for rate, key in pending:
                     written.append(_write(out, key, mode, model, workload, rate, point, num_prompts, output_len,
                                           session.run(workload, num_prompts, output_len, rate)))

@@ -23,13 +23,10 @@ from tuneserve.bench.workloads import build_workload
 REPLICA_SESSIONS: list[Callable[[str, dict, int | None, int], Any]] = []
 
 
-def session_for(model: str, point: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
-    """The session that serves a grid point: one in-process server, or `replicas` of them on Ray Serve (the
-    point's threads shared out among them)."""
-    from tuneserve.bench.sweep import engine_args_for
-
-    args, threads = engine_args_for(model, point, base), point.get("threads")
-    replicas = int(point.get("replicas") or 1)
+def session_for(model: str, args: dict[str, Any], threads: int | None, replicas: int | None) -> Any:
+    """The session that serves a grid point (its engine arguments, threads and replicas): one in-process
+    server, or `replicas` of them on Ray Serve (the threads shared out among them)."""
+    replicas = int(replicas or 1)
     if replicas == 1:
         return ServeSession(model, args, threads)
     if not REPLICA_SESSIONS:

@@ -85,9 +85,10 @@ class BudgetSpent(Exception):
 
 def serve_session(model: str, config: dict) -> Any:
     """The default session factory: the configuration behind an in-process HTTP server (or its replicas)."""
+    from tuneserve.bench.sweep import engine_args_for
     from tuneserve.bench.sweep_serve import session_for
 
-    return session_for(model, config)
+    return session_for(model, engine_args_for(model, config), config.get("threads"), config.get("replicas"))
 
 
 class Tuner:

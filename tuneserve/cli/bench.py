@@ -6,8 +6,10 @@ from __future__ import annotations
 def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     from tuneserve.bench import context, offline, overload, responsiveness, serve, soak, spec
     from tuneserve.bench.peers import compare as peers
+    from tuneserve.deploy import bench as replicas  # the bench layer cannot import deploy; the CLI can
 
-    p = sub.add_parser("bench", help="benchmarks: offline, peers, context, serve, spec, soak, overload, health")
+    p = sub.add_parser("bench", help="benchmarks: offline, peers, context, serve, spec, soak, overload, health, "
+                       "replicas")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     offline.add_parser(bsub)
     peers.add_parser(bsub)
@@ -17,5 +19,6 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparse
     soak.add_parser(bsub)
     overload.add_parser(bsub)
     responsiveness.add_parser(bsub)
+    replicas.add_parser(bsub)
     p.set_defaults(func=lambda ns: (p.print_help() or 2) if not getattr(ns, "bench_main", None)
                    else ns.bench_main(ns))

@@ -88,6 +88,8 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    if ns.replicas:
+        return _serve_replicas(ns)
     import uvicorn
 
     from tuneserve.server.app import build_app
@@ -100,6 +102,51 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     uvicorn.run(app, host=ns.host, port=ns.port, timeout_graceful_shutdown=int(ns.drain_timeout),
                 log_level=ns.log_level, h11_max_incomplete_event_size=settings.max_header_bytes)
     return 0
+
+
+def _serve_replicas(ns: argparse.Namespace) -> int:
+    """`serve --replicas N`: the same server as N engine replicas behind one ingress on a local Ray."""
+    import dataclasses
+    import os
+
+    from tuneserve.server.settings import settings_from_args
+
+    if not _have_ray("--replicas"):
+        return 2
+    from tuneserve.deploy.config import DeployConfig
+    from tuneserve.deploy.local import serve_forever
+
+    args = engine_args_from(ns).to_dict()
+    settings = dataclasses.asdict(settings_from_args(ns))
+    settings.pop("limits")  # the replicas keep the default request limits
+    cpus = os.cpu_count() or 1
+    threads = ns.replica_threads or max(1, cpus // ns.replicas)
+    cfg = DeployConfig(model=args.pop("model"), engine_args=args, server=settings, num_replicas=ns.replicas,
+                       torch_threads=threads, ray_actor_options={"num_cpus": threads},
+                       max_ongoing_requests=ns.replica_max_ongoing, max_queued_requests=ns.replica_max_queued)
+    return serve_forever(cfg, ns.host, ns.port, num_cpus=max(cpus, threads * ns.replicas))
+
+
+def _have_ray(what: str) -> bool:
+    """Whether Ray Serve is installed; if not, says how to install it."""
+    from tuneserve.deploy import RAY_MISSING, require_ray
+
+    try:
+        require_ray()
+        return True
+    except ImportError:
+        print(f"error: {what} needs Ray Serve: {RAY_MISSING.split(': ', 1)[1]}", file=sys.stderr)
+        return False
+
+
+def cmd_deploy(ns: argparse.Namespace) -> int:
+    """`deploy ray --config FILE`: the replicated deployment on a Ray cluster (RAY_ADDRESS / --address)."""
+    if not _have_ray("deploy ray"):
+        return 2
+    from tuneserve.deploy.config import DeployConfig
+    from tuneserve.deploy.local import serve_forever
+
+    return serve_forever(DeployConfig.from_file(ns.config), ns.host, ns.port, address=ns.address)
 
 
 # ----- parser ------------------------------------------------------------------------------------
@@ -134,8 +181,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(p)
     add_server_flags(p)
     EngineArgs.add_cli_args(p, with_model=False)
+    g = p.add_argument_group("replicas (Ray Serve; pip install 'tuneserve[ray]')")
+    g.add_argument("--replicas", type=int, default=0, help="run N engine replicas behind one ingress on a "
+                   "local Ray cluster, routed by prefix affinity (default: one engine, no Ray)")
+    g.add_argument("--replica-threads", type=int, default=None, help="torch threads per replica "
+                   "(default: CPU cores / replicas)")
+    g.add_argument("--replica-max-ongoing", type=int, default=16, help="requests one replica runs at once")
+    g.add_argument("--replica-max-queued", type=int, default=64,
+                   help="requests waiting for a replica; more get 503 with Retry-After")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("deploy", help="deploy replicas on a cluster")
+    dsub = p.add_subparsers(dest="target", metavar="TARGET")
+    d = dsub.add_parser("ray", help="N engine replicas behind one OpenAI-compatible ingress on Ray Serve")
+    d.add_argument("--config", required=True, help="YAML or JSON deploy config (README: Replicas)")
+    d.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
+    d.add_argument("--host", default="0.0.0.0")
+    d.add_argument("--port", type=int, default=8000)
+    d.set_defaults(func=cmd_deploy)
+    p.set_defaults(func=lambda ns: p.print_help() or 2)  # `deploy` alone; `deploy ray` sets its own
+
+    import tuneserve.deploy.lab  # noqa: F401 - sweep and tune's replicas axis (Ray itself is imported on use)
     from tuneserve.bench import report, sweep, tune
     from tuneserve.cli.bench import add_bench_parser
 

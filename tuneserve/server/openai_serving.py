@@ -267,8 +267,10 @@ def usage(outs: list[RequestOutput], completion: int | None = None) -> dict:
     prompt = sum(len(o.prompt_token_ids) for o in outs)
     if completion is None:
         completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    # prefix-cache hits as OpenAI reports them, so a client sees what caching (and replica routing) bought it
+    cached = sum(o.num_cached_tokens for o in outs)
     u: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}
+                         "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
     meta = [o.metadata for o in outs if o.metadata]
     if meta:
         u["tuneserve"] = meta[0] if len(meta) == 1 else meta
