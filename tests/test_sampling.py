@@ -107,6 +107,15 @@ def test_penalties_exact():
     assert out.tolist() == [[2.0 - 0.75, -1.0, 0.5 - 1.25, 1.0]]
 
 
+def test_a_vanishing_repetition_penalty_keeps_banned_tokens_banned():
+    """5e-324 is 0 in fp32: -inf * 0 would be NaN, and a grammar's masked token would be drawn (fuzz found it)."""
+    logits = torch.tensor([[float("-inf"), 1.0, -2.0, float("-inf")]])
+    r = SamplingRow(SamplingParams(repetition_penalty=5e-324, top_k=1), None, prompt_ids=[0, 1, 2], output_ids=[3])
+    out = apply_penalties(logits.clone(), [r])
+    assert out[0, 0] == out[0, 3] == float("-inf") and not out.isnan().any()
+    assert int(sample(out, [r])[0]) == 1
+
+
 def test_min_tokens_bans_eos_and_stop_tokens():
     logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])
     r = SamplingRow(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2]), None, [], [7], eos_ids=(1,))

@@ -67,7 +67,9 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
                 seen[torch.tensor(list(r.prompt_ids), dtype=torch.long, device=logits.device)] = True
                 row = logits[i]
                 penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-                logits[i] = torch.where(seen, penalized, row)
+                # a banned token (-inf: a grammar's mask) stays banned: -inf times a penalty that rounds to 0
+                # in the logits' dtype would be NaN
+                logits[i] = torch.where(seen & (row != float("-inf")), penalized, row)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         if p.logit_bias:
             apply_logit_bias(logits[i], p.logit_bias)
