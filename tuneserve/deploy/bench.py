@@ -107,8 +107,9 @@ def run(ns: argparse.Namespace) -> dict:
     mc = EngineArgs(model=ns.model).create_engine_config().model
     tok = load_tokenizer(mc.path, mc.tokenizer)
     ns.kv_bytes_per_token = mc.arch.kv_bytes_per_token
-    if ns.kv_cache_tokens is None:  # room for about half of the documents per replica, and the requests
-        ns.kv_cache_tokens = (ns.prefixes // 2 + 1) * (ns.prefix_tokens + 64) + ns.concurrency * (ns.max_tokens + 64)
+    if ns.kv_cache_tokens is None:  # room for half of the documents per replica (what routing by prefix needs),
+        # and the requests in flight
+        ns.kv_cache_tokens = ns.prefixes // 2 * (ns.prefix_tokens + 64) + ns.concurrency * (ns.max_tokens + 64)
     name = ns.model
     shared = shared_prefix_prompts(tok, ns)
     rand = [list(p) for p in build_workload(tok, "random", ns.random_requests, ns.random_max_tokens).prompts]
