@@ -151,6 +151,8 @@ CHATS = [
     ("name", {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, *OK),
     ("max_completion_tokens huge", {"max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
     ("max_completion_tokens 0", {"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("max_tokens huge beside a valid max_completion_tokens", {"max_tokens": 10**6, "max_completion_tokens": 4}, 400,
+     "max_tokens"),
     ("top_logprobs 20", {"logprobs": True, "top_logprobs": 20}, *OK),
     ("top_logprobs 21", {"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("top_logprobs without logprobs", {"top_logprobs": 2}, 400, "top_logprobs"),

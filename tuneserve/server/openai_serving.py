@@ -145,6 +145,9 @@ class OpenAIServing:
         except Exception as e:  # noqa: BLE001 - a template error is the client's message shape
             raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if body.max_tokens is not None and body.max_tokens > self.max_model_len:  # refused even when overridden
+            raise APIError(400, f"max_tokens ({body.max_tokens}) exceeds the model's context ({self.max_model_len}); "
+                           "lower it", "max_tokens")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
