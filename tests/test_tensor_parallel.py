@@ -218,6 +218,13 @@ def test_head_split():
 
 
 @pytest.mark.parametrize("n,msg", [(3, "num_heads (4) is not divisible"), (4, "exceeds the 2 CPUs")])
-def test_unsplittable_sizes_are_refused(tiny, n, msg):
+def test_unsplittable_sizes_are_refused(tiny, n, msg, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # the same answer on any machine
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         EngineArgs(model=str(tiny["llama"]), tensor_parallel_size=n).create_engine_config()
+
+
+def test_the_cpu_buffer_is_refused_on_cuda(tiny):
+    with pytest.raises(ValueError, match="'shm' is the CPU's shared buffer"):
+        EngineArgs(model=str(tiny["llama"]), tensor_parallel_size=2, device="cuda",
+                   tensor_parallel_all_reduce="shm").create_engine_config()

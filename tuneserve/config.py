@@ -160,6 +160,9 @@ class SpecConfig:
     adaptive: bool = True
 
 
+TP_ALL_REDUCE = ("auto", "shm", "torch")  # tensor parallel's all-reduce: auto, the CPU buffer, torch.distributed
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs, resolved and validated."""
@@ -170,6 +173,6 @@ class EngineConfig:
     spec: SpecConfig | None = None
     overflow_policy: str = "error"
     tensor_parallel_size: int = 1
-    tensor_parallel_all_reduce: str = "auto"  # auto | shm | torch (parallel/group.py)
+    tensor_parallel_all_reduce: str = "auto"  # one of TP_ALL_REDUCE (parallel/group.py)
     device: str = "cpu"
     extra: dict = field(default_factory=dict)

@@ -14,7 +14,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from tuneserve.config import ArchConfig, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
+from tuneserve.config import (
+    TP_ALL_REDUCE,
+    ArchConfig,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpecConfig,
+)
 from tuneserve.kernels.config import KERNELS, QUANT_ACTS, check_choice
 from tuneserve.log import log
 from tuneserve.quant.recipe import METHODS, parse_quantization
@@ -100,7 +108,7 @@ class EngineArgs:
         need(self.scheduling_policy in ("fcfs", "priority"),
              f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         need(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        check_choice("tensor_parallel_all_reduce", self.tensor_parallel_all_reduce, ("auto", "shm", "torch"))
+        check_choice("tensor_parallel_all_reduce", self.tensor_parallel_all_reduce, TP_ALL_REDUCE)
         need(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
              f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         need(self.sliding_window is None or self.sliding_window >= 1,
@@ -123,6 +131,8 @@ class EngineArgs:
         problem = arch.tensor_parallel_problem(n)
         if problem is not None:
             raise ValueError(f"tensor_parallel_size {n}: {problem}; choose a divisor of both head counts")
+        if device.startswith("cuda") and self.tensor_parallel_all_reduce == "shm":
+            raise ValueError("tensor_parallel_all_reduce 'shm' is the CPU's shared buffer; on CUDA use auto (NCCL)")
         import torch
 
         devices = torch.cuda.device_count() if device.startswith("cuda") else len(os.sched_getaffinity(0))

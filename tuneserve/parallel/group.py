@@ -23,7 +23,6 @@ from tuneserve.log import log
 from tuneserve.parallel.comm import Comm, RankFailure
 from tuneserve.parallel.rank import CommPlan, Span, rank_main
 
-ALL_REDUCE = ("auto", "shm", "torch")
 SLOT_BYTES_MAX = 8 << 20
 
 
