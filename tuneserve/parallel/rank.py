@@ -68,9 +68,9 @@ def rank_main(config: EngineConfig, rank: int, plan: CommPlan, conn, cpus: list[
     parent = os.getppid()
     os.environ["TUNESERVE_QUIET"] = "1"  # the driver speaks for the group
     try:
-        if cpus and hasattr(os, "sched_setaffinity"):
+        if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cpus)
-        torch.set_num_threads(max(1, len(cpus)) if cpus else 1)
+        torch.set_num_threads(len(cpus))  # rank_cpus gives every rank at least one
         if config.device.startswith("cuda"):
             torch.cuda.set_device(rank)
         torch.manual_seed(config.model.seed)

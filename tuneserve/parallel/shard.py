@@ -3,10 +3,10 @@
 Per decoder layer: q/k/v and gate/up keep the rows of this rank's heads and intermediate units (column
 parallel: no communication); o and down keep the matching input columns and sum their partial outputs
 over the ranks with one all-reduce each (row parallel). A mixture of experts splits every expert so and
-sums once, after the routed experts and the shared one are added up. Each rank holds num_heads / N query heads and
-num_kv_heads / N KV heads; where N exceeds the KV heads, each KV head is replicated on N / num_kv_heads
-ranks (as vLLM does), so a rank's query heads always find their KV head locally. Norms, the embedding and
-the LM head are replicated (rank 0 alone computes logits and samples).
+sums once, after the routed experts and the shared one are added up. Each rank holds num_heads / N query
+heads and num_kv_heads / N KV heads; where N exceeds the KV heads, each KV head is replicated on
+N / num_kv_heads ranks (as vLLM does), so a rank's query heads always find their KV head locally. Norms,
+the embedding and the LM head are replicated (rank 0 alone computes logits and samples).
 
 Quantized layers split as they are stored: rows are independent, and input columns split on group
 boundaries (and the int4 32-input block layout). A layer whose split falls inside a group, or whose
@@ -75,7 +75,8 @@ def shard_model(model: nn.Module, rank: int, world: int, comm: Comm) -> list[str
             for e, expert in enumerate(mlp.experts):
                 _shard_mlp(expert, rank, world, None, _Fallback(fallback, f"{where.prefix}.experts.{e}", dtype))
             if mlp.shared_expert is not None:
-                _shard_mlp(mlp.shared_expert, rank, world, None, _Fallback(fallback, f"{where.prefix}.shared", dtype))
+                _shard_mlp(mlp.shared_expert, rank, world, None,
+                           _Fallback(fallback, f"{where.prefix}.shared_expert", dtype))
             layer.mlp = RowParallel(mlp, comm)
         else:
             _shard_mlp(mlp, rank, world, comm, where)
@@ -155,7 +156,7 @@ def take_cols(m: nn.Module, start: int, end: int, keep_bias: bool) -> nn.Module:
         return _like(m, QuantLinear(m.qweight[:, start // per:end // per].clone(), cut(m.scales), cut(m.mins),
                                     bias, None, scale))
     if isinstance(m, nn.Linear):
-        return _dense(m.weight[:, start:end], m.bias if keep_bias and m.bias is not None else None)
+        return _dense(m.weight[:, start:end], m.bias if keep_bias else None)
     raise TypeError(f"cannot split {type(m).__name__} by columns")
 
 

@@ -28,9 +28,9 @@ def target_layers(model: nn.Module, embeddings: bool = True) -> Iterator[tuple[s
             if isinstance(mods.get(name), nn.Linear):
                 yield name, mods[name]
         for name, m in model.layers[i].named_modules():  # mixture of experts: every expert's projections
-            if ".experts." in f".{name}" or name.startswith("mlp.shared_expert."):
-                if name.rpartition(".")[2] in EXPERT_LINEARS and isinstance(m, nn.Linear):
-                    yield f"layers.{i}.{name}", m
+            if (name.startswith(("mlp.experts.", "mlp.shared_expert.")) and name.rpartition(".")[2] in EXPERT_LINEARS
+                    and isinstance(m, nn.Linear)):
+                yield f"layers.{i}.{name}", m
     if embeddings and isinstance(mods.get("lm_head"), nn.Linear):
         yield "lm_head", mods["lm_head"]
 
