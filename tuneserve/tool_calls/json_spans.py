@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-_DECODER = json.JSONDecoder()
+DECODER = json.JSONDecoder()
 _WS = " \t\n\r"
 
 
-def _skip_ws(text: str, i: int) -> int:
+def skip_ws(text: str, i: int) -> int:
     while i < len(text) and text[i] in _WS:
         i += 1
     return i
@@ -18,27 +18,27 @@ def _skip_ws(text: str, i: int) -> int:
 def object_members(text: str) -> dict[str, tuple[object, int, int]] | None:
     """The top-level members of the JSON object `text` (surrounding whitespace allowed):
     key -> (value, start, end) with text[start:end] the value's own text. None if text is not one object."""
-    i = _skip_ws(text, 0)
+    i = skip_ws(text, 0)
     if not text.startswith("{", i):
         return None
     members: dict[str, tuple[object, int, int]] = {}
-    i = _skip_ws(text, i + 1)
+    i = skip_ws(text, i + 1)
     if text.startswith("}", i):
-        return members if _skip_ws(text, i + 1) == len(text) else None
+        return members if skip_ws(text, i + 1) == len(text) else None
     try:
         while True:
-            key, i = _DECODER.raw_decode(text, i)
-            i = _skip_ws(text, i)
+            key, i = DECODER.raw_decode(text, i)
+            i = skip_ws(text, i)
             if not isinstance(key, str) or not text.startswith(":", i):
                 return None
-            start = _skip_ws(text, i + 1)
-            value, end = _DECODER.raw_decode(text, start)
+            start = skip_ws(text, i + 1)
+            value, end = DECODER.raw_decode(text, start)
             members[key] = (value, start, end)
-            i = _skip_ws(text, end)
+            i = skip_ws(text, end)
             if text.startswith(",", i):
-                i = _skip_ws(text, i + 1)
+                i = skip_ws(text, i + 1)
                 continue
-            if text.startswith("}", i) and _skip_ws(text, i + 1) == len(text):
+            if text.startswith("}", i) and skip_ws(text, i + 1) == len(text):
                 return members
             return None
     except json.JSONDecodeError:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-from tuneserve.tool_calls.json_spans import ValueScanner, object_members
+from tuneserve.tool_calls.json_spans import DECODER, ValueScanner, object_members, skip_ws
 from tuneserve.tool_calls.parser import Delta, FunctionSpec, ToolCallDelta, new_call_id
-from tuneserve.tool_calls.tagged import call_schema
+from tuneserve.tool_calls.tagged import calls_grammar
 
 PYTHON_TAG = "<|python_tag|>"
 SEPARATOR = "; "
-_DECODER = json.JSONDecoder()
 
 
 class Llama3JsonParser:
@@ -31,12 +30,8 @@ class Llama3JsonParser:
         return JsonCallStreamer(tool_names)
 
     def grammar(self, functions: Sequence[FunctionSpec], parallel: bool, tag_ref: Callable[[str], str]) -> str:
-        """Lark: one call (several separated by "; " when `parallel`), each valid against its function's schema."""
-        rules = [f'start: call ({json.dumps(SEPARATOR)} call)*' if parallel else "start: call",
-                 "call: " + " | ".join(f"fn_{i}" for i in range(len(functions)))]
-        for i, f in enumerate(functions):
-            rules.append(f"fn_{i}: %json {json.dumps(call_schema(f, 'parameters'), ensure_ascii=False)}")
-        return "\n".join(rules) + "\n"
+        """Lark: one bare call (several separated by "; " when `parallel`)."""
+        return calls_grammar("body", SEPARATOR, functions, parallel, args_key="parameters")
 
     def stop_after_call(self) -> str:
         """A second call begins so; stopping there leaves one."""
@@ -82,9 +77,9 @@ def calls_of(text: str, tools: set[str]) -> tuple[list[tuple[str, str]], str] | 
         i += len(PYTHON_TAG)
     calls: list[tuple[str, str]] = []
     while True:
-        i = _skip(text, i, " \t\r\n")
+        i = skip_ws(text, i)
         try:
-            _, end = _DECODER.raw_decode(text, i)
+            _, end = DECODER.raw_decode(text, i)
         except json.JSONDecodeError:
             cut = ValueScanner()
             cut.feed(text[i:])
@@ -93,18 +88,12 @@ def calls_of(text: str, tools: set[str]) -> tuple[list[tuple[str, str]], str] | 
         if call is None:
             return None
         calls.append(call)
-        i = _skip(text, end, " \t\r\n")
+        i = skip_ws(text, end)
         if i == len(text):
             return calls, ""
         if text[i] != ";":
             return None
         i += 1
-
-
-def _skip(text: str, i: int, chars: str) -> int:
-    while i < len(text) and text[i] in chars:
-        i += 1
-    return i
 
 
 def _call(body: str, tools: set[str]) -> tuple[str, str] | None:

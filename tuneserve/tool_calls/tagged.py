@@ -158,13 +158,19 @@ def _call_of(body: str, tools: set[str]) -> tuple[str, str] | None:
 
 
 def call_grammar(open_ref: str, close_ref: str, functions: Sequence[FunctionSpec], parallel: bool) -> str:
-    """Lark: one tagged call (or several, one per line, when `parallel`) to one of `functions`, its arguments
-    valid against the function's schema, written without free whitespace."""
-    rules = ['start: call ("\\n" call)*' if parallel else "start: call",
-             f'call: {open_ref} "\\n" body "\\n" {close_ref}',
+    """Lark: one tagged call (or several, one per line, when `parallel`) to one of `functions`."""
+    return calls_grammar(f'{open_ref} "\\n" body "\\n" {close_ref}', "\n", functions, parallel)
+
+
+def calls_grammar(call: str, separator: str, functions: Sequence[FunctionSpec], parallel: bool,
+                  args_key: str = "arguments") -> str:
+    """Lark: one `call` (a rule around `body`, the call's JSON object) or several joined by `separator` when
+    `parallel`; body calls one of `functions`, its arguments (under `args_key`) valid against the function's
+    schema, written without free whitespace."""
+    rules = [f"start: call ({json.dumps(separator)} call)*" if parallel else "start: call", f"call: {call}",
              "body: " + " | ".join(f"fn_{i}" for i in range(len(functions)))]
     for i, f in enumerate(functions):
-        rules.append(f"fn_{i}: %json {json.dumps(call_schema(f), ensure_ascii=False)}")
+        rules.append(f"fn_{i}: %json {json.dumps(call_schema(f, args_key), ensure_ascii=False)}")
     return "\n".join(rules) + "\n"
 
 
