@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from tuneserve.deploy.metrics import merge_metrics
 from tuneserve.deploy.router import live_replica_ids
+from tuneserve.server.protocol import APIError
 
 logger = logging.getLogger("tuneserve.deploy")
 
@@ -36,18 +37,16 @@ RETRY_AFTER_S = "1"
 REPLICA_HEADER = "x-tuneserve-replica"
 
 
-def error_body(status: int, message: str, code: str) -> dict:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def overloaded(message: str) -> JSONResponse:
-    return JSONResponse(error_body(503, message, "overloaded"), status_code=503,
+def unavailable(message: str, code: str) -> JSONResponse:
+    """A 503 with Retry-After and the server's own error body (server/protocol.py)."""
+    return JSONResponse(APIError(503, message, code=code).body(), status_code=503,
                         headers={"Retry-After": RETRY_AFTER_S})
 
 
 def stream_error(message: str) -> bytes:
-    return (f"data: {json.dumps(error_body(503, message, 'replica_failed'))}\n\n" "data: [DONE]\n\n").encode()
+    """The end of a stream whose replica failed, as the server ends a stream its engine failed (the SSE lines
+    written here: the server's serving module would bring torch into the ingress)."""
+    return f"data: {json.dumps(APIError(503, message, code='replica_failed').body())}\n\ndata: [DONE]\n\n".encode()
 
 
 class _Unstarted(Exception):
@@ -103,7 +102,7 @@ class Ingress:
                 head, gen, chunks, finished = await self._open(payload)
                 break
             except BackPressureError as e:
-                return overloaded(f"all replicas are busy ({e}); retry shortly")
+                return unavailable(f"all replicas are busy ({e}); retry shortly", "overloaded")
             except _Unstarted as e:
                 logger.warning("replica failed before responding (%s); retrying elsewhere", e)
                 last = str(e)
@@ -111,8 +110,7 @@ class Ingress:
                     payload["avoid"].append(e.replica)
                 await asyncio.sleep(0.05)
         else:
-            return JSONResponse(error_body(503, f"the replicas failed to answer: {last}", "replica_failed"),
-                                status_code=503, headers={"Retry-After": RETRY_AFTER_S})
+            return unavailable(f"the replicas failed to answer: {last}", "replica_failed")
         headers = {k: v for k, v in head["headers"] if k.lower() not in _DROP}
         headers[REPLICA_HEADER] = head.get("replica", "")
         if finished:
