@@ -81,11 +81,6 @@ def append_record(path: str | Path, record: dict) -> None:
         f.flush()
 
 
-def engine_cost(engine: Any) -> dict[str, int]:
-    """What an LLMEngine holds (LLMEngine.footprint): weight and KV cache bytes, their sum, its threads."""
-    return engine.footprint()
-
-
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[int]:
     """Run the block with torch on n intra-op threads (None: leave as is); yields the count in effect."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tuneserve.bench.records import append_record, engine_cost, load_records, point_key, torch_threads
+from tuneserve.bench.records import append_record, load_records, point_key, torch_threads
 from tuneserve.bench.workloads import WORKLOADS, build_workload
 from tuneserve.engine_args import EngineArgs
 
@@ -97,7 +97,7 @@ def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompt
         work = build_workload(llm.get_tokenizer(), workload, num_prompts, output_len)
         res = run_engine(llm, work)
         eng = llm.llm_engine
-        res.update(engine_cost(eng))
+        res.update(eng.footprint())
         eng.shutdown()  # tensor parallel: the ranks go now, not when the engine is collected
     res.update(load_s=load_s, kv_bytes_per_token=eng.config.model.arch.kv_bytes_per_token,
                spec_acceptance_rate=(eng.stats.spec_num_accepted_tokens / eng.stats.spec_num_draft_tokens

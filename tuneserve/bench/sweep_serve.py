@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from tuneserve.bench.records import engine_cost, torch_threads
+from tuneserve.bench.records import torch_threads
 from tuneserve.bench.workloads import build_workload
 
 # Sessions of `replicas` > 1 engines behind one endpoint (Ray Serve): tuneserve.deploy.lab adds its factory
@@ -64,7 +64,7 @@ class ServeSession:
             raise
         self.load_s = time.perf_counter() - t0
         self.engine = self.srv.state.engine.engine
-        self.cost = engine_cost(self.engine)
+        self.cost = self.engine.footprint()
         return self
 
     def __exit__(self, *exc: object) -> None:
