@@ -11,8 +11,7 @@ import openai
 import pytest
 from conftest import TINY_KV_BYTES
 from server_utils import LiveServer
-from tiny_models import build_tiny
-from transformers import AutoTokenizer
+from tiny_models import build_tiny_chat
 
 from tuneserve import SamplingParams
 from tuneserve.engine_args import EngineArgs
@@ -125,11 +124,8 @@ def test_the_template_chooses_the_parser():
 # ----- through the server -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path = build_tiny(tmp_path_factory.mktemp("tools") / "qwen2", "qwen2")
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.add_tokens(["<tool_call>", "</tool_call>"])  # plain added tokens, kept in the text (as Qwen2.5's are)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
+    path = build_tiny_chat(tmp_path_factory.mktemp("tools") / "qwen2", TEMPLATE, "qwen2",
+                           added_tokens=("<tool_call>", "</tool_call>"))
     args = EngineArgs(model=str(path), kv_cache_memory_bytes=TINY_KV_BYTES, max_model_len=1024)
     s = LiveServer(args, ServerSettings(served_model_name="tiny"))
     yield s
@@ -213,7 +209,7 @@ def test_a_round_trip_renders_the_tools_the_call_and_its_result(client, server):
     ({"tools": None, "tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS + TOOLS[:1]}, "tools"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "nope"}}}}}],
       "tool_choice": "required"}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "functional", "function": {

@@ -304,3 +304,16 @@ def round_trip_configs(d: dict):  # noqa: ANN201 - (ArchConfig, ArchConfig | Non
     for a in archs:
         assert a is None or arch_from_hf(hf_config(a), "x") == a
     return archs[0], archs[1]
+
+
+def build_tiny_chat(path: Path, template: str, arch: str = "llama", added_tokens: tuple[str, ...] = ()) -> Path:
+    """A tiny model (build_tiny) with its own chat template, and `added_tokens` as plain added tokens: whole
+    tokens that stay in the decoded text, as Qwen2.5's <tool_call> tags are."""
+    from transformers import AutoTokenizer
+
+    build_tiny(path, arch)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_tokens(list(added_tokens))
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    return path

@@ -79,9 +79,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class MessageFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text as the model wrote it (cut short where the output was)
+
+
+class MessageToolCall(BaseModel):
+    id: str
+    type: str
+    function: MessageFunction
+
+
 class AssistantMessage(BaseModel):
     role: str
-    content: str
+    content: str | None  # null when the model only called tools
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -144,9 +156,24 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class ChunkFunction(BaseModel):
+    name: str | None = None  # in a call's first piece only
+    arguments: str
+
+
+class ChunkToolCall(BaseModel):
+    """A piece of the call at `index`: its id, type and name come once, first; then pieces of arguments."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: ChunkFunction
+
+
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -213,8 +240,11 @@ def _ok_response(comps: dict, ok: Any, chunk: type[BaseModel] | None) -> dict:
 def _add_model(comps: dict, model: type[BaseModel]) -> dict:
     """Put model (and the models it uses) into components; return a $ref to it."""
     js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    comps.update(js.pop("$defs", {}))
-    comps[model.__name__] = js
+    for name, component in [*js.pop("$defs", {}).items(), (model.__name__, js)]:
+        # one name, one schema: a response model named like a request model would replace its schema,
+        # and clients and fuzzers would read the wrong bounds for the request
+        if comps.setdefault(name, component) != component:
+            raise ValueError(f"two schemas are named {name!r}; rename one of the models")
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 

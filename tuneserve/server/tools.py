@@ -14,21 +14,63 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, field_validator
 
-from tuneserve.sampling_params import ParamError, StructuredOutputsParams
+from tuneserve.sampling_params import ParamError, StructuredOutputsParams, utf8_error
 from tuneserve.server.structured import StrictModel
 from tuneserve.tool_calls.parser import CallStreamer, FunctionSpec, ParsedMessage, ToolCallParser, parse
 
 MAX_TOOLS = 128
+# how deeply a function's parameters schema (or a call's arguments) may nest, objects and arrays: real ones
+# nest a few levels, and templates, JSON encoders and the grammar compiler recurse through them
+MAX_SCHEMA_DEPTH = 64
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _utf8(text: str) -> str:
+    """protocol.Text's check (protocol imports this module): text a tokenizer takes, with no lone surrogate."""
+    err = utf8_error(text)
+    if err:
+        raise ValueError(err)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
+def json_depth(value: object, limit: int) -> int:
+    """How deeply a JSON value nests (a scalar 0, [] 1), counted up to limit + 1, without recursing: the value
+    may nest deeper than Python can recurse."""
+    deepest, stack = 0, [(value, 0)]
+    while stack and deepest <= limit:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            stack.extend((c, depth + 1) for c in children)
+    return deepest
 
 
 class FunctionDefinition(StrictModel):
     name: FunctionName
-    description: str | None = None
-    parameters: dict | None = None  # a JSON schema of the arguments; none: any object
+    description: Text | None = None
+    # a JSON schema of the arguments (none: any object); the schema says what it can of the checks below
+    parameters: Annotated[dict, Field(json_schema_extra={"properties": {"type": {"const": "object"}}})] | None = None
     strict: bool | None = None  # constrained calls always follow the schema here
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict | None) -> dict | None:
+        if v is None:
+            return v
+        if json_depth(v, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"must nest at most {MAX_SCHEMA_DEPTH} levels deep")
+        if v.get("type", "object") != "object":  # a call's arguments are an object (OpenAI says the same)
+            raise ValueError(f"must be the JSON schema of an object (type 'object'), got type {v['type']!r}")
+        err = utf8_error(json.dumps(v, ensure_ascii=False))
+        if err:
+            raise ValueError("must be valid UTF-8 text, but holds a lone surrogate")
+        return v
 
 
 class ToolDefinition(StrictModel):
@@ -50,7 +92,7 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 class CalledFunction(StrictModel):
     name: FunctionName
-    arguments: str  # JSON, as the model wrote it (which OpenAI does not promise is valid)
+    arguments: Text  # JSON, as the model wrote it (which OpenAI does not promise is valid)
 
 
 class AssistantToolCall(StrictModel):
@@ -61,13 +103,22 @@ class AssistantToolCall(StrictModel):
     function: CalledFunction
 
     def for_template(self) -> dict:
-        """As chat templates read it: arguments as an object (templates write them with tojson), or as the
-        string they are where they do not parse."""
-        try:
-            args = json.loads(self.function.arguments)
-        except json.JSONDecodeError:
-            args = self.function.arguments
+        """As chat templates read it: arguments as an object (templates write them with tojson)."""
+        args = template_arguments(self.function.arguments)
         return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": args}}
+
+
+def template_arguments(text: str) -> object:
+    """Arguments as a template reads them: their JSON value, or the string as written where the value would
+    not render (not JSON; nested past Python's recursion; an integer too long to convert; an escaped lone
+    surrogate, which no tokenizer takes; nested deeper than a template may recurse), as a model may have cut
+    or garbled them."""
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeEncodeError are ValueErrors
+        return text
+    return value if json_depth(value, MAX_SCHEMA_DEPTH) <= MAX_SCHEMA_DEPTH else text
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,11 @@ begins with "{" is therefore held until it ends, and is a call if it is one.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 
-from tuneserve.structured.llguidance_backend import JSON_OPTIONS
-from tuneserve.tool_calls.json_spans import ValueScanner, object_members
+from tuneserve.tool_calls.call_grammar import calls_grammar
+from tuneserve.tool_calls.call_object import CallObjectStream, call_of
 from tuneserve.tool_calls.parser import Delta, FunctionSpec, ToolCallDelta, new_call_id
-
-# the head of a call written in the grammar's order: the name, then the arguments' key
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\{)')
 
 
 def _partial_tag(text: str, tag: str) -> int:
@@ -70,7 +65,7 @@ class TaggedCallStreamer:
         out = Delta()
         if self.lead is not None:
             text, self.lead = self.lead, None
-            call = _call_of(text, self.tools)
+            call = call_of(text, self.tools)
             if call is not None:
                 out.add_call(ToolCallDelta(0, new_call_id(), *call))
                 self.calls = 1
@@ -102,82 +97,22 @@ class TaggedCallStreamer:
 
     # ----- calls ---------------------------------------------------------------------------------
     def _start_call(self) -> None:
-        self.inside, self.body, self.id, self.name_sent = True, "", new_call_id(), False
-        self.args_start = self.scanned = 0
-        self.scanner = ValueScanner()
+        self.inside, self.call = True, CallObjectStream(self.calls, self.tools)
 
     def _body(self, out: Delta, text: str) -> None:
-        self.body += text
+        self.call.add(text)
         if self.progressive:
-            self._progress(out)
-
-    def _progress(self, out: Delta) -> None:
-        """Send the name as soon as it is written, then the arguments as they grow (never past their end)."""
-        if not self.name_sent:
-            head = _HEAD.match(self.body)
-            name = json.loads(head[1]) if head is not None else None
-            if name not in self.tools:
-                return
-            out.add_call(ToolCallDelta(self.calls, self.id, name, ""))
-            self.name_sent, self.args_start = True, head.end()
-            self.scanned = self.args_start
-        if not self.scanner.done:
-            new = self.body[self.scanned:]
-            n = self.scanner.feed(new)
-            self.scanned += n
-            if n:
-                out.add_call(ToolCallDelta(self.calls, arguments=new[:n]))
+            self.call.stream(out)
 
     def _end_call(self, out: Delta, closed: bool) -> None:
         self.inside = False
-        call = _call_of(self.body, self.tools)
-        if self.name_sent:  # already streaming: send what the exact span adds (nothing, once it closed)
-            sent = self.body[self.args_start:self.scanned]
-            if call is not None and call[1].startswith(sent) and len(call[1]) > len(sent):
-                out.add_call(ToolCallDelta(self.calls, arguments=call[1][len(sent):]))
-        elif call is not None:
-            out.add_call(ToolCallDelta(self.calls, self.id, call[0], call[1]))
-        else:
-            raw = self.ws_before + self.open + self.body + (self.close if closed else "")
-            self._content(out, raw)
+        if not self.call.end(out):  # not a call: the tags and the body are content, as written
+            self._content(out, self.ws_before + self.open + self.call.body + (self.close if closed else ""))
             return
         self.calls += 1
         self.after_call, self.held_ws = True, ""
 
 
-
-def _call_of(body: str, tools: set[str]) -> tuple[str, str] | None:
-    """(name, arguments text) of a call's body, or None when it is not a call to an offered tool."""
-    members = object_members(body)
-    if members is None or "name" not in members or "arguments" not in members:
-        return None
-    name, (args, start, end) = members["name"][0], members["arguments"]
-    if name not in tools or not isinstance(args, dict):
-        return None
-    return name, body[start:end]
-
-
 def call_grammar(open_ref: str, close_ref: str, functions: Sequence[FunctionSpec], parallel: bool) -> str:
     """Lark: one tagged call (or several, one per line, when `parallel`) to one of `functions`."""
     return calls_grammar(f'{open_ref} "\\n" body "\\n" {close_ref}', "\n", functions, parallel)
-
-
-def calls_grammar(call: str, separator: str, functions: Sequence[FunctionSpec], parallel: bool,
-                  args_key: str = "arguments") -> str:
-    """Lark: one `call` (a rule around `body`, the call's JSON object) or several joined by `separator` when
-    `parallel`; body calls one of `functions`, its arguments (under `args_key`) valid against the function's
-    schema, written without free whitespace."""
-    rules = [f"start: call ({json.dumps(separator)} call)*" if parallel else "start: call", f"call: {call}",
-             "body: " + " | ".join(f"fn_{i}" for i in range(len(functions)))]
-    for i, f in enumerate(functions):
-        rules.append(f"fn_{i}: %json {json.dumps(call_schema(f, args_key), ensure_ascii=False)}")
-    return "\n".join(rules) + "\n"
-
-
-def call_schema(f: FunctionSpec, args_key: str = "arguments") -> dict:
-    """The schema of {"name": f, args_key: ...}; the arguments' definitions move to the root, where
-    their `#/$defs/...` references point."""
-    params = dict(f.parameters) if f.parameters else {"type": "object"}
-    defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
-    return {"type": "object", "properties": {"name": {"const": f.name}, args_key: params},
-            "required": ["name", args_key], "additionalProperties": False, **defs, "x-guidance": JSON_OPTIONS}
