@@ -88,16 +88,11 @@ def _pack_cols(vals: torch.Tensor, bits: int, order=None) -> torch.Tensor:
     return (word - ((word >= 2**31).to(torch.int64) << 32)).to(torch.int32)
 
 
-@pytest.mark.parametrize("kind", ["gptq", "gptq-act-order", "awq"])
-def test_hf_quantized_directory_loads_to_its_defined_weights(tiny_dirs, tmp_path, kind):
-    src = Path(tiny_dirs["qwen2"])
-    cfg = json.loads((src / "config.json").read_text())
+def _hf_quantized(plain: dict, kind: str, group: int) -> tuple[dict, dict]:
+    """Every layer matrix of `plain` replaced by random codes in the HF `kind` layout: (the checkpoint's
+    tensors, {module: the (N, K) weight its format defines})."""
     g = torch.Generator().manual_seed(0)
     tensors, expect = {}, {}
-    from safetensors.torch import load_file
-
-    plain = load_file(str(next(src.glob("*.safetensors"))))
-    group = 32
     for name, w in plain.items():
         if not name.endswith(".weight") or "layers" not in name or "norm" in name:
             tensors[name] = w
@@ -118,14 +113,32 @@ def test_hf_quantized_directory_loads_to_its_defined_weights(tiny_dirs, tmp_path
         else:  # GPTQ v1 stores zero - 1
             tensors.update({f"{base}.qweight": _pack_rows(q, 4), f"{base}.qzeros": _pack_cols(z - 1, 4),
                             f"{base}.scales": s, f"{base}.g_idx": g_idx.to(torch.int32)})
-    out = tmp_path / kind
+    return tensors, expect
+
+
+def _write_dir(out: Path, cfg: dict, tensors: dict, kind: str | None = None, group: int = 32) -> Path:
+    """An HF directory of tensors and cfg (with kind's quantization_config when given)."""
     out.mkdir()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
     if kind == "awq":
-        qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
-    else:
-        qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False}
-    (out / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+        cfg = {**cfg, "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group,
+                                              "zero_point": True, "version": "gemm"}}
+    elif kind is not None:
+        cfg = {**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": group,
+                                              "desc_act": True, "sym": False}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gptq", "gptq-act-order", "awq"])
+def test_hf_quantized_directory_loads_to_its_defined_weights(tiny_dirs, tmp_path, kind):
+    from safetensors.torch import load_file
+
+    src = Path(tiny_dirs["qwen2"])
+    cfg = json.loads((src / "config.json").read_text())
+    plain = load_file(str(next(src.glob("*.safetensors"))))
+    tensors, expect = _hf_quantized(plain, kind, 32)
+    out = _write_dir(tmp_path / kind, cfg, tensors, kind)
     assert quant_kind(out) == kind.split("-")[0]
     model = load_model(str(out), open_checkpoint(str(out)).arch_config(), torch.device("cpu"), progress=False)
     for i in range(2):
@@ -141,3 +154,52 @@ def test_hf_quantized_directory_loads_to_its_defined_weights(tiny_dirs, tmp_path
         torch.testing.assert_close(mlp.gate_up_proj.dequantize(),
                                    torch.cat([expect[p + "mlp.gate_proj"], expect[p + "mlp.up_proj"]]))
     torch.testing.assert_close(model.embed_tokens.weight, plain["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("kind", ["gptq", "gptq-act-order", "awq"])
+def test_phi3_fused_quantized_checkpoint_serves_its_dequantized_weights(tmp_path, kind):
+    """Phi-3's GPTQ / AWQ checkpoints pack its fused qkv_proj and gate_up_proj: each fills our fused module
+    whole, and greedy decoding equals the same weights dequantized into a plain checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from tiny_models import build_family
+
+    src = build_family(tmp_path / "phi3", "phi3", tie=False)
+    plain = load_file(str(src / "model.safetensors"))
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(plain)
+    cfg = json.loads((src / "config.json").read_text())
+    tensors, expect = _hf_quantized(plain, kind, 32)
+    quant = _write_dir(tmp_path / kind, cfg, tensors, kind)
+    dense = _write_dir(tmp_path / "dequantized", cfg, {**plain, **{f"{b}.weight": w for b, w in expect.items()}})
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):  # the tokenizer's files
+            shutil.copy(f, quant)
+            shutil.copy(f, dense)
+    assert quant_kind(quant) == kind.split("-")[0]
+    model = load_model(str(quant), open_checkpoint(str(quant)).arch_config(), torch.device("cpu"), progress=False)
+    for i in range(2):
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            module = model.layers[i].get_submodule(name)
+            assert isinstance(module, QuantLinear)
+            torch.testing.assert_close(module.dequantize(), expect[f"model.layers.{i}.{name}"], rtol=1e-6, atol=1e-6)
+    ids = [[0, *range(3, 40)], [0, 200, 17, 90, 5]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    got, want = (LLM(str(d), kv_cache_memory_bytes=KV).generate(ids, params, use_tqdm=False) for d in (quant, dense))
+    tokens = [o.outputs[0].token_ids for o in got]
+    assert tokens == [o.outputs[0].token_ids for o in want]
+    assert all(len(set(t)) > 1 for t in tokens)  # greedy tokens that vary: a model that repeats one proves little
+    torch.testing.assert_close(torch.tensor([[lp.logprob for lp in o.outputs[0].logprobs] for o in got]),
+                               torch.tensor([[lp.logprob for lp in o.outputs[0].logprobs] for o in want]),
+                               rtol=0, atol=1e-3)
+
+
+def test_a_quantized_module_we_do_not_have_is_refused_by_name(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    src = Path(tiny_dirs["qwen2"])
+    tensors, _ = _hf_quantized(load_file(str(next(src.glob("*.safetensors")))), "gptq", 32)
+    renamed = {n.replace("layers.1.mlp.down_proj.", "layers.1.mlp.experts.0.w2."): t for n, t in tensors.items()}
+    out = _write_dir(tmp_path / "experts", json.loads((src / "config.json").read_text()), renamed, "gptq")
+    with pytest.raises(ValueError, match=r"quantized 'model\.layers\.1\.mlp\.experts\.0\.w2' has no place"):
+        load_model(str(out), open_checkpoint(str(out)).arch_config(), torch.device("cpu"), progress=False)

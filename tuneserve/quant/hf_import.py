@@ -9,8 +9,11 @@ AWQ (GEMM version): `qweight` int32 (K, N / 8) packed along N in the interleaved
 `qzeros` (K / group, N / 8) likewise, `scales` (K / group, N); w = scales * (q - z).
 Both become w = q * scale + min with min = -z * scale (fp32 scales, so the conversion is exact); an
 act-order g_idx becomes our input permutation. Projections we fuse (q|k|v, gate|up) are stacked when
-their parts agree on format and permutation, else kept as parts (ConcatLinear). 8-bit GPTQ loads when
-its zero point is the same everywhere (symmetric checkpoints); per-group 8-bit zeros are refused.
+their parts agree on format and permutation, else kept as parts (ConcatLinear); Phi-3's checkpoints fuse
+them already (`qkv_proj`, `gate_up_proj`, rows q|k|v and gate|up as ours: models/phi3.py), so each of
+those packed tensors fills our fused module whole. 8-bit GPTQ loads when its zero point is the same
+everywhere (symmetric checkpoints); per-group 8-bit zeros are refused, and so are quantized tensors of
+modules we do not have (a mixture of experts' experts).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output AWQ_ORDE
 FUSED = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
          "v_proj": ("self_attn.qkv_proj", 2), "gate_proj": ("mlp.gate_up_proj", 0),
          "up_proj": ("mlp.gate_up_proj", 1), "o_proj": ("self_attn.o_proj", 0),
-         "down_proj": ("mlp.down_proj", 0)}
+         "down_proj": ("mlp.down_proj", 0), "qkv_proj": ("self_attn.qkv_proj", 0),
+         "gate_up_proj": ("mlp.gate_up_proj", 0)}
 
 
 def unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -138,6 +142,9 @@ def load_hf_quantized(model: nn.Module, path: Path, kind: str) -> dict:
         if ours is None:
             fallback.append(base)
         layer, proj = base.removeprefix("model.").rsplit(".", 2)[0], base.rsplit(".", 1)[1]
+        if proj not in FUSED:  # e.g. a mixture-of-experts checkpoint's quantized experts
+            raise ValueError(f"{path}: quantized {base!r} has no place in our models; quantized projections "
+                             f"load for {sorted(FUSED)}")
         target, idx = FUSED[proj]
         groups.setdefault(f"{layer}.{target}", {})[idx] = (base, ours)
     for target, parts in groups.items():
