@@ -9,7 +9,7 @@ import torch
 from tuneserve.calibration.calibrate import fresh_context
 from tuneserve.engine_args import EngineArgs
 from tuneserve.kernels import attention as A
-from tuneserve.kernels import dense_ops, libraries, quant_ops
+from tuneserve.kernels import decode_step, dense_ops, libraries, quant_ops
 from tuneserve.kernels.config import CpuFeatures, KernelConfig, resolve
 from tuneserve.kernels.dense_ops import DenseLinear
 from tuneserve.loading import load_model
@@ -108,18 +108,22 @@ def test_every_layer_carries_the_configuration_after_load(tiny_dirs, quantizatio
 
 
 @needs_kernels
+@pytest.mark.parametrize("kernels", ["unfused", "auto"])
 @pytest.mark.parametrize("quantization", [None, "int4", "int8"])
-def test_portable_equals_compiled(tiny_dirs, quantization, monkeypatch):
-    """The on == off test of `kernels`: the same logits within fp32 tolerance, with the kernels really used."""
+def test_portable_equals_compiled(tiny_dirs, quantization, kernels, monkeypatch):
+    """The on == off test of `kernels`: the same logits within fp32 tolerance, with the kernels really used
+    (op by op, or all layers in the fused decode step)."""
     calls = []
-    real = A.short_attention_c
-    monkeypatch.setattr(A, "short_attention_c", lambda *a: calls.append(1) or real(*a))
-    compiled = resolve(quant_activations="fp32")
+    real_attention, real_step = A.short_attention_c, decode_step.run
+    monkeypatch.setattr(A, "short_attention_c", lambda *a: calls.append("attention") or real_attention(*a))
+    monkeypatch.setattr(decode_step, "run", lambda *a: calls.append("fused") or real_step(*a))
+    compiled = resolve(kernels, quant_activations="fp32")
     assert (compiled.dense, compiled.quant, compiled.attention) == ("compiled",) * 3
+    assert compiled.decode == ("layers" if kernels == "unfused" else "fused")
     want = _logits(_load(tiny_dirs, resolve("portable"), quantization))
     assert not calls
     got = _logits(_load(tiny_dirs, compiled, quantization))
-    assert calls
+    assert set(calls) == {"attention" if kernels == "unfused" else "fused"}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -150,9 +154,9 @@ def test_a_forward_does_not_consult_the_environment(tiny_dirs, monkeypatch):
     spy = _EnvSpy(os.environ, TUNESERVE_KERNELS="portable", TUNESERVE_QUANT_ACT="fp32")
     monkeypatch.setattr(os, "environ", spy)
     calls = []
-    real = A.short_attention_c
-    monkeypatch.setattr(A, "short_attention_c", lambda *a: calls.append(1) or real(*a))
+    real = decode_step.run
+    monkeypatch.setattr(decode_step, "run", lambda *a: calls.append(1) or real(*a))
     after = _logits(model)
-    assert calls  # still the compiled attention the model was loaded with
+    assert calls  # still the fused step of compiled kernels the model was loaded with
     assert torch.equal(after, before)
     assert not [k for k in spy.seen if k in ENV]

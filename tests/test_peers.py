@@ -93,3 +93,65 @@ def test_thread_counts_are_in_the_table_and_every_peer_record(tmp_path, monkeypa
     peers_sweep.sweep_peers("m", "corpus", str(out), 1, 2, batch_sizes=(1, 8))
     assert calls == [torch.get_num_threads()] * 2
     assert [r["metrics"]["threads"] for r in load_records(out)] == [torch.get_num_threads()] * 2
+
+
+class _Clock:
+    """perf_counter stand-in: each call is one second after the previous one."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 1.0
+        return self.t
+
+
+def test_engine_pp_tg_counts_only_the_tokens_after_every_prompt(tiny_llama, monkeypatch):
+    from tuneserve import LLM
+    from tuneserve.bench.peers import pp_tg
+
+    llm = LLM(str(tiny_llama), max_model_len=128)
+    plan = pp_tg.PpTgPlan(pp_len=40, tg_len=5, prompt_len=8, batches=(1, 3), reps=2)
+    monkeypatch.setattr(pp_tg, "_clock", _Clock())  # two readings per run: one "second" apart
+    rows = [r.to_dict() for r in pp_tg.engine_pp_tg(llm, plan, threads=2)]
+    assert [(r["test"], r["batch"], r["reps"]) for r in rows] == [("pp40", 1, 2), ("tg5", 1, 2), ("tg5", 3, 2)]
+    assert [r["tok_s"] for r in rows] == [40.0, 5.0, 15.0]  # pp: 40 prompt tokens; tg: B x 5 decoded tokens
+    eng = llm.llm_engine
+    assert not eng.has_unfinished_requests() and eng.kv.num_blocks_in_use == 0
+
+
+def test_pp_tg_ratios_are_against_llama_cpp_on_the_same_test_and_batch():
+    from tuneserve.bench.peers.pp_tg import add_ratios
+
+    rows = [{"system": "tuneserve", "test": "tg64", "batch": 1, "tok_s": 150.0},
+            {"system": "tuneserve", "test": "tg64", "batch": 8, "tok_s": 400.0},
+            {"system": "llama.cpp", "test": "tg64", "batch": 1, "tok_s": 100.0},
+            {"system": "hf-transformers", "test": "pp512", "batch": 1, "tok_s": 90.0}]
+    add_ratios(rows)
+    assert rows[0]["vs_llama.cpp"] == 1.5 and rows[2]["vs_llama.cpp"] == 1.0
+    assert "vs_llama.cpp" not in rows[1] and "vs_llama.cpp" not in rows[3]
+
+
+def test_hf_pp_tg_times_generation_after_the_first_token(tiny_dirs, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from tuneserve.bench.peers.pp_tg import PpTgPlan
+
+    monkeypatch.setattr(hf, "_load_hf", lambda path: AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval())
+    monkeypatch.setattr(hf, "_clock", _Clock())
+    plan = PpTgPlan(pp_len=16, tg_len=4, prompt_len=6, batches=(2,), reps=1)
+    pp, tg = (r.to_dict() for r in hf.hf_pp_tg("unused.gguf", plan, threads=1))
+    assert (pp["test"], pp["tok_s"], pp["threads"]) == ("pp16", 16.0, 1)  # 16 tokens between two readings
+    assert (tg["test"], tg["batch"], tg["tok_s"]) == ("tg4", 2, 2.0)  # 2 x 4 tokens over 4 token gaps
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.skipif(not llama_cpp.is_available(), reason="llama-cpp-python missing: pip install -e .[peers]")
+def test_llama_cpp_pp_tg_runs_every_test():
+    from tuneserve.bench.peers.pp_tg import PpTgPlan
+
+    plan = PpTgPlan(pp_len=64, tg_len=4, prompt_len=8, batches=(1, 4), reps=2)
+    rows = [r.to_dict() for r in llama_cpp.llama_pp_tg(str(pull("smollm2-135m")), plan, n_threads=1)]
+    assert [(r["test"], r["batch"], r["threads"]) for r in rows] == [("pp64", 1, 1), ("tg4", 1, 1), ("tg4", 4, 1)]
+    assert all(r["tok_s"] > 0 and r["reps"] == 2 for r in rows)

@@ -30,30 +30,49 @@ CASES = [  # (bits, N, K, group, scale dtype)
 ]
 
 
+def _int8_config():
+    """The int8-activation kernels asked for by name (AVX-512 VNNI, or AVX2); skips where neither is built."""
+    if Q.libraries.qmatmul_vnni() is None:
+        pytest.skip("no int8-activation kernels on this CPU (AVX-512 VNNI or AVX2)")
+    return resolve(quant_activations="int8")
+
+
+@pytest.mark.parametrize("act", ["auto", "int8"])
 @pytest.mark.parametrize("bits,n,k,group,dtype", CASES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 15, 16, 40])
-def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m):
+def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m, act):
+    cfg = _int8_config() if act == "int8" else None  # None: the machine's default (config.detected)
     g = torch.Generator().manual_seed(n * 1000 + k + m)
     qw, s, mn = (_int4 if bits == 4 else _int8)(n, k, group, dtype, g)
     x = torch.randn(m, k, generator=g)
     bias = torch.randn(n, generator=g) if m % 2 else None
-    act_int8 = Q.uses_act_int8(m, qw, s, mn)  # the VNNI kernels round x to int8 per 32 inputs
-    act_bf16 = Q.uses_act_bf16(m, qw, s, mn)  # large batches on bf16 CPUs: bf16 tiles, bf16 GEMM
+    act_int8 = Q.uses_act_int8(m, qw, s, mn, cfg)  # the int8 kernels round x to int8 per 32 inputs
+    act_bf16 = Q.uses_act_bf16(m, qw, s, mn, cfg)  # large batches on bf16 CPUs: bf16 tiles, bf16 GEMM
     ref = Q.matmul(x, qw, s, mn, bias, path="portable", act_int8=act_int8, act_bf16=act_bf16)
-    out = Q.matmul(x, qw, s, mn, bias)
+    out = Q.matmul(x, qw, s, mn, bias, kernels=cfg)
     scale = ref.abs().max().item() + 1
     tol = 4e-3 if act_bf16 else 2e-5  # the bf16 GEMM's output is rounded to bf16
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol * scale)
 
 
-def test_vnni_kernels_cover_the_model_shapes():
-    if Q.libraries.qmatmul_vnni() is None:
-        pytest.skip("no AVX-512 VNNI on this CPU")
+def test_int8_kernels_cover_the_model_shapes():
+    cfg = _int8_config()
     shapes = [(4, 576, 64), (4, 896, 128), (4, 1536, 32), (8, 576, 576), (8, 4864, 32), (8, 96, 32)]
     for bits, k, group in shapes:
         g = torch.Generator().manual_seed(k)
         qw, s, mn = (_int4 if bits == 4 else _int8)(8, k, group, torch.float16, g)
-        assert Q.uses_act_int8(1, qw, s, mn) and not Q.uses_act_int8(Q.VNNI_MAX_M, qw, s, mn)
+        assert Q.uses_act_int8(1, qw, s, mn, cfg) and not Q.uses_act_int8(Q.VNNI_MAX_M, qw, s, mn, cfg)
+
+
+def test_auto_takes_int8_activations_only_with_vnni(monkeypatch):
+    """On AVX2 the int8 kernels run when asked for; "auto" keeps fp32 (or bf16) activations there."""
+    from tuneserve.kernels import config as C
+
+    monkeypatch.setattr(C.libraries, "qmatmul_vnni", lambda: object())
+    avx2, vnni = C.CpuFeatures(avx2=True), C.CpuFeatures(avx2=True, avx512=True, avx512_vnni=True)
+    assert C._runnable_act("auto", "compiled", avx2) == "fp32"
+    assert C._runnable_act("int8", "compiled", avx2) == "int8"
+    assert C._runnable_act("auto", "compiled", vnni) == "int8"
 
 
 def test_int8_activation_rounding_costs_little():

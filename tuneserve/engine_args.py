@@ -58,7 +58,7 @@ class EngineArgs:
     tensor_parallel_all_reduce: str = "auto"  # auto: NCCL on CUDA, a shared buffer on CPU; torch: gloo on CPU
     scheduling_policy: str = "fcfs"
     device: str = "auto"
-    kernels: str = "auto"  # auto | portable (every layer on the PyTorch path); kernels/config.py
+    kernels: str = "auto"  # auto | unfused (compiled kernels op by op) | portable (PyTorch path); kernels/config.py
     quant_activations: str = "auto"  # quantized matmuls' activations: auto | int8 | int8-all | bf16 | fp32
 
     # ----- resolution -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ models/ imports the other's heavier half.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from tuneserve.config import ArchConfig
 from tuneserve.dtypes import DTYPES
 from tuneserve.kernels.config import KernelConfig, bind_kernels, resolve
 from tuneserve.log import log, quiet
-from tuneserve.models.layers import Rotary
+from tuneserve.models.layers import Attention, Rotary
 from tuneserve.models.loader import build_model, load_weights
 from tuneserve.quant.apply import resolve_group_size, rtn_quantize
 from tuneserve.quant.checkpoint import load_quantized, quant_kind
@@ -53,8 +54,38 @@ def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "
     if qdir is not None or quantization is not None:
         _quantize(model, str(qdir or quantization), path, progress)
     bind_kernels(model, kernels)
-    log(f"kernels: {kernels.describe()}")
+    log(f"kernels: {kernels.describe(attention_paths(model, kernels, dtype, device), decode_path(model, dtype))}")
     return model.eval()
+
+
+def decode_path(model: nn.Module, dtype: str) -> str | None:
+    """What the model's decode steps run once bound: 'fused', or 'layers(why)' where the configuration chose
+    the fused step and the model does not take it (None: the configuration's choice, 'layers')."""
+    fused = getattr(model, "fused", None)
+    if fused is None:
+        return None
+    why = "dtype " + dtype if dtype != "float32" else fused.refusal()
+    return f"layers({why})" if why else "fused"
+
+
+def attention_paths(model: nn.Module, kernels: KernelConfig, dtype: str, device: torch.device) -> str:
+    """What the model's attention layers run on short queries once bound: one path, or each path with its
+    count of layers ('compiled(avx2):20,torch(soft-capping):4'). The compiled kernel takes only fp32 CPU
+    tensors and no soft-capping (kernels/attention.py), so a config that chose it does not say what runs."""
+    runs = Counter(_attention_path(m, kernels, dtype, device) for m in model.modules() if isinstance(m, Attention))
+    if len(runs) <= 1:
+        return next(iter(runs), kernels.label(kernels.attention))
+    return ",".join(f"{path}:{n}" for path, n in runs.items())
+
+
+def _attention_path(layer: Attention, kernels: KernelConfig, dtype: str, device: torch.device) -> str:
+    if kernels.attention != "compiled":
+        return kernels.label(kernels.attention)
+    if not layer.compiled_attention:  # what Attention.bind_kernels refuses the kernel for
+        return "torch(soft-capping)" if layer.softcap else f"torch({layer.h}-heads)"
+    if device.type != "cpu":
+        return f"torch({device.type})"
+    return kernels.label("compiled") if dtype == "float32" else f"torch({dtype})"
 
 
 def quantize_model(model: nn.Module, quantization: str, checkpoint_path: str | None = None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import platform
 import random
 import shlex
 import sys
@@ -25,18 +24,8 @@ from tuneserve.bench.records import table, write_json
 from tuneserve.bench.workloads import build_workload
 from tuneserve.corpus import load_corpus, sample_prompts
 from tuneserve.deploy.config import DeployConfig
+from tuneserve.kernels.config import cpu_name
 from tuneserve.server.launch import free_port
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _one(url: str, model: str, prompt: str | list[int], max_tokens: int) -> dict:
@@ -113,7 +102,7 @@ def run(ns: argparse.Namespace) -> dict:
     name = ns.model
     shared = shared_prefix_prompts(tok, ns)
     rand = [list(p) for p in build_workload(tok, "random", ns.random_requests, ns.random_max_tokens).prompts]
-    out: dict = {"cpu": cpu_model(), "command": "tuneserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    out: dict = {"cpu": cpu_name(), "command": "tuneserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "model": name, "kv_cache_tokens_per_replica": ns.kv_cache_tokens}
     port = ns.port or free_port()
     d = None

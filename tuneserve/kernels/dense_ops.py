@@ -17,6 +17,7 @@ from torch import nn
 
 from tuneserve.kernels import libraries
 from tuneserve.kernels.config import KernelConfig
+from tuneserve.kernels.decode_step import LIN_F32, LinearT, address, ptr
 
 SMALL_M = 24  # from about this many rows on, torch's GEMM is as fast (measured: 1.15x at 16-20 rows, 1.0x at 28-32)
 
@@ -65,3 +66,14 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.compiled)
+
+    def fused_linear(self) -> tuple[LinearT, int] | None:
+        """This layer as the fused decode step calls it (kernels/decode_step.py) and the rows it takes there;
+        None where its forward would not take the compiled kernel."""
+        w, b = self.weight, self.bias
+        if not (self.compiled and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+                and (b is None or b.is_contiguous())):
+            return None
+        desc = LinearT(kind=LIN_F32, fn=address(libraries.dense().f32_matmul), w=w.data_ptr(), n=w.shape[0],
+                       k=w.shape[1], bias=ptr(b))
+        return desc, SMALL_M

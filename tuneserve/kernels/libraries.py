@@ -46,3 +46,13 @@ def paged_attention() -> ctypes.CDLL | None:
         lib.paged_attention_f32.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 8 + [ctypes.c_float]
         lib.paged_attention_f32.restype = None
     return lib
+
+
+@functools.cache
+def decode_step() -> ctypes.CDLL | None:
+    """csrc/decode_step.c: every decoder layer of a few short query rows in one call."""
+    lib = load("decode_step")
+    if lib is not None:
+        lib.decode_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
+        lib.decode_step.restype = ctypes.c_int64
+    return lib

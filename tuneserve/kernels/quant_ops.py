@@ -7,7 +7,7 @@ w = q * scale. Scales (and mins) are (N, K / group) in fp16 or fp32.
 `matmul` picks the path within a KernelConfig (kernels/config.py: decided once at load, passed in; the
 functions here read no environment). With compiled kernels and the int8 activation mode, below VNNI_MAX_M
 rows of x (every row count in int8-all): csrc/qmatmul_vnni.c, which quantizes x to int8 per 32 inputs and
-takes integer dot products with the packed weights (llama.cpp's scheme; needs AVX-512 VNNI). Otherwise
+takes integer dot products with the packed weights (llama.cpp's scheme; AVX-512 VNNI or AVX2). Otherwise
 below LARGE_M rows: csrc/qmatmul.c, which dequantizes inside fp32 dot products. Larger batches: tiles of
 the weight are dequantized into a small buffer and multiplied by torch's GEMM; in the int8 / bf16 modes on
 CPUs with native bf16 (AVX512-BF16 / AMX) the tiles and x are bf16 (a bf16 GEMM is ~3x an fp32 one here;

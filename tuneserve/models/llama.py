@@ -18,6 +18,7 @@ from torch import nn
 from tuneserve.config import ArchConfig
 from tuneserve.kernels.config import KernelConfig
 from tuneserve.kernels.dense_ops import DenseLinear, linear
+from tuneserve.models.fused_decode import FusedDecode
 from tuneserve.models.layers import Attention, ForwardContext, GatedMLP, RMSNorm
 
 
@@ -42,11 +43,14 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer with RMSNorm, rotary attention and a SwiGLU MLP."""
 
     layer_cls = DecoderLayer
+    # layer_cls's norms for the fused decode step: before attention, on its output, before the MLP, on its output
+    fused_norms: tuple[str, str | None, str, str | None] = ("input_layernorm", None, "post_attention_layernorm", None)
 
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.arch = arch
         self.dense_compiled: bool | None = None  # the tied head's kernel choice, bound at load (bind_kernels)
+        self.fused: FusedDecode | None = None  # the decode steps' one-call path, bound at load (bind_kernels)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(self.layer_cls(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
@@ -58,13 +62,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids: (N,) -> final hidden states (N, hidden)."""
         x = self.embed(input_ids)
+        if self.fused is not None and self.fused.takes(x, ctx):
+            return self.norm(self.fused.run(x, ctx))
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
 
     def bind_kernels(self, config: KernelConfig) -> None:
-        """An unquantized head (tied or not) follows the dense kernel choice like every linear layer."""
+        """An unquantized head (tied or not) follows the dense kernel choice like every linear layer; decode
+        steps run fused where the configuration asks for it and every layer qualifies (models/fused_decode.py)."""
         self.dense_compiled = config.dense == "compiled"
+        self.fused = FusedDecode(self, self.layer_cls, self.fused_norms) if config.decode == "fused" else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (R, hidden) -> fp32 logits (R, vocab), soft-capped where the arch says (gemma2)."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from tuneserve.kernels import quant_ops
 from tuneserve.kernels.config import KernelConfig, detected
+from tuneserve.kernels.decode_step import LIN_Q4, LIN_Q8, LinearT, address
 
 
 class QuantLinear(nn.Module):
@@ -94,6 +95,19 @@ class QuantLinear(nn.Module):
             x = x.index_select(1, self.perm)
         return quant_ops.matmul(x, self.qweight, self.scales, self.mins, self.bias, self.path,
                                 int8_ok=self.int8_activations, kernels=self._config())
+
+    def fused_linear(self) -> tuple[LinearT, int] | None:
+        """This layer as the fused decode step calls it (kernels/decode_step.py): the small-batch kernel and
+        its arguments, and the rows it takes; None where there is none, or inputs are permuted or scaled."""
+        call = self._small_call()
+        if call is None or self.perm is not None or self.input_scale is not None:
+            return None
+        fn, args, max_rows = call
+        mins = args[2] if self.bits == 4 else None
+        f16, n, group, bias = args[-4:]
+        desc = LinearT(kind=LIN_Q4 if self.bits == 4 else LIN_Q8, fn=address(fn), w=args[0], scales=args[1],
+                       mins=mins, f16=f16, n=n, k=self.in_features, group=group, bias=bias)
+        return desc, max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., K) -> (..., N), in x's dtype."""

@@ -2,8 +2,10 @@
 
 Besides the main corpus workload, `--ladder` adds fixed batches (64 tokens in, 64 out) that every system
 runs with all requests started together. Each engine row gets `ratio_vs_best_peer`: its output tok/s over
-the fastest peer's on the same workload. Every system runs on the same number of CPU threads, --threads
-(default: torch's count, what the engine uses), and the table and the JSON say how many each had.
+the fastest peer's on the same workload. A second table measures as llama-bench does (bench/peers/pp_tg.py):
+prompt processing alone (pp512) and generation alone at batch 1 and the ladder's batches (tg64), with each
+system's ratio to llama.cpp; `--pp-tg-only` runs just that one. Every system runs on the same number of CPU
+threads, --threads (default: torch's count, what the engine uses), and the table and the JSON say how many.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from typing import Any
 
 from tuneserve.bench.offline import add_workload_args, run_engine, warm_up
 from tuneserve.bench.peers import hf, llama_cpp
+from tuneserve.bench.peers.pp_tg import PpTgPlan, add_ratios, engine_pp_tg
 from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult, peer_threads
 from tuneserve.bench.records import table, torch_threads, write_json
 from tuneserve.bench.workloads import corpus_workload, ladder_workload
 from tuneserve.engine_args import EngineArgs
+from tuneserve.kernels.config import cpu_name
 
 COLUMNS = ["system", "config", "threads", "num_requests", "output_tok_s", "total_tok_s", "mean_ttft_s",
            "mean_tpot_s", "ratio_vs_best_peer"]
+PP_TG_COLUMNS = ["system", "test", "batch", "threads", "tok_s", "tok_s_sd", "reps", "vs_llama.cpp"]
 
 
 def _rows(results: list[PeerResult]) -> list[dict[str, Any]]:
@@ -46,10 +51,15 @@ def _compare(ns: Any, threads: int) -> int:
     if not path.endswith(".gguf"):
         raise ValueError("bench peers compares on a GGUF model (llama.cpp reads only GGUF)")
     warm_up(llm)
+    ladder = [int(b) for b in ns.ladder.split(",")] if ns.ladder else []
+    plan = PpTgPlan(ns.pp, ns.tg, ns.tg_prompt, tuple(ladder) or (1,), ns.reps)
+    engine_rows = engine_pp_tg(llm, plan, threads)
+    if ns.pp_tg_only:
+        del llm
+        return _pp_tg(ns, path, plan, threads, engine_rows, args)
     tok = llm.get_tokenizer()
     work = corpus_workload(tok, ns.corpus, ns.num_prompts, ns.min_input, ns.max_input, ns.output_len,
                            ns.prompt_seed)
-    ladder = [int(b) for b in ns.ladder.split(",")] if ns.ladder else []
     rows: list[dict[str, Any]] = [{**run_engine(llm, work), "config": f"max_num_seqs={args.max_num_seqs}",
                                    "threads": threads}]
     for b in ladder:
@@ -73,7 +83,23 @@ def _compare(ns: Any, threads: int) -> int:
         print(f"[tuneserve] llama.cpp skipped: {PEERS_INSTALL_HINT}", file=sys.stderr)
     _add_ratios(rows)
     print(peers_table(rows, f"bench peers: {args.model}, workload {work.name}, same run, {threads} threads each"))
-    write_json(ns.json, {"engine_args": args.to_dict(), "workload": work.name, "threads": threads, "results": rows})
+    return _pp_tg(ns, path, plan, threads, engine_rows, args, {"workload": work.name, "results": rows})
+
+
+def _pp_tg(ns: Any, path: str, plan: PpTgPlan, threads: int, engine_rows: list, args: EngineArgs,
+           record: dict | None = None) -> int:
+    """The peers' pp/tg rows next to the engine's: print the table, write the JSON record."""
+    rows = list(engine_rows)
+    if [b for b in ns.hf_batch_sizes.split(",") if b]:
+        rows += hf.hf_pp_tg(path, plan, threads)
+    if [b for b in ns.llama_parallel.split(",") if b] and llama_cpp.is_available():
+        rows += llama_cpp.llama_pp_tg(path, plan, threads)
+    out = [r.to_dict() for r in rows]
+    add_ratios(out)
+    print(table(out, PP_TG_COLUMNS, title=f"bench peers, llama-bench style: {args.model}, tok/s, mean of "
+                                          f"{plan.reps} runs, {threads} threads each, cpu: {cpu_name()}"))
+    write_json(ns.json, {"engine_args": args.to_dict(), "threads": threads, "cpu": cpu_name(), **(record or {}),
+                         "pp_tg": out})
     return 0
 
 
@@ -105,6 +131,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--llama-parallel", default="1,8,32,64", help="llama.cpp sequences in flight")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of every system (default: torch's count, what the engine uses)")
+    p.add_argument("--pp", type=int, default=512, help="prompt length of the pp test (0: none)")
+    p.add_argument("--tg", type=int, default=64, help="tokens generated per request in the tg tests")
+    p.add_argument("--tg-prompt", type=int, default=64, help="prompt length before the tg tests")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each pp/tg test")
+    p.add_argument("--pp-tg-only", action="store_true", help="only the llama-bench style table")
     p.add_argument("--time-limit", type=float, default=None,
                    help="per peer config: start no new batch after this many seconds (no extrapolation)")
     EngineArgs.add_cli_args(p, with_model=False)

@@ -7,8 +7,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tuneserve.bench.peers.pp_tg import PpTgPlan, PpTgRow
 from tuneserve.bench.peers.result import PeerResult, check_workload, make_result, mean, peer_threads
 from tuneserve.bench.records import torch_threads
+
+_clock = time.perf_counter  # a module attribute, so a test can stand in for it without touching `time`
 
 
 class _StepClock:
@@ -21,7 +24,7 @@ class _StepClock:
 
     def put(self, value: Any) -> None:
         """Record the time of a put; the first put is the prompt, the later ones are new tokens."""
-        now = time.perf_counter()
+        now = _clock()
         self.puts += 1
         if self.puts == 2:
             self.first = now
@@ -42,6 +45,52 @@ def _load_hf(gguf_path: str) -> Any:
         directory, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa"
     )
     return model.eval()
+
+
+def _greedy_generate(model: Any) -> Any:
+    """generate(batch, new, streamer=None) -> the new token ids (B, new): greedy, exactly `new` tokens each."""
+    import torch
+
+    gen_cfg = model.generation_config
+    pad_id = gen_cfg.pad_token_id
+    if pad_id is None:
+        eos = gen_cfg.eos_token_id
+        pad_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id, use_cache=True)
+
+    def generate(batch: Sequence[Sequence[int]], new: int, streamer: Any = None) -> Any:
+        ids, mask = _pad_left(batch, pad_id)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                 min_new_tokens=new,  # suppresses EOS: every request yields exactly `new` tokens
+                                 streamer=streamer, **greedy)
+        return out[:, ids.shape[1]:]
+
+    return generate
+
+
+def hf_pp_tg(gguf_path: str, plan: PpTgPlan, threads: int | None = None) -> list[PpTgRow]:
+    """HF transformers' pp and tg rows (bench/peers/pp_tg.py), fp32 dequantized weights, SDPA."""
+    threads = peer_threads(threads)
+    with torch_threads(threads):
+        model = _load_hf(gguf_path)
+        generate = _greedy_generate(model)
+        vocab = model.config.vocab_size
+        generate([[100] * 8], 4)  # warm-up
+        rows = []
+        for test, b in plan.tests():
+            row = PpTgRow("hf-transformers", test, b, threads)
+            for rep in range(plan.reps):
+                if test.startswith("pp"):
+                    t0 = _clock()
+                    generate(plan.prompts(rep, 1, plan.pp_len, vocab), 1)
+                    row.runs.append(plan.pp_len / (_clock() - t0))
+                else:
+                    clock = _StepClock()
+                    generate(plan.prompts(rep, b, plan.prompt_len, vocab), plan.tg_len + 1, clock)
+                    row.runs.append(b * plan.tg_len / (clock.last - clock.first))
+            rows.append(row)
+        return rows
 
 
 def _pad_left(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
@@ -86,28 +135,7 @@ def _run_hf(
     t_load = time.perf_counter()
     model = _load_hf(gguf_path)
     load_s = time.perf_counter() - t_load
-    gen_cfg = model.generation_config
-    pad_id = gen_cfg.pad_token_id
-    if pad_id is None:
-        eos = gen_cfg.eos_token_id
-        pad_id = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    greedy = dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id, use_cache=True
-    )
-
-    def generate(batch: Sequence[Sequence[int]], new: int, streamer: Any = None) -> Any:
-        ids, mask = _pad_left(batch, pad_id)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new,
-                min_new_tokens=new,  # suppresses EOS, so every request yields exactly `new` tokens
-                streamer=streamer,
-                **greedy,
-            )
-        return out[:, ids.shape[1] :]
-
+    generate = _greedy_generate(model)
     generate([prompts[0]], min(4, max_new_tokens))  # warm-up: first-call allocations and dispatch
 
     results = []

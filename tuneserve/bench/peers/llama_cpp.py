@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from tuneserve.bench.peers.pp_tg import PpTgPlan, PpTgRow
 from tuneserve.bench.peers.result import (
     PEERS_INSTALL_HINT,
     PeerResult,
@@ -273,3 +274,92 @@ def _llama_workload(
         extra,
         threads=n_threads,
     )
+
+
+def llama_pp_tg(gguf_path: str, plan: PpTgPlan, n_threads: int | None = None) -> list[PpTgRow]:
+    """llama.cpp's pp and tg rows (bench/peers/pp_tg.py): native GGUF weights, one context per test."""
+    n_threads = peer_threads(n_threads)
+    L = _import_llama_cpp()
+    import numpy as np
+
+    mparams = L.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    if hasattr(mparams, "use_extra_bufts"):
+        mparams.use_extra_bufts = False  # as run_llama_cpp: AMX repacking faults on some hosts
+    model = L.llama_model_load_from_file(os.fsencode(gguf_path), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    try:
+        n_vocab = int(L.llama_vocab_n_tokens(L.llama_model_get_vocab(model)))
+        rows = []
+        for test, b in plan.tests():
+            row = PpTgRow("llama.cpp", test, b, n_threads)
+            pp = test.startswith("pp")
+            length = plan.pp_len if pp else plan.prompt_len
+            with _Session(L, np, model, n_vocab, b, length + (0 if pp else plan.tg_len + 1), n_threads) as s:
+                s.run([[100] * 8], 2)  # warm-up
+                for rep in range(plan.reps):
+                    prompts = plan.prompts(rep, b, length, n_vocab)
+                    row.runs.append(s.pp(prompts[0]) if pp else s.tg(prompts, plan.tg_len))
+            rows.append(row)
+        return rows
+    finally:
+        L.llama_model_free(model)
+
+
+class _Session:
+    """One llama.cpp context for `slots` sequences of up to `seq_len` tokens."""
+
+    def __init__(self, L: Any, np: Any, model: Any, n_vocab: int, slots: int, seq_len: int, n_threads: int) -> None:
+        self.L, self.np, self.n_vocab, self.slots = L, np, n_vocab, slots
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = slots * _round_up(seq_len, 256)
+        cparams.n_batch = self.cap = slots * seq_len
+        cparams.n_ubatch = min(512, self.cap)
+        cparams.n_seq_max = slots
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        self.ctx = L.llama_init_from_model(model, cparams)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {slots} sequences")
+        self.batch = L.llama_batch_init(self.cap, 0, 1)
+        self.seq_rm = _seq_remover(L, self.ctx)
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[int]:
+        """One llama_decode of (token, position, sequence, logits?) items; the argmax of each logits row."""
+        b = self.batch
+        b.n_tokens = len(items)
+        for i, (tok, pos, seq, want) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+            b.seq_id[i][0] = seq
+        rc = self.L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        rows = [i for i, item in enumerate(items) if item[3]]
+        return [int(self.np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                    .argmax()) for i in rows]
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[list[int], float, float]:
+        """Prefill every prompt in one call, then `new` - 1 decode steps; (last tokens, prefill seconds,
+        decode seconds). The sequences are forgotten afterwards."""
+        t0 = time.perf_counter()
+        toks = self._decode([(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)])
+        t1 = time.perf_counter()
+        for step in range(new - 1):
+            toks = self._decode([(tok, len(p) + step, s, True) for s, (p, tok) in enumerate(zip(prompts, toks))])
+        t2 = time.perf_counter()
+        for s in range(len(prompts)):
+            self.seq_rm(s)
+        return toks, t1 - t0, t2 - t1
+
+    def pp(self, prompt: list[int]) -> float:
+        return len(prompt) / self.run([prompt], 1)[1]
+
+    def tg(self, prompts: list[list[int]], tg_len: int) -> float:
+        return len(prompts) * tg_len / self.run(prompts, tg_len + 1)[2]

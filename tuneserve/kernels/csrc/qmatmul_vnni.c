@@ -1,4 +1,4 @@
-/* Low-bit matmuls with int8 activations and AVX-512 VNNI integer dot products (llama.cpp's approach).
+/* Low-bit matmuls with int8 activations and integer dot products (llama.cpp's approach): AVX-512 VNNI or AVX2.
  *
  * Same weight formats as qmatmul.c. Each row of x is quantized per block of 32 inputs:
  * dx = max|x| / 127, xq = round(x * 127 / max|x|) (ties to even). One vpdpbusd multiplies 64 unsigned
@@ -10,7 +10,8 @@
  * The price is the rounding of x: on SmolLM2 it adds a KL divergence of ~0.003 nats to the next-token
  * distribution (TUNESERVE_QUANT_ACT=fp32 avoids it, at the float kernels' speed).
  * The portable path emulates the same activation rounding (kernels/quant_ops.py, act_int8=True).
- * Requires AVX-512 F/BW/VL + VNNI; elsewhere qv_available() returns 0 and callers use qmatmul.c.
+ * Built with AVX-512 F/BW/VL + VNNI, or on AVX2 with vpmaddubsw (below); elsewhere qv_available() returns 0
+ * and callers use qmatmul.c.
  * Shapes: q4 needs K % 64 == 0 and group 32, 64 or a multiple of 128; q8 needs K % 32 == 0 and group 32
  * or a multiple of 64.
  */
@@ -21,31 +22,10 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
-
-int qv_available(void) { return 1; }
+#define HAVE_QV 1
 
 static inline float ldh(const void *p, int64_t f16, int64_t i) {
     return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-/* Quantize row x [K] per 32-block. q4 layout: lo[b*16 + j] = x[32b + j], hi[b*16 + j] = x[32b + 16 + j];
- * q8 layout: lo = x in order (hi unused). dxv: each block's dx repeated `rep` times. */
-static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi, float *dxv, int rep) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        const float *xb = x + b * 32;
-        float amax = 0.f;
-        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float id = amax > 0.f ? 127.f / amax : 0.f, d = amax / 127.f;
-        int8_t q[32];
-        for (int j = 0; j < 32; j++) q[j] = (int8_t)nearbyintf(xb[j] * id);
-        if (q4) {
-            memcpy(lo + b * 16, q, 16);
-            memcpy(hi + b * 16, q + 16, 16);
-        } else {
-            memcpy(lo + b * 32, q, 32);
-        }
-        for (int j = 0; j < rep; j++) dxv[b * rep + j] = d;
-    }
 }
 
 /* Up to 16 consecutive scales (mask k) as fp32 lanes, zero elsewhere. */
@@ -170,6 +150,108 @@ DEF_Q8V(2)
 DEF_Q8V(4)
 DEF_Q8V(8)
 
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* AVX2 without VNNI: vpmaddubsw multiplies 32 unsigned weights (4-bit, or |int8|) by 32 int8 activations
+ * and adds pairs into int16 (at most 2 * 15 * 127 or 2 * 127 * 127: no overflow), vpmaddwd by ones sums
+ * those into int32: a 32-input block's dot product, exact, in ~4 instructions; then one FMA by the block's
+ * scale_w * dx. Against qmatmul.c's fp32 dequantization (~20 instructions a block) it is what batch-1
+ * decode needs on AVX2-only CPUs; the numerics are the VNNI kernels' (the same rounded x). */
+#include <immintrin.h>
+#define HAVE_QV 1
+
+static inline float ldh(const void *p, int64_t f16, int64_t i) {
+    return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline float hsum8(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+/* the int32 lanes of a 32-byte block's dot product: unsigned u by signed s */
+static inline __m256 block_dot(__m256i u, __m256i s) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+#define DEF_Q4V(MB)                                                                                       \
+static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,     \
+                          int64_t K, const uint8_t *qr, const void *sc, const void *mn, int64_t f16,     \
+                          int64_t G, int64_t sidx, float *ys) {                                          \
+    const int64_t ng = K / G, bpg = G / 32, xs = K / 2, ds = K / 8;                                      \
+    const __m128i m4 = _mm_set1_epi8(15);                                                                \
+    __m256 acc[MB];                                                                                      \
+    for (int mm = 0; mm < MB; mm++) acc[mm] = _mm256_setzero_ps();                                       \
+    for (int64_t g = 0; g < ng; g++) {                                                                   \
+        const float s = ldh(sc, f16, sidx + g);                                                          \
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {                                              \
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(qr + b * 16));                         \
+            const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4)); \
+            for (int mm = 0; mm < MB; mm++) {                                                            \
+                const __m256i x = _mm256_loadu2_m128i((const __m128i *)(xhi + mm * xs + b * 16),         \
+                                                      (const __m128i *)(xlo + mm * xs + b * 16));        \
+                acc[mm] = _mm256_fmadd_ps(block_dot(w, x), _mm256_set1_ps(s * dxv[mm * ds + b * 4]), acc[mm]); \
+            }                                                                                            \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int mm = 0; mm < MB; mm++) {                                                                    \
+        float t = hsum8(acc[mm]);                                                                        \
+        for (int64_t g = 0; g < ng; g++) t += ldh(mn, f16, sidx + g) * xsum[mm * ng + g];                \
+        ys[mm] = t;                                                                                      \
+    }                                                                                                    \
+}
+DEF_Q4V(1)
+DEF_Q4V(2)
+DEF_Q4V(4)
+DEF_Q4V(8)
+
+#define DEF_Q8V(MB)                                                                                       \
+static void q8v_rows_##MB(const int8_t *xq, const float *dxv, int64_t K, const int8_t *qr, const void *sc, \
+                          int64_t f16, int64_t G, int64_t sidx, float *ys) {                             \
+    const int64_t ds = K / 4;                                                                            \
+    __m256 acc[MB];                                                                                      \
+    for (int mm = 0; mm < MB; mm++) acc[mm] = _mm256_setzero_ps();                                       \
+    for (int64_t b = 0; b < K / 32; b++) {                                                               \
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(qr + b * 32));                            \
+        const __m256i aw = _mm256_sign_epi8(w, w);                                                       \
+        const float s = ldh(sc, f16, sidx + b * 32 / G);                                                 \
+        for (int mm = 0; mm < MB; mm++) {                                                                \
+            const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + mm * K + b * 32)), w); \
+            acc[mm] = _mm256_fmadd_ps(block_dot(aw, x), _mm256_set1_ps(s * dxv[mm * ds + b * 8]), acc[mm]); \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int mm = 0; mm < MB; mm++) ys[mm] = hsum8(acc[mm]);                                             \
+}
+DEF_Q8V(1)
+DEF_Q8V(2)
+DEF_Q8V(4)
+DEF_Q8V(8)
+
+#endif
+
+#ifdef HAVE_QV
+int qv_available(void) { return 1; }
+
+/* Quantize row x [K] per 32-block. q4 layout: lo[b*16 + j] = x[32b + j], hi[b*16 + j] = x[32b + 16 + j];
+ * q8 layout: lo = x in order (hi unused). dxv: each block's dx repeated `rep` times. */
+static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi, float *dxv, int rep) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float id = amax > 0.f ? 127.f / amax : 0.f, d = amax / 127.f;
+        int8_t q[32];
+        for (int j = 0; j < 32; j++) q[j] = (int8_t)nearbyintf(xb[j] * id);
+        if (q4) {
+            memcpy(lo + b * 16, q, 16);
+            memcpy(hi + b * 16, q + 16, 16);
+        } else {
+            memcpy(lo + b * 32, q, 32);
+        }
+        for (int j = 0; j < rep; j++) dxv[b * rep + j] = d;
+    }
+}
+
 static inline int64_t chunk(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
@@ -246,7 +328,7 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
 #include "permuted_inputs.h"
 DEF_PERMUTED_MATMULS(q4v_matmul, q8v_matmul)
 
-#else  /* no AVX-512 VNNI: callers use qmatmul.c */
+#else  /* neither AVX-512 VNNI nor AVX2: callers use qmatmul.c */
 
 int qv_available(void) { return 0; }
 void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,

@@ -1,0 +1,144 @@
+"""The fused decode step (models/fused_decode.py, csrc/decode_step.c) on == off: served with the default
+kernels (decode steps in one compiled call) and with kernels="unfused" (the same compiled kernels called op
+by op), every llama-family variant gives the same greedy tokens and logprobs within fp32 tolerance, with
+the fused call really made; steps it does not take (prompt chunks, too many rows, other families) run
+the layers one by one."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tiny_models import build_family
+
+from tuneserve import LLM, SamplingParams
+from tuneserve.kernels import decode_step
+from tuneserve.kernels.config import resolve
+
+pytestmark = pytest.mark.skipif(resolve().decode != "fused", reason="the fused decode step is not built here")
+
+LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 32, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * i for i in range(6)], "long_factor": [1.0 + 0.7 * i for i in range(6)]}
+VARIANTS = {  # name -> (family, rope, build_family keywords)
+    "llama-tied": ("llama", None, {}),
+    "llama-bias-untied": ("llama", None, dict(tie=False, attention_bias=True, seed=1)),
+    "qwen3-qk-norm": ("qwen3", None, dict(head_dim=24, seed=2)),
+    "mistral-window": ("mistral", None, dict(tie=False, sliding_window=24, seed=3)),
+    "phi3-partial-rotary": ("phi3", LONGROPE, dict(max_pos=128, tie=False, original_max_position_embeddings=32)),
+    "gemma3-four-norms": ("gemma3", None, dict(head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
+                                               layer_types=["sliding_attention", "full_attention"])),
+}
+REFUSED = {  # soft-capped attention; routed experts
+    "gemma2-softcap": ("gemma2", None, dict(head_dim=16, sliding_window=24, attn_logit_softcapping=5.0,
+                                            query_pre_attn_scalar=16, embed_scale=0.15)),
+    "qwen2-moe": ("qwen2_moe", None, dict(intermediate_size=64, tie=False, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, shared_expert_intermediate_size=64)),
+}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    models = {**VARIANTS, **REFUSED}
+    return {name: build_family(root / name, fam, rope, **kw) for name, (fam, rope, kw) in models.items()}
+
+
+def prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [0] + [rng.randrange(3, 259) for _ in range(n - 1)]} for n in lengths]
+
+
+def spy(monkeypatch) -> list[int]:
+    """Rows of every fused call from now on."""
+    rows, real = [], decode_step.run
+    monkeypatch.setattr(decode_step, "run", lambda m, g, pos, x: rows.append(x.shape[0]) or real(m, g, pos, x))
+    return rows
+
+
+def generate(path, reqs, params, **kw):
+    return LLM(str(path), max_model_len=128, **kw).generate(reqs, params, use_tqdm=False)
+
+
+def assert_same(got, want, tol=1e-4):
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert abs(a.logprob - b.logprob) < tol
+
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=2)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fused_equals_op_by_op(dirs, name, monkeypatch):
+    reqs = prompts((5, 30, 70))  # a mixed batch; the windowed ones decode past their 24-token window
+    want = generate(dirs[name], reqs, GREEDY, quantization="none", kernels="unfused")
+    rows = spy(monkeypatch)
+    got = generate(dirs[name], reqs, GREEDY, quantization="none")
+    assert_same(got, want)
+    assert rows and max(rows) == 3  # the decode steps of all three went through the fused call
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_fused_equals_op_by_op_on_quantized_weights(dirs, quantization, monkeypatch):
+    reqs = prompts((9, 33), seed=4)
+    want = generate(dirs["llama-bias-untied"], reqs, GREEDY, quantization=quantization, kernels="unfused")
+    rows = spy(monkeypatch)
+    got = generate(dirs["llama-bias-untied"], reqs, GREEDY, quantization=quantization)
+    assert_same(got, want)
+    assert rows
+
+
+def test_speculative_verification_rows_run_fused(dirs, monkeypatch):
+    """ngram drafts: each verification step is k + 1 short query rows per request."""
+    reqs = prompts((20, 41), seed=5)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    want = generate(dirs["llama-tied"], reqs, GREEDY, quantization="none", kernels="unfused")
+    rows = spy(monkeypatch)
+    got = generate(dirs["llama-tied"], reqs, GREEDY, quantization="none", speculative_config=spec)
+    assert_same(got, want)
+    assert any(r > 2 for r in rows)  # some step verified drafts
+
+
+def test_batches_past_the_kernels_rows_run_op_by_op(dirs, monkeypatch):
+    """int4 linears take fewer than 16 rows in the small-batch kernel: a 20-request decode runs layer by layer."""
+    reqs = prompts([6 + i for i in range(20)], seed=6)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = generate(dirs["llama-tied"], reqs, params, quantization="int4", kernels="unfused")
+    rows = spy(monkeypatch)
+    got = generate(dirs["llama-tied"], reqs, params, quantization="int4")
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert rows == []
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_layers_the_step_does_not_compute_refuse_and_run_one_by_one(dirs, name, monkeypatch):
+    reqs, params = prompts((7, 12)), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    want = generate(dirs[name], reqs, params, quantization="none", kernels="unfused")
+    rows = spy(monkeypatch)
+    llm = LLM(str(dirs[name]), max_model_len=128, quantization="none")
+    got = llm.generate(reqs, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    fused = llm.llm_engine.model.fused
+    assert rows == [] and fused is not None and fused._refused  # noqa: SLF001 - the refusal is the point
+
+
+@pytest.mark.parametrize(("name", "decode"), [("llama-tied", "fused"), ("gemma3-four-norms", "fused"),
+                                              ("gemma2-softcap", "layers(soft-capping)"),
+                                              ("qwen2-moe", "layers(SparseMoE MLP)")])
+def test_the_start_up_line_says_what_decode_steps_run(dirs, name, decode, capsys, monkeypatch):
+    import torch
+
+    from tuneserve.loading import load_model
+    from tuneserve.weights import open_checkpoint
+
+    monkeypatch.delenv("TUNESERVE_QUIET", raising=False)
+    path = str(dirs[name])
+    capsys.readouterr()
+    load_model(path, open_checkpoint(path).arch_config(), torch.device("cpu"), progress=False, kernels=resolve())
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if "kernels:" in ln)
+    assert f" decode={decode} " in line
+    load_model(path, open_checkpoint(path).arch_config(), torch.device("cpu"), "bfloat16", progress=False,
+               kernels=resolve())
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if "kernels:" in ln)
+    assert " decode=layers(dtype bfloat16) " in line
