@@ -238,3 +238,13 @@ def test_bench_offline_measures_the_cost_of_a_schema(llm):
     schema, same = structure_cost(llm, work, SCHEMA, temperature=1.0, max_num_seqs=2)
     assert schema["valid"] == 1.0 and same["lengths"] == schema["lengths"] and "texts" not in schema
     assert schema["vs_unconstrained"] == schema["output_tok_s"] / same["output_tok_s"]
+
+
+def test_bench_offline_validity_only_runs_just_the_constrained_workload(llm):
+    from tuneserve.bench.offline import structure_cost
+    from tuneserve.bench.workloads import Workload
+
+    work = Workload([[5, 6, 7], [8, 9], [10]], 400, "tiny")
+    (row,) = structure_cost(llm, work, SCHEMA, temperature=1.0, max_num_seqs=2, compare=False)
+    assert row["valid"] == 1.0 and row["num_valid"] == 3 and "vs_unconstrained" not in row
+    assert row["config"] == "max_num_seqs=2 json-schema"

@@ -70,12 +70,13 @@ def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - 
     }
 
 
-def structure_cost(llm, work: Workload, schema: dict, temperature: float, max_num_seqs: int) -> list[dict]:  # noqa: ANN001
-    """The same workload with every request constrained to `schema`, then unconstrained with the same
-    output lengths (a grammar ends requests early; equal lengths keep the batch the same): the throughput
-    ratio, the mask share of the step, and how many outputs are valid against the schema."""
+def structure_cost(llm, work: Workload, schema: dict, temperature: float, max_num_seqs: int,  # noqa: ANN001
+                   compare: bool = True) -> list[dict]:
+    """The same workload with every request constrained to `schema`, then (compare) unconstrained with the
+    same output lengths (a grammar ends requests early; equal lengths keep the batch the same): the
+    throughput ratio, the mask share of the step, and how many outputs are valid against the schema."""
     rows = []
-    for constrained in (True, False):
+    for constrained in (True, False)[:2 if compare else 1]:
         llm.llm_engine.kv.reset_prefix_cache()  # as cold as the first run
         row = run_engine(llm, work, structured=StructuredOutputsParams(json=schema) if constrained else None,
                          temperature=temperature, lengths=rows[0]["lengths"] if rows else None)
@@ -83,7 +84,9 @@ def structure_cost(llm, work: Workload, schema: dict, temperature: float, max_nu
         rows.append(row)
     texts = rows[0].pop("texts")
     rows[0]["valid"] = sum(_valid(t, schema) for t in texts) / len(texts)
-    rows[0]["vs_unconstrained"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
+    rows[0]["num_valid"] = sum(_valid(t, schema) for t in texts)
+    if compare:
+        rows[0]["vs_unconstrained"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
     return rows
 
 
@@ -119,19 +122,24 @@ def warm_up(llm) -> None:  # noqa: ANN001
 def main(ns: argparse.Namespace) -> int:
     from tuneserve.llm import LLM
 
+    if ns.validity_only and not ns.json_schema:
+        raise SystemExit("--validity-only needs --json-schema")
     args = EngineArgs.from_cli_args(ns)
     llm = LLM(**args.to_dict())
     warm_up(llm)
     work = corpus_workload(llm.get_tokenizer(), ns.corpus, ns.num_prompts, ns.min_input, ns.max_input,
                            ns.output_len, ns.prompt_seed)
-    main_row = run_engine(llm, work, temperature=ns.temperature)
-    main_row["config"] = f"max_num_seqs={args.max_num_seqs}"
-    rows = [main_row]
+    rows = []
+    if not ns.validity_only:
+        main_row = run_engine(llm, work, temperature=ns.temperature)
+        rows = [{**main_row, "config": f"max_num_seqs={args.max_num_seqs}"}]
     if ns.json_schema:
-        rows += structure_cost(llm, work, schema_of(ns.json_schema), ns.temperature, args.max_num_seqs)
+        rows += structure_cost(llm, work, schema_of(ns.json_schema), ns.temperature, args.max_num_seqs,
+                               compare=not ns.validity_only)
     rows += run_ladder(llm, [int(b) for b in ns.ladder.split(",")] if ns.ladder else [])
     cols = ["system", "config", "workload", "output_tok_s", "total_tok_s", "mean_ttft_s", "mean_tpot_s",
-            "preemptions", "peak_rss_bytes"] + (["mask_share", "valid", "vs_unconstrained"] if ns.json_schema else [])
+            "preemptions", "peak_rss_bytes"]
+    cols += ["mask_share", "valid", "num_valid", "vs_unconstrained"] if ns.json_schema else []
     cols += ["all_reduce_share"] if args.tensor_parallel_size > 1 else []
     cfg = llm.llm_engine.config  # resolved: "auto" is what it chose, "none" is None
     print(table(rows, cols, title=f"bench offline: {args.model} ({args.dtype}, quantization "
@@ -175,6 +183,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
                    help="also run the workload with every request constrained to this JSON schema "
                         "('demo': 20 properties), then unconstrained with the same output lengths, and report "
                         "the throughput ratio, the mask share of the step and the share of valid outputs")
+    p.add_argument("--validity-only", action="store_true",
+                   help="with --json-schema: only the constrained run, for the share of valid outputs")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (request i seeded with i)")
     EngineArgs.add_cli_args(p, with_model=False)
     p.set_defaults(bench_main=main)
