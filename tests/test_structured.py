@@ -248,3 +248,17 @@ def test_bench_offline_validity_only_runs_just_the_constrained_workload(llm):
     (row,) = structure_cost(llm, work, SCHEMA, temperature=1.0, max_num_seqs=2, compare=False)
     assert row["valid"] == 1.0 and row["num_valid"] == 3 and "vs_unconstrained" not in row
     assert row["config"] == "max_num_seqs=2 json-schema"
+
+
+UNENDING = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # no finite instance
+
+
+def test_a_schema_the_grammar_cannot_follow_is_the_requests_400(client):
+    """llguidance gives up on it mid-decode ("Too many items"): the schema's fault, a 400, not a 500."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=64, seed=1, temperature=1.0,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": UNENDING}})
+    assert "the grammar failed after" in e.value.body["message"]
+    ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert ok.choices[0].finish_reason == "length"  # the server goes on

@@ -21,8 +21,16 @@ class RequestError(Exception):
         """A RequestError for an exception raised while working on one request in phase `kind`."""
         if isinstance(e, RequestError):
             return e
+        if isinstance(e, GrammarError):
+            return cls(str(e), 400, kind)
         status = 400 if isinstance(e, ValueError) and kind in ("prepare", "submit") else 500
         return cls(f"the engine failed this request while in {kind}: {type(e).__name__}: {e}", status, kind)
+
+
+class GrammarError(ValueError):
+    """A constrained request's grammar cannot go on while decoding (the grammar backend gave up on it: a
+    schema with no finite instance, one too complex to follow): the request's schema or grammar is at fault,
+    so the request ends with a 400, not a 500."""
 
 
 class EngineFatalError(RuntimeError):

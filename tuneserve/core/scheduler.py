@@ -19,6 +19,7 @@ from tuneserve.config import SchedulerConfig
 from tuneserve.core.kv_manager import KVManager
 from tuneserve.core.request import Request, RequestStatus, count_spec_step
 from tuneserve.core.step_io import RunnerOutput, ScheduledRequest, SchedulerOutput
+from tuneserve.errors import GrammarError
 
 
 class Scheduler:
@@ -225,8 +226,10 @@ class Scheduler:
         """Advance a constrained request's matcher over token; a complete grammar stops the request."""
         if req.grammar is None or req.is_finished or token in req.eos_token_ids:
             return False  # an EOS the request does not stop at (ignore_eos, min_tokens) is not grammar text
-        if not req.grammar.accept([token]):
-            raise ValueError(f"token {token} does not fit the request's grammar: {req.grammar.error()}")
+        if not req.grammar.accept([token]):  # masks allow only fitting tokens: the grammar itself gave up
+            raise GrammarError(f"response_format, structured_outputs or tools: the grammar failed after "
+                               f"{req.num_output_tokens} tokens ({req.grammar.error()}); a schema needs a finite "
+                               "instance that a parser can follow")
         if req.grammar.is_terminated():
             req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, None
             return True
