@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import TINY_KV_BYTES
 from tiny_models import build_family
 
 from tuneserve import LLM, SamplingParams
@@ -56,7 +57,8 @@ def spy(monkeypatch) -> list[int]:
 
 
 def generate(path, reqs, params, **kw):
-    return LLM(str(path), max_model_len=128, **kw).generate(reqs, params, use_tqdm=False)
+    return LLM(str(path), max_model_len=128, kv_cache_memory_bytes=TINY_KV_BYTES, **kw).generate(
+        reqs, params, use_tqdm=False)
 
 
 def assert_same(got, want, tol=1e-4):
@@ -116,7 +118,7 @@ def test_layers_the_step_does_not_compute_refuse_and_run_one_by_one(dirs, name, 
     reqs, params = prompts((7, 12)), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     want = generate(dirs[name], reqs, params, quantization="none", kernels="unfused")
     rows = spy(monkeypatch)
-    llm = LLM(str(dirs[name]), max_model_len=128, quantization="none")
+    llm = LLM(str(dirs[name]), max_model_len=128, quantization="none", kv_cache_memory_bytes=TINY_KV_BYTES)
     got = llm.generate(reqs, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     fused = llm.llm_engine.model.fused

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_KV_BYTES
 
 from tuneserve.bench.peers import hf, llama_cpp
 from tuneserve.bench.peers import sweep as peers_sweep
@@ -110,7 +111,7 @@ def test_engine_pp_tg_counts_only_the_tokens_after_every_prompt(tiny_llama, monk
     from tuneserve import LLM
     from tuneserve.bench.peers import pp_tg
 
-    llm = LLM(str(tiny_llama), max_model_len=128)
+    llm = LLM(str(tiny_llama), max_model_len=128, kv_cache_memory_bytes=TINY_KV_BYTES)
     plan = pp_tg.PpTgPlan(pp_len=40, tg_len=5, prompt_len=8, batches=(1, 3), reps=2)
     monkeypatch.setattr(pp_tg, "_clock", _Clock())  # two readings per run: one "second" apart
     rows = [r.to_dict() for r in pp_tg.engine_pp_tg(llm, plan, threads=2)]
