@@ -27,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneserve.bench.family_models import EOS, FAMILIES, PAD, BuiltFamily, Shape, build_family_model
+from tuneserve.bench.family_models import FAMILIES, BuiltFamily, Shape, build_family_model
 from tuneserve.bench.offline import warm_up
+from tuneserve.bench.peers.hf import greedy_generate
 from tuneserve.bench.records import table, torch_threads, write_json
 from tuneserve.kernels.config import cpu_name
 from tuneserve.sampling_params import SamplingParams
@@ -65,18 +66,11 @@ def hf_runner(path: Path, output_len: int) -> tuple[str, Runner]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=PAD, eos_token_id=EOS,
-                  use_cache=True)
-
-    def generate(ps: list[list[int]], new: int = output_len) -> list[list[int]]:
-        ids = torch.tensor(ps)  # one length per batch: no padding, the mask is all ones
-        with torch.inference_mode():
-            res = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 min_new_tokens=new, **greedy)
-        return res[:, ids.shape[1]:].tolist()
-
+    # the peers' greedy generate: pad and EOS (banned until output_len) from the generation config, which
+    # family_models fills with PAD and EOS; one length per batch, so the left padding is none
+    generate = greedy_generate(model)
     generate([[1] * 64], 4)  # warm-up, as tuneserve's
-    return model.config._attn_implementation, generate
+    return model.config._attn_implementation, lambda ps: generate(ps, output_len).tolist()
 
 
 def best_of(run: Runner, prompts: list[list[int]], repeats: int) -> tuple[float, list[list[int]]]:

@@ -47,7 +47,7 @@ def _load_hf(gguf_path: str) -> Any:
     return model.eval()
 
 
-def _greedy_generate(model: Any) -> Any:
+def greedy_generate(model: Any) -> Any:
     """generate(batch, new, streamer=None) -> the new token ids (B, new): greedy, exactly `new` tokens each."""
     import torch
 
@@ -74,7 +74,7 @@ def hf_pp_tg(gguf_path: str, plan: PpTgPlan, threads: int | None = None) -> list
     threads = peer_threads(threads)
     with torch_threads(threads):
         model = _load_hf(gguf_path)
-        generate = _greedy_generate(model)
+        generate = greedy_generate(model)
         vocab = model.config.vocab_size
         generate([[100] * 8], 4)  # warm-up
         rows = []
@@ -135,7 +135,7 @@ def _run_hf(
     t_load = time.perf_counter()
     model = _load_hf(gguf_path)
     load_s = time.perf_counter() - t_load
-    generate = _greedy_generate(model)
+    generate = greedy_generate(model)
     generate([prompts[0]], min(4, max_new_tokens))  # warm-up: first-call allocations and dispatch
 
     results = []
