@@ -60,6 +60,29 @@ def _seq_remover(L: Any, ctx: Any) -> Any:
     raise RuntimeError("this llama_cpp has no sequence-removal API (llama_memory_seq_rm / kv_*_seq_rm)")
 
 
+def _load_model(L: Any, gguf_path: str, extra_bufts: bool) -> Any:
+    """The GGUF file loaded on the CPU (see run_llama_cpp for extra_bufts); raises where llama.cpp cannot."""
+    mparams = L.llama_model_default_params()
+    mparams.n_gpu_layers = 0
+    if hasattr(mparams, "use_extra_bufts"):
+        mparams.use_extra_bufts = extra_bufts
+    model = L.llama_model_load_from_file(os.fsencode(gguf_path), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    return model
+
+
+def _fill(batch: Any, items: list[tuple[int, int, int, bool]]) -> None:
+    """Put (token, position, sequence, logits?) items into a llama_batch."""
+    batch.n_tokens = len(items)
+    for i, (tok, pos, seq, want_logits) in enumerate(items):
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = want_logits
+
+
 def _round_up(n: int, k: int) -> int:
     """Round n up to a multiple of k."""
     return -(-n // k) * k
@@ -88,13 +111,7 @@ def run_llama_cpp(
 
     check_workload(prompts, max_new_tokens)
     t_load = time.perf_counter()
-    mparams = L.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    if hasattr(mparams, "use_extra_bufts"):
-        mparams.use_extra_bufts = extra_bufts
-    model = L.llama_model_load_from_file(os.fsencode(gguf_path), mparams)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    model = _load_model(L, gguf_path, extra_bufts)
     load_s = time.perf_counter() - t_load
     try:
         vocab = L.llama_model_get_vocab(model)
@@ -167,13 +184,7 @@ def _llama_workload(
         seq_rm = _seq_remover(L, ctx)
 
         def fill(items: list[tuple[int, int, int, bool]]) -> None:
-            batch.n_tokens = len(items)
-            for i, (tok, pos, seq, want_logits) in enumerate(items):
-                batch.token[i] = tok
-                batch.pos[i] = pos
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = want_logits
+            _fill(batch, items)
 
         def decode() -> None:
             rc = L.llama_decode(ctx, batch)
@@ -282,13 +293,7 @@ def llama_pp_tg(gguf_path: str, plan: PpTgPlan, n_threads: int | None = None) ->
     L = _import_llama_cpp()
     import numpy as np
 
-    mparams = L.llama_model_default_params()
-    mparams.n_gpu_layers = 0
-    if hasattr(mparams, "use_extra_bufts"):
-        mparams.use_extra_bufts = False  # as run_llama_cpp: AMX repacking faults on some hosts
-    model = L.llama_model_load_from_file(os.fsencode(gguf_path), mparams)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    model = _load_model(L, gguf_path, extra_bufts=False)  # as run_llama_cpp's default
     try:
         n_vocab = int(L.llama_vocab_n_tokens(L.llama_model_get_vocab(model)))
         rows = []
@@ -333,12 +338,8 @@ class _Session:
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[int]:
         """One llama_decode of (token, position, sequence, logits?) items; the argmax of each logits row."""
-        b = self.batch
-        b.n_tokens = len(items)
-        for i, (tok, pos, seq, want) in enumerate(items):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
-            b.seq_id[i][0] = seq
-        rc = self.L.llama_decode(self.ctx, b)
+        _fill(self.batch, items)
+        rc = self.L.llama_decode(self.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
         rows = [i for i, item in enumerate(items) if item[3]]
