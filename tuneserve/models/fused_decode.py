@@ -27,7 +27,7 @@ from tuneserve.models.layers import Attention, ForwardContext, GatedMLP, RMSNorm
 class _Plan:
     model: ModelT
     layers: ctypes.Array  # kept alive: model.layers points into it
-    group_of_layer: list[int]  # layer -> index of its KV group in the step's groups
+    group_firsts: list[int]  # the first layer of each KV group, in group order: whose metadata a step passes
     max_rows: int  # the fewest rows any linear's kernel takes
     key: tuple  # the KV cache pointers it was built for
 
@@ -60,19 +60,15 @@ class FusedDecode:
         """Whether this step's rows may run fused."""
         if self._refused or x.dtype != torch.float32 or x.device.type != "cpu":
             return False
-        if any(m.prefills or m.short_rows is None for m in ctx.attn):
-            return False
         plan = self._plan_for(ctx)
-        return plan is not None and x.shape[0] < plan.max_rows
+        return (plan is not None and x.shape[0] < plan.max_rows
+                and not any(ctx.attn[i].prefills or ctx.attn[i].short_rows is None for i in plan.group_firsts))
 
     def run(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The hidden states after every layer, x (rows, hidden) -> (rows, hidden)."""
         plan = self._plan
         x = x.contiguous().clone()
-        firsts = {}
-        for layer, g in enumerate(plan.group_of_layer):
-            firsts.setdefault(g, ctx.attn[layer])
-        groups = (GroupT * len(firsts))(*(_group(firsts[g]) for g in range(len(firsts))))
+        groups = (GroupT * len(plan.group_firsts))(*(_group(ctx.attn[i]) for i in plan.group_firsts))
         decode_step.run(plan.model, groups, ctx.positions, x)
         return x
 
@@ -97,7 +93,8 @@ class FusedDecode:
                        head_dim=attn.d, inter=mlp.inter, block_size=ctx.kv_caches[0][0].shape[1],
                        act=ACTS[mlp.act], eps=m.arch.rms_norm_eps, layers=layers,
                        attention=decode_step.attention_address())
-        return _Plan(model, layers, group_of_layer, min(rows for _, rows in descs), key)
+        group_firsts = [group_of_layer.index(g) for g in range(len(first_of))]
+        return _Plan(model, layers, group_firsts, min(rows for _, rows in descs), key)
 
 
 def _group(meta) -> GroupT:  # noqa: ANN001 - kernels.attention.AttentionMetadata
