@@ -45,6 +45,22 @@ def test_sweep_writes_records_and_resumes(tiny_dirs, tmp_path, monkeypatch):
     assert len(load_records(out)) == 3
 
 
+def test_sweep_repeats_each_point_and_resumes_the_missing_runs(tmp_path, monkeypatch):
+    out = tmp_path / "results.jsonl"
+    calls = []
+    monkeypatch.setattr(sweep, "measure_offline", lambda *a, **k: calls.append(a[1]) or {"output_tok_s": 1.0})
+    recs = run_sweep("m", {"max_num_seqs": [1, 2]}, "random", str(out), 3, 4, repeats=3)
+    assert [(r["config"]["max_num_seqs"], r["repeat"]) for r in recs] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1),
+                                                                           (2, 2)]
+    assert "repeat" not in json.loads(recs[0]["key"]) and json.loads(recs[1]["key"])["repeat"] == 1
+    assert len(calls) == 6
+    more = run_sweep("m", {"max_num_seqs": [1, 2]}, "random", str(out), 3, 4, repeats=4)
+    assert [(r["config"]["max_num_seqs"], r["repeat"]) for r in more] == [(1, 3), (2, 3)]
+    assert run_sweep("m", {"max_num_seqs": [1, 2]}, "random", str(out), 3, 4, repeats=2) == []
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        run_sweep("m", {"max_num_seqs": [1]}, "random", str(out), 3, 4, repeats=0)
+
+
 def rec(config, tpots, ttft=0.1, elapsed=10.0, kind="offline", system="tuneserve", **metrics):
     reqs = [{"ttft": ttft, "tpot": t, "e2el": ttft + 10 * t} for t in tpots]
     return {"kind": kind, "system": system, "model": "m", "workload": "corpus", "config": config,

@@ -2,11 +2,13 @@
 
 Every finished point is appended to the results file at once (one JSON object per line), keyed by model,
 workload, mode, request rate and configuration, so an interrupted sweep resumes where it stopped and
-`tune`/`report` can reuse any point. Records keep per-request latencies, so goodput can be recomputed
-for any SLO later. Besides engine arguments, a grid may set `speculative` (off, ngram, draft:MODEL) and
-`threads` (torch threads the engine runs on; every record says how many it had) and, in serve mode,
-`replicas` (that many engines on Ray Serve behind one endpoint, prefix-aware routing, the threads shared
-out among them: tuneserve/deploy/lab.py).
+`tune`/`report` can reuse any point. With --repeats N every point is run N times (each run its own
+record, `repeat` 0..N-1; serve runs get fresh arrival schedules), so `report` can give each figure an
+interval. Records keep per-request latencies, so goodput can be recomputed for any SLO later. Besides
+engine arguments, a grid may set `speculative` (off, ngram, draft:MODEL) and `threads` (torch threads the
+engine runs on; every record says how many it had) and, in serve mode, `replicas` (that many engines on
+Ray Serve behind one endpoint, prefix-aware routing, the threads shared out among them:
+tuneserve/deploy/lab.py).
 """
 
 from __future__ import annotations
@@ -107,45 +109,50 @@ def measure_offline(model: str, point: dict[str, Any], workload: str, num_prompt
 
 def run_sweep(model: str, grid: dict[str, list[Any]], workload: str, out: str, num_prompts: int,
               output_len: int, base: dict[str, Any] | None = None, rates: list[float] | None = None,
-              mode: str = "offline") -> list[dict]:
-    """Measure every grid point not yet in `out`; returns the records written now. In serve mode one
-    server per point runs every rate of the ladder."""
+              mode: str = "offline", repeats: int = 1) -> list[dict]:
+    """Measure every run of every grid point not yet in `out` (`repeats` runs each); returns the records
+    written now. In serve mode one server per point runs every rate of the ladder."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     done = {r.get("key") for r in load_records(out)}
     todo: dict[int, list] = {}
     points = grid_points(grid)
     for i, point in enumerate(points):
         for rate in (rates if mode == "serve" else [None]):
-            key = point_key(model, workload, mode, rate, point)
-            if key not in done:
-                todo.setdefault(i, []).append((rate, key))
+            for rep in range(repeats):
+                # repeat 0 keeps the key of a single run, so results written before --repeats still count
+                key = point_key(model, workload, mode, rate, point, **({"repeat": rep} if rep else {}))
+                if key not in done:
+                    todo.setdefault(i, []).append((rate, rep, key))
     written = []
     bar = tqdm(total=sum(map(len, todo.values())), desc="sweep", unit="point", disable=not todo)
     for i, pending in todo.items():
         point = points[i]
         if mode == "serve":
-            from tuneserve.bench.sweep_serve import session_for
+            from tuneserve.bench.sweep_serve import run_seed, session_for
 
             with session_for(model, engine_args_for(model, point, base), point.get("threads"),
                              point.get("replicas")) as session:
-                for rate, key in pending:
+                for rate, rep, key in pending:
+                    metrics = session.run(workload, num_prompts, output_len, rate, run_seed(rate, rep))
                     written.append(_write(out, key, mode, model, workload, rate, point, num_prompts, output_len,
-                                          session.run(workload, num_prompts, output_len, rate)))
+                                          metrics, rep))
                     bar.update(1)
         else:
-            for rate, key in pending:
+            for rate, rep, key in pending:
                 metrics = measure_offline(model, point, workload, num_prompts, output_len, base or {})
                 written.append(_write(out, key, mode, model, workload, rate, point, num_prompts, output_len,
-                                      metrics))
+                                      metrics, rep))
                 bar.update(1)
     bar.close()
     return written
 
 
 def _write(out: str, key: str, mode: str, model: str, workload: str, rate: float | None, point: dict,
-           num_prompts: int, output_len: int, metrics: dict) -> dict:
+           num_prompts: int, output_len: int, metrics: dict, repeat: int = 0) -> dict:
     record = {"key": key, "kind": mode, "system": "tuneserve", "model": model, "workload": workload,
-              "mode": mode, "rate": rate, "config": point, "num_prompts": num_prompts, "output_len": output_len,
-              "metrics": metrics, "time": time.time(), "machine": platform.node()}
+              "mode": mode, "rate": rate, "config": point, "repeat": repeat, "num_prompts": num_prompts,
+              "output_len": output_len, "metrics": metrics, "time": time.time(), "machine": platform.node()}
     append_record(out, record)
     return record
 
@@ -157,7 +164,8 @@ def main(ns: argparse.Namespace) -> int:
     rates = [float(r) for r in ns.request_rates.split(",")] if ns.request_rates else [float("inf")]
     modes = ["offline", "serve"] if ns.mode == "both" else [ns.mode]
     for mode in modes:
-        recs = run_sweep(ns.model, grid, ns.workload, ns.out, ns.num_prompts, ns.output_len, base, rates, mode)
+        recs = run_sweep(ns.model, grid, ns.workload, ns.out, ns.num_prompts, ns.output_len, base, rates, mode,
+                         ns.repeats)
         print(f"[tuneserve] sweep ({mode}): {len(recs)} new points written to {ns.out}", file=sys.stderr)
     if ns.peers:
         from tuneserve.bench.peers.sweep import sweep_peers
@@ -175,6 +183,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--request-rates", default="", help="serve mode: requests/s ladder, e.g. 1,2,4,inf")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="runs per point (3 or more give each figure a 95%% "
+                   "interval in the report)")
     p.add_argument("--out", default="results/sweep.jsonl")
     p.add_argument("--peers", action="store_true", help="also measure HF transformers and llama.cpp")
     EngineArgs.add_cli_args(p, with_model=False)
