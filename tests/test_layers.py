@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / "tuneserve"
 
 # Lowest first. A module may import modules of its own rank or below, never above.
 LAYERS: list[set[str]] = [
-    {"log", "errors", "faults", "config", "sampling_params", "outputs"},
+    {"log", "errors", "faults", "config", "sampling_params", "outputs", "resources"},
     {"core", "overflow"},  # torch-free bookkeeping and policies
     {"dtypes", "weights", "corpus", "tokenizer", "chat_template", "kernels", "sample", "structured", "tool_calls"},
     {"models", "quant", "engine_args"},

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 from tuneserve.bench.records import percentile, table, write_json
 from tuneserve.bench.workloads import Workload, corpus_workload, ladder_workload, schema_of
 from tuneserve.engine_args import EngineArgs
+from tuneserve.resources import peak_rss_bytes
 from tuneserve.sampling_params import SamplingParams, StructuredOutputsParams
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_engine(llm, work: Workload, label: str = "tuneserve",  # noqa: ANN001 - tuneserve.LLM

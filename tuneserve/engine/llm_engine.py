@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,7 @@ from tuneserve.parallel.group import RankGroup
 from tuneserve.parallel.rank import load_shard
 from tuneserve.parallel.shard import local_kv_heads
 from tuneserve.quant.linear import model_weight_bytes
+from tuneserve.resources import peak_rss_bytes
 from tuneserve.sampling_params import ParamError, SamplingParams
 from tuneserve.speculative.decoder import SpecDecoder
 from tuneserve.speculative.draft import DraftProposer, draft_engine_config
@@ -96,7 +98,15 @@ class LLMEngine:
         self._grammars_lock = threading.Lock()
         log(f"loaded {m.model} ({m.arch.architecture}, {m.arch.num_layers} layers) in "
             f"{time.perf_counter() - t0:.1f}s on {config.device}, dtype {m.dtype}, "
-            f"quantization {m.quantization or 'none'}")
+            f"quantization {m.quantization or 'none'}; {self._memory_line()}")
+
+    def _memory_line(self) -> str:
+        """Peak RSS so far against what the weights hold and the checkpoint file (a single-file one)."""
+        mib = 2**20
+        line = (f"peak RSS {peak_rss_bytes() / mib:,.0f} MiB, weights {self.footprint()['weight_bytes'] / mib:,.0f} "
+                f"MiB")
+        path = Path(self.config.model.path)
+        return line + (f", file {path.stat().st_size / mib:,.0f} MiB" if path.is_file() else "")
 
     def build_scheduler(self) -> None:
         """A fresh KV manager (every block free) and scheduler (no requests): at start and after a reset."""

@@ -23,11 +23,11 @@ finished, and every number is over the requests that ran; `extra["num_requests"]
 
 from __future__ import annotations
 
-import resource
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from tuneserve.resources import peak_rss_bytes
 
 PEERS_INSTALL_HINT = (
     "llama.cpp peer needs llama-cpp-python: `pip install -e .[peers]` "
@@ -64,12 +64,6 @@ def peer_threads(threads: int | None = None) -> int:
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     return int(threads) if threads is not None else torch.get_num_threads()
-
-
-def peak_rss_bytes() -> int:
-    """Return this process's maximum resident set size in bytes."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
 def mean(values: Sequence[float]) -> float | None:
