@@ -4,7 +4,8 @@ Besides the main corpus workload, `--ladder` adds fixed batches (64 tokens in, 6
 runs with all requests started together. Each engine row gets `ratio_vs_best_peer`: its output tok/s over
 the fastest peer's on the same workload. A second table measures as llama-bench does (bench/peers/pp_tg.py):
 prompt processing alone (pp512) and generation alone at batch 1 and the ladder's batches (tg64), with each
-system's ratio to llama.cpp; `--pp-tg-only` runs just that one. Every system runs on the same number of CPU
+system's ratio to llama.cpp and the fractions of the measured bandwidth and compute limits it reaches
+(bench/peers/ceilings.py); `--pp-tg-only` runs just that one. Every system runs on the same number of CPU
 threads, --threads (default: torch's count, what the engine uses), and the table and the JSON say how many.
 """
 
@@ -14,7 +15,7 @@ import sys
 from typing import Any
 
 from tuneserve.bench.offline import add_workload_args, run_engine, warm_up
-from tuneserve.bench.peers import hf, llama_cpp
+from tuneserve.bench.peers import ceilings, hf, llama_cpp
 from tuneserve.bench.peers.pp_tg import PpTgPlan, add_ratios, engine_pp_tg
 from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult, peer_threads
 from tuneserve.bench.records import table, torch_threads, write_json
@@ -24,7 +25,8 @@ from tuneserve.kernels.config import cpu_name
 
 COLUMNS = ["system", "config", "threads", "num_requests", "output_tok_s", "total_tok_s", "mean_ttft_s",
            "mean_tpot_s", "ratio_vs_best_peer"]
-PP_TG_COLUMNS = ["system", "test", "batch", "threads", "tok_s", "tok_s_sd", "reps", "vs_llama.cpp"]
+PP_TG_COLUMNS = ["system", "test", "batch", "threads", "tok_s", "tok_s_sd", "reps", "vs_llama.cpp", "bw_frac",
+                 "compute_frac"]
 
 
 def _rows(results: list[PeerResult]) -> list[dict[str, Any]]:
@@ -96,10 +98,14 @@ def _pp_tg(ns: Any, path: str, plan: PpTgPlan, threads: int, engine_rows: list, 
         rows += llama_cpp.llama_pp_tg(path, plan, threads)
     out = [r.to_dict() for r in rows]
     add_ratios(out)
+    costs, limits = ceilings.gguf_costs(path), ceilings.measure(threads)
+    ceilings.add_fractions(out, costs, limits, plan.pp_len, plan.prompt_len, plan.tg_len)
     print(table(out, PP_TG_COLUMNS, title=f"bench peers, llama-bench style: {args.model}, tok/s, mean of "
-                                          f"{plan.reps} runs, {threads} threads each, cpu: {cpu_name()}"))
+                                          f"{plan.reps} runs, {threads} threads each, cpu: {cpu_name()}\n"
+                                          f"{limits.describe()}; bw_frac, compute_frac: the fraction of each "
+                                          f"limit a row reaches (bench/peers/ceilings.py)"))
     write_json(ns.json, {"engine_args": args.to_dict(), "threads": threads, "cpu": cpu_name(), **(record or {}),
-                         "pp_tg": out})
+                         **ceilings.record(costs, limits), "pp_tg": out})
     return 0
 
 
