@@ -43,6 +43,12 @@ def like_key(record: dict) -> tuple:
             run_count(record), record.get("output_len"))
 
 
+def runs_label(requests: int, runs: list[dict]) -> str:
+    """Requests per run x runs, and how many runs stopped early (their figures are lower bounds)."""
+    stopped = sum(bool(r.get("stopped")) for r in runs)
+    return f"{requests}x{len(runs)}" + (f" ({stopped} stopped)" if stopped else "")
+
+
 @dataclass
 class Point:
     """Every run of one configuration at one workload, mode and offered rate."""
@@ -131,7 +137,8 @@ def _run_goodput(run: dict, limits: dict[str, float]) -> float | None:
     reqs, elapsed = run.get("requests") or [], run.get("elapsed_s")
     if not elapsed:
         return None
-    ok = sum(all(r.get(k) is not None and r[k] <= v for k, v in limits.items()) for r in reqs)
+    ok = sum(all(r.get(k) is not None and r[k] <= v for k, v in limits.items()) for r in reqs
+             if not r.get("partial"))  # a request a stopped run cut off did not finish
     return ok / elapsed
 
 

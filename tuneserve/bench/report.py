@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tuneserve.bench.points import config_id, like_key, run_count
+from tuneserve.bench.points import config_id, like_key, run_count, runs_label
 from tuneserve.bench.records import fmt, load_records
 from tuneserve.bench.slo import latency_value
 from tuneserve.bench.stats import Interval, t_interval
@@ -69,7 +69,7 @@ def serve_rows(records: list[dict]) -> list[dict]:
     for first, runs in point_groups(records, "serve"):
         rows.append({"system": first.get("system", "tuneserve"), "workload": first.get("workload"),
                      "config": config_id(first.get("config", {})), "rate": first.get("rate"),
-                     "requests": f"{run_count(first)}x{len(runs)}",
+                     "requests": runs_label(run_count(first), runs),
                      "output_tok_s": _cell(runs, lambda m: m.get("output_tok_s")),
                      "ttft_p99_ms": _cell(runs, _lat("ttft_p99_s", "ttft_p99"), 1e3),
                      "tpot_p99_ms": _cell(runs, _lat("tpot_p99_s", "tpot_p99"), 1e3)})

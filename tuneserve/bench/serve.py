@@ -13,6 +13,7 @@ import asyncio
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,8 @@ from tuneserve.bench.exchange import sse_events
 from tuneserve.bench.records import percentile, table, write_json
 
 SLO_KEYS = ("ttft", "tpot", "e2el")
+STOP_CHECK_S = 0.25  # how often a stop rule is asked during a run
+StopRule = Callable[[Sequence["RequestRecord"], float], "str | None"]
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
 
 
@@ -38,6 +41,8 @@ class RequestRecord:
     chunk_s: list[float] = field(default_factory=list)  # arrival of every chunk that carried tokens
     output_tokens: int = 0
     error: str | None = None
+    sent: bool = False
+    done: bool = False  # ended (tokens, an error or an empty stream); False while in flight or when cut off
 
     @property
     def success(self) -> bool:
@@ -65,7 +70,8 @@ class RequestRecord:
         """The record with its derived latencies, for the JSON report."""
         return {"index": self.index, "success": self.success, "error": self.error,
                 "prompt_len": self.prompt_len, "max_tokens": self.max_tokens,
-                "output_tokens": self.output_tokens, "arrival_s": self.arrival_s, "send_s": self.send_s,
+                "output_tokens": self.output_tokens, "done": self.done, "arrival_s": self.arrival_s,
+                "send_s": self.send_s,
                 "ttft_s": self.ttft, "tpot_s": self.tpot, "e2el_s": self.e2el, "itl_s": self.itls}
 
 
@@ -155,30 +161,36 @@ def served_model(base_url: str, api_key: str | None = None) -> str:
 async def _stream_one(client: httpx.AsyncClient, payload: dict, rec: RequestRecord, t0: float) -> None:
     """Send one streaming completion and fill in its record (errors are recorded, never raised)."""
     rec.send_s = time.perf_counter() - t0
+    rec.sent = True
     try:
-        async with client.stream("POST", "/v1/completions", json=payload) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode(errors="replace")
-                rec.error = f"HTTP {resp.status_code}: {body[:300]}"
-                return
-            async for obj in sse_events(resp):
-                now = time.perf_counter() - t0
-                if obj is None:  # [DONE]
-                    break
-                if "error" in obj:
-                    rec.error = f"stream error: {obj['error']}"
-                    return
-                if obj.get("choices"):  # a token (its text may be empty, e.g. a special token or half a
-                    rec.chunk_s.append(now)  # UTF-8 character): vLLM counts these chunks too
-                elif obj.get("usage"):
-                    rec.output_tokens = int(obj["usage"].get("completion_tokens") or 0)
-                    rec.prompt_len = int(obj["usage"].get("prompt_tokens") or rec.prompt_len)
-        if not rec.chunk_s:
+        await _receive(client, payload, rec, t0)
+        if not rec.error and not rec.chunk_s:
             rec.error = "the stream ended without any token"
-        elif not rec.output_tokens:  # a server without include_usage: one token per chunk
+        elif not rec.error and not rec.output_tokens:  # a server without include_usage: one token per chunk
             rec.output_tokens = len(rec.chunk_s)
     except Exception as e:  # noqa: BLE001 - one failed request must not end the benchmark
         rec.error = f"{type(e).__name__}: {e}"
+    rec.done = True  # not reached when a stopped run cancels the request
+
+
+async def _receive(client: httpx.AsyncClient, payload: dict, rec: RequestRecord, t0: float) -> None:
+    async with client.stream("POST", "/v1/completions", json=payload) as resp:
+        if resp.status_code != 200:
+            body = (await resp.aread()).decode(errors="replace")
+            rec.error = f"HTTP {resp.status_code}: {body[:300]}"
+            return
+        async for obj in sse_events(resp):
+            now = time.perf_counter() - t0
+            if obj is None:  # [DONE]
+                break
+            if "error" in obj:
+                rec.error = f"stream error: {obj['error']}"
+                return
+            if obj.get("choices"):  # a token (its text may be empty, e.g. a special token or half a
+                rec.chunk_s.append(now)  # UTF-8 character): vLLM counts these chunks too
+            elif obj.get("usage"):
+                rec.output_tokens = int(obj["usage"].get("completion_tokens") or 0)
+                rec.prompt_len = int(obj["usage"].get("prompt_tokens") or rec.prompt_len)
 
 
 def _payload(model: str, prompt: str | list[int], max_tokens: int) -> dict:
@@ -189,11 +201,15 @@ def _payload(model: str, prompt: str | list[int], max_tokens: int) -> dict:
 async def benchmark(base_url: str, model: str, requests: list[load.BenchRequest], arrivals: list[float],
                     max_concurrency: int | None = None, api_key: str | None = None,
                     prompts: list[str | list[int]] | None = None, progress: bool = True,
-                    warmup: bool = True) -> tuple[list[RequestRecord], float, int]:
+                    warmup: bool = True, stop: StopRule | None = None
+                    ) -> tuple[list[RequestRecord], float, int, str | None]:
     """Send every request at its arrival time (waiting for a slot under max_concurrency).
 
-    Returns the records, the duration from the first scheduled send to the last response, and the most
-    requests the client had in flight at once. `prompts` overrides what is sent (e.g. decoded text).
+    Returns the records, the duration from the first scheduled send to the last response (or to the
+    stop), the most requests the client had in flight at once, and why the run was stopped (None: it
+    ran to the end). `prompts` overrides what is sent (e.g. decoded text). `stop(records, now)` is asked
+    every STOP_CHECK_S; a reason ends the run there: requests in flight are cancelled (the server aborts
+    them on the disconnect), the rest are never sent (bench/early_stop.py).
     """
     from tqdm import tqdm
 
@@ -221,17 +237,41 @@ async def benchmark(base_url: str, model: str, requests: list[load.BenchRequest]
                 await _stream_one(client, _payload(model, prompts[rec.index], rec.max_tokens), rec, t0)
             bar.update(1)
 
-        await asyncio.gather(*(one(r) for r in records))
+        stopped = await _run_all([one(r) for r in records], records, t0, stop)
         duration = time.perf_counter() - t0
         bar.close()
-    return records, duration, limit.peak
+    return records, duration, limit.peak, stopped
+
+
+async def _run_all(coros: list, records: list[RequestRecord], t0: float, stop: StopRule | None) -> str | None:
+    """Await every request; with a stop rule, check it as they go and cancel the rest when it fires."""
+    every = asyncio.gather(*coros)
+    if stop is None:
+        await every
+        return None
+    while True:
+        finished, _ = await asyncio.wait([every], timeout=STOP_CHECK_S)
+        if finished:
+            every.result()
+            return None
+        why = stop(records, time.perf_counter() - t0)
+        if why:
+            every.cancel()
+            try:
+                await every
+            except asyncio.CancelledError:
+                pass
+            return why
 
 
 def run_benchmark(base_url: str, requests: list[load.BenchRequest], *, model: str | None = None,
                   request_rate: float = math.inf, burstiness: float = 1.0, max_concurrency: int | None = None,
                   slo: dict[str, float] | None = None, seed: int = 0, api_key: str | None = None,
-                  tokenizer: Any = None, text_prompts: bool = False, progress: bool = True) -> dict:
-    """Run a workload against a server; returns {"config", "metrics", "requests"} (per-request records)."""
+                  tokenizer: Any = None, text_prompts: bool = False, progress: bool = True,
+                  stop: StopRule | None = None) -> dict:
+    """Run a workload against a server; returns {"config", "metrics", "requests"} (per-request records).
+    A run that `stop` ended also has "stopped" (why) and "cut" (each cut-off request's lower bounds, in
+    bench/early_stop.py's sense); its metrics cover the requests that ended."""
     base_url = base_url.rstrip("/")
     model = model or served_model(base_url, api_key)
     arrivals = load.arrival_times(len(requests), request_rate, burstiness, seed)
@@ -239,16 +279,23 @@ def run_benchmark(base_url: str, requests: list[load.BenchRequest], *, model: st
     if text_prompts:
         tokenizer = tokenizer or RemoteTokenizer(base_url, model, api_key)
         prompts = [tokenizer.decode(r.prompt) for r in requests]
-    records, duration, peak = asyncio.run(benchmark(base_url, model, requests, arrivals, max_concurrency,
-                                                    api_key, prompts, progress))
-    metrics = compute_metrics(records, duration, slo)
+    records, duration, peak, stopped = asyncio.run(benchmark(base_url, model, requests, arrivals, max_concurrency,
+                                                             api_key, prompts, progress, stop=stop))
+    ended = [r for r in records if r.done]
+    metrics = compute_metrics(ended, duration, slo)
     metrics["max_in_flight"] = peak
     config = {"base_url": base_url, "model": model, "num_prompts": len(requests),
               "request_rate": request_rate if math.isfinite(request_rate) else "inf",
               "burstiness": burstiness, "max_concurrency": max_concurrency, "slo_s": slo, "seed": seed,
               "prompt_format": "text" if text_prompts else "ids",
               "workload_sha256": load.fingerprint(requests)}
-    return {"config": config, "metrics": metrics, "requests": [r.to_json() for r in records]}
+    out = {"config": config, "metrics": metrics, "requests": [r.to_json() for r in records]}
+    if stopped:
+        from tuneserve.bench.early_stop import lower_bounds
+
+        out["stopped"] = stopped
+        out["cut"] = [lower_bounds(r, duration) for r in records if not r.done]
+    return out
 
 
 # ----- command line -----------------------------------------------------------------------------------

@@ -13,10 +13,13 @@ import math
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneserve.bench.records import torch_threads
 from tuneserve.bench.workloads import build_workload
+
+if TYPE_CHECKING:
+    from tuneserve.bench.serve import StopRule
 
 # Sessions of `replicas` > 1 engines behind one endpoint (Ray Serve): tuneserve.deploy.lab adds its factory
 # here when imported (deploy sits above bench), as the CLI does; (model, engine args, threads, replicas) -> session
@@ -74,26 +77,30 @@ class ServeSession:
             self._threads.__exit__(None, None, None)
 
     def run(self, workload: str, num_prompts: int, output_len: int, rate: float | None,
-            seed: int = 0) -> dict[str, Any]:
-        """Send the workload at `rate` req/s (None or inf: all at once) and measure what clients see."""
+            seed: int = 0, stop: StopRule | None = None) -> dict[str, Any]:
+        """Send the workload at `rate` req/s (None or inf: all at once) and measure what clients see
+        (`stop`: end the run early when it fires, bench/early_stop.py)."""
         return run_at(self.srv.url, self.engine.tokenizer, workload, num_prompts, output_len, rate, seed,
-                      {**self.cost, "load_s": self.load_s})
+                      {**self.cost, "load_s": self.load_s}, stop)
 
 
 def run_at(url: str, tokenizer: Any, workload: str, num_prompts: int, output_len: int, rate: float | None,
-           seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+           seed: int, extra: dict[str, Any], stop: StopRule | None = None) -> dict[str, Any]:
     """One run against a server at url: the workload at `rate` req/s; what clients see, with `extra`."""
     from tuneserve.bench.load import BenchRequest
     from tuneserve.bench.serve import run_benchmark
 
     work = build_workload(tokenizer, workload, num_prompts, output_len, seed=seed)
     reqs = [BenchRequest(p, output_len) for p in work.prompts]
-    res = run_benchmark(url, reqs, request_rate=math.inf if rate is None else rate, seed=seed, progress=False)
+    res = run_benchmark(url, reqs, request_rate=math.inf if rate is None else rate, seed=seed, progress=False,
+                        stop=stop)
     return {**serve_metrics(res), **extra, "seed": seed}
 
 
 def serve_metrics(res: dict) -> dict[str, Any]:
-    """A results-file record's metrics (seconds) from a `bench serve` result (milliseconds)."""
+    """A results-file record's metrics (seconds) from a `bench serve` result (milliseconds). A stopped run
+    (bench/early_stop.py) says why in "stopped", and its cut-off requests come as their lower bounds,
+    marked "partial"."""
     m = res["metrics"]
 
     def sec(key: str) -> float | None:
@@ -107,7 +114,9 @@ def serve_metrics(res: dict) -> dict[str, Any]:
             "itl_p50_s": sec("median_itl_ms"), "itl_p99_s": sec("p99_itl_ms"),
             "e2el_p50_s": sec("median_e2el_ms"), "e2el_p99_s": sec("p99_e2el_ms"),
             "requests": [{"ttft": r["ttft_s"], "tpot": r["tpot_s"], "e2el": r["e2el_s"]}
-                         for r in res["requests"] if r["success"]]}
+                         for r in res["requests"] if r["success"] and r["done"]]
+            + [{**b, "partial": True} for b in res.get("cut", [])],
+            **({"stopped": res["stopped"]} if res.get("stopped") else {})}
 
 
 def measure_serve(model: str, engine_args: dict[str, Any], workload: str, num_prompts: int, output_len: int,

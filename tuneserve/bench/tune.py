@@ -19,7 +19,7 @@ import math
 import shlex
 import sys
 
-from tuneserve.bench.points import Judged, config_id
+from tuneserve.bench.points import Judged, config_id, runs_label
 from tuneserve.bench.rank import Capacity, Decision
 from tuneserve.bench.records import fmt, table
 from tuneserve.bench.slo import SLO, parse_slos, thin_tails
@@ -60,7 +60,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         if not ok:
             raise ValueError(why)
     return Settings(ns.model, ns.workload, ns.results, slos, ns.num_prompts, ns.output_len, ns.repeats,
-                    ns.max_repeats, ns.rate, ns.start_rate, ns.min_rate, ns.max_rate)
+                    ns.max_repeats, ns.rate, ns.start_rate, ns.min_rate, ns.max_rate, not ns.no_early_stop)
 
 
 def _fig(v: Interval | float | None) -> str:
@@ -70,7 +70,7 @@ def _fig(v: Interval | float | None) -> str:
 
 
 def _runs(j: Judged | None) -> str:
-    return "-" if j is None else f"{j.point.requests}x{len(j.point.runs)}"
+    return "-" if j is None else runs_label(j.point.requests, j.point.runs)
 
 
 def _cost(row: dict, cost: tuple[float, float]) -> dict:
@@ -225,5 +225,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--min-rate", type=float, default=0.5, help="lowest offered rate tried (a run at rate r "
                    "takes num_prompts / r seconds)")
     p.add_argument("--max-rate", type=float, default=64.0, help="highest offered rate tried")
+    p.add_argument("--no-early-stop", action="store_true", help="run every request of every run, even once a run "
+                   "surely misses a latency SLO (by default it stops there: bench/early_stop.py)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)

@@ -5,7 +5,8 @@ rates and points compare like for like. For the highest sustained rate, a config
 the best configuration's sure rate so far (one that surely fails there is surely worse, and one that fails
 there by the means without being cheaper cannot win a tie: both are done), else start_rate; then the rate
 doubles while the SLOs hold by the means, halves while they fail, and is bisected to one grid step; one more
-step either side checks an unsure end of the bracket. Every point gets min_repeats runs, and more, up to
+step either side checks an unsure end of the bracket. A run stops as soon as it surely misses a latency
+SLO (bench/early_stop.py), so rates above the capacity cost little. Every point gets min_repeats runs, and more, up to
 max_repeats, while its verdict is unsure. Every run is appended to the results file when it ends, so a
 resumed tune retraces its path from the records and measures only what is missing.
 """
@@ -21,6 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from tuneserve.bench.early_stop import stopper
 from tuneserve.bench.points import Judged, collect, config_id, judge
 from tuneserve.bench.rank import Capacity, Decision, capacity, decide_at_rate, decide_capacity
 from tuneserve.bench.records import append_record, load_records, point_key
@@ -44,6 +46,7 @@ class Settings:
     start_rate: float = 1.0
     min_rate: float = 0.5
     max_rate: float = 64.0
+    early_stop: bool = True  # stop a run once it surely misses a latency SLO (bench/early_stop.py)
 
 
 def grid_rate(start: float, k: int) -> float:
@@ -225,7 +228,8 @@ class Tuner:
         from tuneserve.bench.sweep_serve import run_seed
 
         s = self.s
-        metrics = session.run(s.workload, s.num_prompts, s.output_len, rate, run_seed(rate, repeat))
+        metrics = session.run(s.workload, s.num_prompts, s.output_len, rate, run_seed(rate, repeat),
+                              stop=stopper(s.slos) if s.early_stop else None)
         key = point_key(s.model, s.workload, "serve", rate, config, repeat=repeat, num_prompts=s.num_prompts,
                         output_len=s.output_len)
         rec = {"key": key, "kind": "serve", "system": "tuneserve", "model": s.model, "workload": s.workload,

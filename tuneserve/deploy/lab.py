@@ -71,9 +71,9 @@ class ReplicaSession:
         return cost
 
     def run(self, workload: str, num_prompts: int, output_len: int, rate: float | None,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, stop: Any = None) -> dict[str, Any]:  # stop: bench.serve.StopRule
         return run_at(self.dep.url, self.tokenizer, workload, num_prompts, output_len, rate, seed,
-                      {**self.cost, "load_s": self.load_s, "replicas": self.replicas})
+                      {**self.cost, "load_s": self.load_s, "replicas": self.replicas}, stop)
 
     def __exit__(self, *exc: object) -> None:
         self.dep.close()

@@ -1,0 +1,74 @@
+"""Stop a serve run once it has surely missed a latency SLO, so an overloaded rate costs seconds, not minutes.
+
+At an offered rate above what a configuration sustains, the queue grows for the whole run and the run
+lasts several times its nominal num_prompts / rate; `tune`'s rate search meets such rates on its way to
+the capacity. While a run goes on, every request has a lower bound on each latency: exact once it has
+ended; for one in flight, the time it has waited so far (TTFT until its first token, E2EL until its end)
+and, after its first token, the time since spread over the tokens it may still produce (TPOT); 0 for one
+not yet sent. A latency percentile over the run's n requests (linear interpolation, numpy's default)
+lies above a bound b as soon as n - floor(q/100 * (n-1)) of the lower bounds do: the interpolated value
+then sits between two order statistics that are both above b. A mean lies above b once the lower bounds'
+sum over n does. Then the run's figure is surely over the bound whatever the rest does, and the run stops.
+
+A stopped run's record keeps every finished request as measured and each cut-off one as its lower bounds,
+marked `partial` (left out of goodput): its figures are lower bounds of the ones the whole run would have
+had, so an interval over runs that include it can fail a bound (the true figures are higher still) but
+never pass it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tuneserve.bench.slo import LATENCY, SLO
+
+
+def lower_bounds(rec: Any, now: float) -> dict[str, float | None]:  # rec: serve.RequestRecord
+    """Each latency of one request, exact if it has ended, else its lower bound at `now` (seconds from
+    the start of the run)."""
+    if rec.done:
+        return {"ttft": rec.ttft, "tpot": rec.tpot, "e2el": rec.e2el}
+    if not rec.sent:
+        return {"ttft": 0.0, "tpot": 0.0, "e2el": 0.0}
+    waited = max(0.0, now - rec.send_s)
+    if not rec.chunk_s:
+        return {"ttft": waited, "tpot": 0.0, "e2el": waited}
+    since_first = max(0.0, now - rec.chunk_s[0])
+    tpot = since_first / (rec.max_tokens - 1) if rec.max_tokens > 1 else None
+    return {"ttft": rec.chunk_s[0] - rec.send_s, "tpot": tpot, "e2el": waited}
+
+
+def surely_missed(slos: Sequence[SLO], bounds: Sequence[dict[str, float | None]]) -> str | None:
+    """The first latency SLO that the run's figure surely misses, given every request's lower bounds
+    (None: none is sure yet)."""
+    for s in slos:
+        if s.kind != "latency" or s.op != "<=":
+            continue
+        kind = s.metric.split("_")[0]
+        vals = [b[kind] for b in bounds if b.get(kind) is not None]
+        n = len(vals)
+        if n == 0:
+            continue
+        q = s.percentile
+        if q is None:
+            if sum(vals) / n > s.value:
+                return f"{s} surely missed: the mean of the lower bounds is already over it"
+            continue
+        need = n - math.floor(q / 100 * (n - 1))
+        over = sum(v > s.value for v in vals)
+        if over >= need:
+            return f"{s} surely missed: {over} of {n} requests already over it ({need} decide the p{q:g})"
+    return None
+
+
+def stopper(slos: Sequence[SLO]) -> Callable[[Sequence[Any], float], str | None] | None:
+    """The stop rule for a serve run under these SLOs (None when no latency SLO can stop it)."""
+    if not any(s.kind == "latency" and s.op == "<=" and s.metric.split("_")[0] in LATENCY for s in slos):
+        return None
+
+    def stop(records: Sequence[Any], now: float) -> str | None:
+        return surely_missed(slos, [lower_bounds(r, now) for r in records])
+
+    return stop
