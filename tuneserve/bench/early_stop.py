@@ -8,7 +8,9 @@ and, after its first token, the time since spread over the tokens it may still p
 not yet sent. A latency percentile over the run's n requests (linear interpolation, numpy's default)
 lies above a bound b as soon as n - floor(q/100 * (n-1)) of the lower bounds do: the interpolated value
 then sits between two order statistics that are both above b. A mean lies above b once the lower bounds'
-sum over n does. Then the run's figure is surely over the bound whatever the rest does, and the run stops.
+sum over n does. The run stops once its figure is surely over MARGIN times the bound, whatever the rest
+does: stopped at the bound itself, the runs' lower bounds would sit just above it, and their interval
+would straddle it (an unsure point, measured again and again) where the whole runs would surely fail.
 
 A stopped run's record keeps every finished request as measured and each cut-off one as its lower bounds,
 marked `partial` (left out of goodput): its figures are lower bounds of the ones the whole run would have
@@ -23,6 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tuneserve.bench.slo import LATENCY, SLO
+
+MARGIN = 1.5  # a run stops once a latency figure is surely over this multiple of its bound
 
 
 def lower_bounds(rec: Any, now: float) -> dict[str, float | None]:  # rec: serve.RequestRecord
@@ -40,9 +44,10 @@ def lower_bounds(rec: Any, now: float) -> dict[str, float | None]:  # rec: serve
     return {"ttft": rec.chunk_s[0] - rec.send_s, "tpot": tpot, "e2el": waited}
 
 
-def surely_missed(slos: Sequence[SLO], bounds: Sequence[dict[str, float | None]]) -> str | None:
-    """The first latency SLO that the run's figure surely misses, given every request's lower bounds
-    (None: none is sure yet)."""
+def surely_missed(slos: Sequence[SLO], bounds: Sequence[dict[str, float | None]],
+                  margin: float = MARGIN) -> str | None:
+    """The first latency SLO whose figure over the run is surely above `margin` times its bound, given every
+    request's lower bounds (None: none is sure yet)."""
     for s in slos:
         if s.kind != "latency" or s.op != "<=":
             continue
@@ -51,15 +56,16 @@ def surely_missed(slos: Sequence[SLO], bounds: Sequence[dict[str, float | None]]
         n = len(vals)
         if n == 0:
             continue
-        q = s.percentile
+        q, limit = s.percentile, margin * s.value
         if q is None:
-            if sum(vals) / n > s.value:
-                return f"{s} surely missed: the mean of the lower bounds is already over it"
+            if sum(vals) / n > limit:
+                return f"{s} surely missed: the mean of the lower bounds is already over {margin:g}x the bound"
             continue
         need = n - math.floor(q / 100 * (n - 1))
-        over = sum(v > s.value for v in vals)
+        over = sum(v > limit for v in vals)
         if over >= need:
-            return f"{s} surely missed: {over} of {n} requests already over it ({need} decide the p{q:g})"
+            return (f"{s} surely missed: {over} of {n} requests already over {margin:g}x the bound ({need} decide "
+                    f"the p{q:g})")
     return None
 
 
