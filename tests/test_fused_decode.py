@@ -103,12 +103,16 @@ def test_speculative_verification_rows_run_fused(dirs, monkeypatch):
 
 
 def test_batches_past_the_kernels_rows_run_op_by_op(dirs, monkeypatch):
-    """int4 linears take fewer than 16 rows in the small-batch kernel: a 20-request decode runs layer by layer."""
-    reqs = prompts([6 + i for i in range(20)], seed=6)
+    """int4 linears take fewer than large_m rows in the small-batch kernel (16, 64 on AVX2-only CPUs): a decode
+    of 4 more requests runs layer by layer (short prompts: one prefill step, then every decode step has them all)."""
+    from tuneserve.kernels.quant_ops import large_m
+
+    n = large_m(resolve()) + 4
+    reqs = prompts([4 + i % 3 for i in range(n)], seed=6)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    want = generate(dirs["llama-tied"], reqs, params, quantization="int4", kernels="unfused")
+    want = generate(dirs["llama-tied"], reqs, params, quantization="int4", kernels="unfused", max_num_seqs=n)
     rows = spy(monkeypatch)
-    got = generate(dirs["llama-tied"], reqs, params, quantization="int4")
+    got = generate(dirs["llama-tied"], reqs, params, quantization="int4", max_num_seqs=n)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert rows == []
 

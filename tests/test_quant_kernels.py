@@ -102,10 +102,22 @@ def test_large_batch_tiles_cover_every_row(monkeypatch):
     monkeypatch.setattr(Q, "TILE_ELEMS", 64 * 40)  # tiles of 40 rows over 97: a ragged last tile
     g = torch.Generator().manual_seed(9)
     qw, s, mn = _int4(97, 64, 32, torch.float16, g)
-    x = torch.randn(max(Q.LARGE_M, Q.VNNI_MAX_M) + 3, 64, generator=g)
     fp32 = resolve(quant_activations="fp32")  # fp32 tiles: exact up to summation order
+    x = torch.randn(max(Q.large_m(fp32), Q.VNNI_MAX_M) + 3, 64, generator=g)
     want = x @ Q.dequant_portable(qw, s, mn).t()
     torch.testing.assert_close(Q.matmul(x, qw, s, mn, kernels=fp32), want, rtol=1e-5, atol=1e-4)
+
+
+def test_avx2_only_cpus_keep_the_kernel_up_to_64_rows():
+    from tuneserve.kernels.config import CpuFeatures, KernelConfig
+
+    avx2 = KernelConfig(quant="compiled", features=CpuFeatures(avx2=True))
+    avx512 = KernelConfig(quant="compiled", features=CpuFeatures(avx2=True, avx512=True))
+    assert (Q.large_m(avx2), Q.large_m(avx512), Q.large_m(KernelConfig())) == (64, 16, 16)
+    qw, s, mn = _int4(8, 64, 32, torch.float16, torch.Generator().manual_seed(1))
+    if Q.compiled_available():
+        assert Q.small_batch_call(qw, s, mn, None, kernels=avx2)[2] == 64
+        assert Q.small_batch_call(qw, s, mn, None, kernels=avx512)[2] == 16
 
 
 def test_portable_env_switch_forces_the_pytorch_path(monkeypatch):

@@ -5,15 +5,15 @@ the low nibble, input j + 16 in the high one), w = q * scale + min per group of 
 w = q * scale. Scales (and mins) are (N, K / group) in fp16 or fp32.
 
 `matmul` picks the path within a KernelConfig (kernels/config.py: decided once at load, passed in; the
-functions here read no environment). With compiled kernels and the int8 activation mode, below VNNI_MAX_M
-rows of x (every row count in int8-all): csrc/qmatmul_vnni.c, which quantizes x to int8 per 32 inputs and
-takes integer dot products with the packed weights (llama.cpp's scheme; AVX-512 VNNI or AVX2). Otherwise
-below LARGE_M rows: csrc/qmatmul.c, which dequantizes inside fp32 dot products. Larger batches: tiles of
-the weight are dequantized into a small buffer and multiplied by torch's GEMM; in the int8 / bf16 modes on
-CPUs with native bf16 (AVX512-BF16 / AMX) the tiles and x are bf16 (a bf16 GEMM is ~3x an fp32 one here;
-x and the output are rounded to bf16), elsewhere fp32. The portable path (pure PyTorch, any device)
-dequantizes tiles too, optionally rounding x the way the VNNI kernels do (`act_int8`); it is the test
-oracle for the kernels, and what a config with quant="portable" runs.
+functions here read no environment). With compiled kernels and the int8 activation mode, below VNNI_MAX_M rows
+of x (every row count in int8-all): csrc/qmatmul_vnni.c, which quantizes x to int8 per 32 inputs and takes
+integer dot products with the packed weights (llama.cpp's scheme; AVX-512 VNNI or AVX2). Otherwise below
+large_m rows (16; 64 on AVX2-only CPUs): csrc/qmatmul.c, which dequantizes inside fp32 dot products. Larger
+batches: tiles of the weight are dequantized into a small buffer and multiplied by torch's GEMM; in the int8 /
+bf16 modes on CPUs with native bf16 (AVX512-BF16 / AMX) the tiles and x are bf16 (a bf16 GEMM is ~3x an fp32
+one here; x and the output are rounded to bf16), elsewhere fp32. The portable path (pure PyTorch, any device)
+dequantizes tiles too, optionally rounding x the way the VNNI kernels do (`act_int8`); it is the test oracle
+for the kernels, and what a config with quant="portable" runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 from tuneserve.kernels import libraries
 from tuneserve.kernels.config import CpuFeatures, KernelConfig, detected
 
-LARGE_M = 16  # from this many rows of x on, dequantize tiles and use a GEMM
+LARGE_M = 16  # from this many rows of x on, dequantize tiles and use a GEMM (AVX-512 and other CPUs) ...
+LARGE_M_AVX2 = 64  # ... and on AVX2-only CPUs, where the kernel beats the tiles up to 64 rows (large_m)
 VNNI_MAX_M = 16  # below this many rows, the int8-activation VNNI kernels where available
 TILE_ELEMS = 1 << 20  # weights per dequantized tile (4 MiB of fp32)
 
@@ -112,6 +113,15 @@ def _kernel_ok(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
             and (mins is None or mins.dtype == scales.dtype) and all(t.is_contiguous() for t in tensors))
 
 
+def large_m(cfg: KernelConfig) -> int:
+    """From how many rows of x on a quantized matmul dequantizes tiles for a GEMM instead of running the
+    small-batch kernel (which dequantizes each block once per 8 rows). Measured per layer on SmolLM2's
+    shapes, 2 threads: on a Zen 3 (AVX2) the kernel takes 0.61x the tiles' time at 16 rows, 0.80x at 32,
+    0.85x at 64 and 1.13x at 96; the earlier AVX-512 measurements put the crossover at 16."""
+    f = cfg.features
+    return LARGE_M_AVX2 if f.avx2 and not f.avx512 else LARGE_M
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -153,7 +163,7 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: t
     if path != "portable" and x.device.type == "cpu" and _kernel_ok(qweight, scales, mins, cfg):
         if int8_ok and uses_act_int8(m, qweight, scales, mins, cfg):
             return _kernel_matmul(libraries.qmatmul_vnni(), "q4v_matmul", "q8v_matmul", x, qweight, scales, mins, bias)
-        if m < LARGE_M:
+        if m < large_m(cfg):
             return _kernel_matmul(libraries.qmatmul(), "q4_matmul", "q8_matmul", x, qweight, scales, mins, bias)
         return _tiled_matmul(x, qweight, scales, mins, bias, "auto",
                              torch.bfloat16 if cfg.bf16_tiles else torch.float32, cfg)
@@ -188,14 +198,14 @@ def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     if name.endswith("_px"):
         fn.argtypes = list(getattr(lib, name[:-3]).argtypes[:-1]) + [ctypes.c_void_p] * 3
         fn.restype = None
-    return fn, args, VNNI_MAX_M if vnni else LARGE_M
+    return fn, args, VNNI_MAX_M if vnni else large_m(cfg)
 
 
 def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                   kernels: KernelConfig | None = None) -> bool:
     """Whether matmul(path='auto', kernels=kernels) of m rows multiplies bf16 tiles."""
     cfg = kernels or detected()
-    return (cfg.bf16_tiles and m >= LARGE_M and _kernel_ok(qweight, scales, mins, cfg)
+    return (cfg.bf16_tiles and m >= large_m(cfg) and _kernel_ok(qweight, scales, mins, cfg)
             and not uses_act_int8(m, qweight, scales, mins, cfg))
 
 
