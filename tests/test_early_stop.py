@@ -69,8 +69,10 @@ def test_an_overloaded_run_stops_early_and_is_judged_as_the_whole_run(tiny_dirs)
     n = 40
     with ServeSession(str(tiny_dirs["llama"]), args, threads=1) as s:
         cut = s.run("random", n, 24, 400.0, seed=3, stop=stopper(slos))
+        assert s.wait_idle() >= 0 and not s.engine.has_unfinished_requests()  # the cut-off requests left
         whole = s.run("random", n, 24, 400.0, seed=3)
     assert "ttft_p90<=1ms surely missed" in cut["stopped"] and "stopped" not in whole
+    assert cut["idle_wait_s"] >= 0 and whole["idle_wait_s"] >= 0
     partial = [r for r in cut["requests"] if r.get("partial")]
     assert len(cut["requests"]) == n and 0 < len(partial) and cut["num_requests"] == n - len(partial)
     assert cut["failed"] == 0 and whole["failed"] == 0 and whole["num_requests"] == n

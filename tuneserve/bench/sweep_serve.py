@@ -43,6 +43,9 @@ def run_seed(rate: float | None, repeat: int) -> int:
     return zlib.crc32(f"{'inf' if rate is None or math.isinf(rate) else f'{rate:.6g}'}/{repeat}".encode()) & 0xFFFF
 
 
+IDLE_TIMEOUT_S = 300.0  # how long a run waits for the requests of the one before it to leave the engine
+
+
 class ServeSession:
     """`with ServeSession(model, engine_args, threads) as s: s.run(...)`: one server, many runs."""
 
@@ -79,9 +82,20 @@ class ServeSession:
     def run(self, workload: str, num_prompts: int, output_len: int, rate: float | None,
             seed: int = 0, stop: StopRule | None = None) -> dict[str, Any]:
         """Send the workload at `rate` req/s (None or inf: all at once) and measure what clients see
-        (`stop`: end the run early when it fires, bench/early_stop.py)."""
+        (`stop`: end the run early when it fires, bench/early_stop.py). The run starts once the engine is
+        idle, so that no request a stopped run cut off is still being aborted or stepped."""
+        waited = self.wait_idle()
         return run_at(self.srv.url, self.engine.tokenizer, workload, num_prompts, output_len, rate, seed,
-                      {**self.cost, "load_s": self.load_s}, stop)
+                      {**self.cost, "load_s": self.load_s, "idle_wait_s": waited}, stop)
+
+    def wait_idle(self, timeout_s: float = IDLE_TIMEOUT_S) -> float:
+        """Wait until the engine holds no request (RuntimeError past timeout_s); returns the seconds waited."""
+        t0 = time.perf_counter()
+        while self.engine.has_unfinished_requests() or self.srv.state.engine.num_waiting:
+            if time.perf_counter() - t0 > timeout_s:
+                raise RuntimeError(f"the server still held requests {timeout_s:g}s after the last run")
+            time.sleep(0.05)
+        return time.perf_counter() - t0
 
 
 def run_at(url: str, tokenizer: Any, workload: str, num_prompts: int, output_len: int, rate: float | None,
