@@ -67,6 +67,17 @@ def rec(config, tpots, ttft=0.1, elapsed=10.0, kind="offline", system="tuneserve
             "metrics": {"elapsed_s": elapsed, "requests": reqs, "output_tok_s": len(tpots) / elapsed * 64, **metrics}}
 
 
+def test_report_tables_give_each_offline_point_its_runs_mean_and_interval():
+    from tuneserve.bench.report import latency_rows, precision_rows
+
+    runs = [rec({"max_num_seqs": 1, "quantization": None}, [0.03] * 10, elapsed=e) for e in (40.0, 41.0, 42.0)]
+    (row,) = latency_rows(runs)
+    assert row["requests"] == "10x3" and row["batch"] == 1
+    assert row["tok_s"] == "15.6 ±0.947"  # 640 / 40, 41, 42 s: mean 15.61, t(2) * sd / sqrt(3)
+    (prec,) = precision_rows(runs)
+    assert prec["tok_s_batch1"] == row["tok_s"] and prec["largest_batch"] == 1
+
+
 def synthetic():
     return [
         rec({"max_num_seqs": 1, "quantization": None}, [0.03] * 10, elapsed=40),

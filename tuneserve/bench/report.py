@@ -77,31 +77,33 @@ def serve_rows(records: list[dict]) -> list[dict]:
 
 
 def latency_rows(records: list[dict]) -> list[dict]:
-    """Table 1: latency vs throughput by batch size (unquantized, no speculation)."""
+    """Table 1: latency vs throughput by batch size (unquantized, no speculation): each point's figures as
+    mean ±half-width over its runs."""
     rows = []
-    offline = [r for r in records if r.get("kind") == "offline"]
-    for r in sorted(offline, key=lambda r: (r["system"], _cfg(r, "max_num_seqs", 0))):
-        if r["system"] == "tuneserve" and not _is_base(r):
+    groups = sorted(point_groups(records, "offline"), key=lambda g: (g[0]["system"], _cfg(g[0], "max_num_seqs", 0)))
+    for first, runs in groups:
+        if first["system"] == "tuneserve" and not _is_base(first):
             continue
-        m = r["metrics"]
-        rows.append({"system": r["system"], "batch": _cfg(r, "max_num_seqs"), "requests": run_count(r),
-                     "threads": m.get("threads"), "tok_s": m.get("output_tok_s"),
-                     "ms_per_token_p50": _ms(m.get("tpot_p50_s")), "ms_per_token_p99": _ms(m.get("tpot_p99_s")),
-                     "ttft_p50_ms": _ms(m.get("ttft_p50_s"))})
+        rows.append({"system": first["system"], "batch": _cfg(first, "max_num_seqs"),
+                     "requests": runs_label(run_count(first), runs), "threads": runs[0].get("threads"),
+                     "tok_s": _cell(runs, lambda m: m.get("output_tok_s")),
+                     "ms_per_token_p50": _cell(runs, lambda m: m.get("tpot_p50_s"), 1e3),
+                     "ms_per_token_p99": _cell(runs, lambda m: m.get("tpot_p99_s"), 1e3),
+                     "ttft_p50_ms": _cell(runs, lambda m: m.get("ttft_p50_s"), 1e3)})
     return rows
 
 
 def precision_rows(records: list[dict]) -> list[dict]:
-    """Table 2: precision vs quality vs memory vs speed."""
+    """Table 2: precision vs quality vs memory vs speed (speeds: mean ±half-width over runs)."""
     quality = {str(_cfg(r, "quantization")): r["metrics"] for r in records if r.get("kind") == "quality"}
     speed: dict[str, dict] = {}
     mem: dict[str, float] = {}
-    for r in records:
-        if r.get("kind") == "offline" and r["system"] == "tuneserve" and _cfg(r, "speculative", "off") in (None, "off"):
-            q = str(_cfg(r, "quantization"))
-            speed.setdefault(q, {})[_cfg(r, "max_num_seqs")] = r["metrics"].get("output_tok_s")
-            if r["metrics"].get("weight_bytes"):
-                mem[q] = r["metrics"]["weight_bytes"]
+    for first, runs in point_groups(records, "offline"):
+        if first["system"] == "tuneserve" and _cfg(first, "speculative", "off") in (None, "off"):
+            q = str(_cfg(first, "quantization"))
+            speed.setdefault(q, {})[_cfg(first, "max_num_seqs")] = _cell(runs, lambda m: m.get("output_tok_s"))
+            if runs[0].get("weight_bytes"):
+                mem[q] = runs[0]["weight_bytes"]
     rows = []
     for q in sorted(set(quality) | set(speed), key=lambda s: (s != "None", s)):
         qm = quality.get(q, {})
