@@ -163,13 +163,13 @@ def _plots(records: list[dict], out: Path) -> list[tuple[str, str]]:
     made = []
     groups = [(f, runs) for f, runs in point_groups(records, "offline") if f["metrics"].get("tpot_p50_s") is not None]
     _pareto_plot(plt, groups, out / "latency_throughput.png", "tpot_p50_s", "ms per output token (p50)",
-                 lambda f, runs: f"{_cfg(f, 'max_num_seqs', '')} n={run_count(f)}x{len(runs)}",
+                 lambda f, runs: f"{_cfg(f, 'max_num_seqs', '')} n={runs_label(run_count(f), runs)}",
                  "latency vs throughput (offline batches)")
     made.append(("latency_throughput.png", "Latency vs throughput, offline (labels: max_num_seqs, requests x runs; "
                  "error bars: 95% t-interval over runs)"))
     serve = point_groups(records, "serve")
     _pareto_plot(plt, serve, out / "serve_pareto.png", "tpot_p99_s", "ms per output token (p99)",
-                 lambda f, runs: f"{fmt(f.get('rate'))}/s n={run_count(f)}x{len(runs)}",
+                 lambda f, runs: f"{fmt(f.get('rate'))}/s n={runs_label(run_count(f), runs)}",
                  "served at an offered rate (Poisson)", metric="tpot_p99")
     made.append(("serve_pareto.png", "Serve mode: p99 TPOT vs throughput at each offered rate (labels: req/s, "
                  "requests x runs; error bars: 95% t-interval over runs)"))
