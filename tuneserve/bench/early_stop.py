@@ -24,9 +24,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tuneserve.bench.slo import LATENCY, SLO
+from tuneserve.bench.slo import SLO
 
 MARGIN = 1.5  # a run stops once a latency figure is surely over this multiple of its bound
+
+
+def _can_stop(s: SLO) -> bool:
+    """Whether a run's lower bounds can show this SLO missed: a latency ceiling."""
+    return s.latency is not None and s.op == "<="
 
 
 def lower_bounds(rec: Any, now: float) -> dict[str, float | None]:  # rec: serve.RequestRecord
@@ -48,11 +53,8 @@ def surely_missed(slos: Sequence[SLO], bounds: Sequence[dict[str, float | None]]
                   margin: float = MARGIN) -> str | None:
     """The first latency SLO whose figure over the run is surely above `margin` times its bound, given every
     request's lower bounds (None: none is sure yet)."""
-    for s in slos:
-        if s.kind != "latency" or s.op != "<=":
-            continue
-        kind = s.metric.split("_")[0]
-        vals = [b[kind] for b in bounds if b.get(kind) is not None]
+    for s in filter(_can_stop, slos):
+        vals = [b[s.latency] for b in bounds if b.get(s.latency) is not None]
         n = len(vals)
         if n == 0:
             continue
@@ -71,7 +73,7 @@ def surely_missed(slos: Sequence[SLO], bounds: Sequence[dict[str, float | None]]
 
 def stopper(slos: Sequence[SLO]) -> Callable[[Sequence[Any], float], str | None] | None:
     """The stop rule for a serve run under these SLOs (None when no latency SLO can stop it)."""
-    if not any(s.kind == "latency" and s.op == "<=" and s.metric.split("_")[0] in LATENCY for s in slos):
+    if not any(map(_can_stop, slos)):
         return None
 
     def stop(records: Sequence[Any], now: float) -> str | None:

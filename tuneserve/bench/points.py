@@ -181,7 +181,7 @@ def judge(point: Point, slos: list[SLO], quality: dict[str, dict]) -> Judged:
     limits: dict[str, float] = {}  # a request is good when it meets every latency bound of its kind
     for s in slos:
         if s.kind == "latency":
-            kind = s.metric.split("_")[0]
+            kind = s.latency
             limits[kind] = min(limits.get(kind, math.inf), s.value)
     goodput = point.figure(lambda r: _run_goodput(r, limits))
     return Judged(point, figures, states, state, mean_ok, goodput, worst)

@@ -50,6 +50,12 @@ class SLO:
         return "throughput" if self.metric == "output_tok_s" else "memory"
 
     @property
+    def latency(self) -> str | None:
+        """Which latency a latency SLO bounds: ttft, tpot or e2el (None for any other SLO)."""
+        m = _LAT.match(self.metric)
+        return m.group(1) if m else None
+
+    @property
     def percentile(self) -> float | None:
         """The q of a pNN latency SLO (None for a mean or a non-latency SLO)."""
         m = _LAT.match(self.metric)

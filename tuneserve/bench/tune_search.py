@@ -6,8 +6,8 @@ the best configuration's sure rate so far (one that surely fails there is surely
 there by the means without being cheaper cannot win a tie: both are done), else start_rate; then the rate
 doubles while the SLOs hold by the means, halves while they fail, and is bisected to one grid step; one more
 step either side checks an unsure end of the bracket. A run stops as soon as it surely misses a latency
-SLO (bench/early_stop.py), so rates above the capacity cost little. Every point gets min_repeats runs, and more, up to
-max_repeats, while its verdict is unsure. Every run is appended to the results file when it ends, so a
+SLO (bench/early_stop.py), so rates above the capacity cost little. Every point gets min_repeats runs,
+and more, up to max_repeats, while its verdict is unsure. Every run is appended to the results file when it ends, so a
 resumed tune retraces its path from the records and measures only what is missing.
 """
 
