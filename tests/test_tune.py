@@ -168,6 +168,8 @@ class FakeServer:
         server = self
 
         class Session:
+            cost = {"memory_bytes": server.MEM[config["cfg"]], "threads": 2}  # what the loaded engine holds
+
             def __enter__(self):
                 server.opened += 1
                 return self
@@ -212,6 +214,28 @@ def test_tune_twice_from_scratch_picks_the_same_or_says_tie(tmp_path, monkeypatc
         assert not tuner.spent and config_id({"cfg": "C"}) in judged
     assert picks == [({"cfg": "A"}, [{"cfg": "B"}])] * 2
     assert naive[0] != naive[1]  # the test can fail: ranking by means flips between the two tunes
+
+
+def test_at_a_rate_a_config_costlier_than_a_sure_pass_is_skipped_unmeasured(tmp_path, monkeypatch):
+    """At 2 req/s A (100 MB) surely passes first; B (200 MB) cannot win and gets no run, C (50 MB) is cheaper:
+    measured, and chosen. At 20 req/s nothing passes, so B is measured."""
+    server = FakeServer(5)
+    monkeypatch.setattr(tune_search, "time", SimpleNamespace(monotonic=lambda: server.now, time=time.time))
+    b = config_id({"cfg": "B"})
+    for rate, b_runs, chosen in ((2.0, 0, "C"), (20.0, 3, None)):
+        out = tmp_path / f"r{rate}.jsonl"
+        s = Settings("m", "corpus", str(out), parse_slos("ttft_p99<=1s"), num_prompts=200, output_len=16, rate=rate)
+        tuner = Tuner(s, 1e9, session=server, progress=False)
+        tuner.search({"cfg": ["A", "B", "C"]})
+        runs = [r["config"]["cfg"] for r in load_records(out)]
+        assert runs.count("B") == b_runs and runs.count("A") >= 3
+        d = tuner.decide()[0]
+        assert (d.chosen.point.config["cfg"] if d.chosen else None) == chosen
+        if b_runs == 0:
+            assert list(tuner.skipped) == [b]
+            assert tuner.skipped[b].startswith('costs more (191 MiB, 2 threads) than {"cfg": "A"}, which surely')
+        else:
+            assert tuner.skipped == {}
 
 
 def test_budgeted_tune_resumes_from_its_records(tmp_path, monkeypatch):

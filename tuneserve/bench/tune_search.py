@@ -6,9 +6,11 @@ the best configuration's sure rate so far (one that surely fails there is surely
 there by the means without being cheaper cannot win a tie: both are done), else start_rate; then the rate
 doubles while the SLOs hold by the means, halves while they fail, and is bisected to one grid step; one more
 step either side checks an unsure end of the bracket. A run stops as soon as it surely misses a latency
-SLO (bench/early_stop.py), so rates above the capacity cost little. Every point gets min_repeats runs,
-and more, up to max_repeats, while its verdict is unsure. Every run is appended to the results file when it ends, so a
-resumed tune retraces its path from the records and measures only what is missing.
+SLO (bench/early_stop.py), so rates above the capacity cost little. At a given rate, a configuration that
+loads costlier (memory, then threads) than one already surely meeting every SLO there is skipped. Every
+point gets min_repeats runs, and more, up to max_repeats, while its verdict is unsure. Every run is appended
+to the results file when it ends, so a resumed tune retraces its path from the records and measures only
+what is missing.
 """
 
 from __future__ import annotations
@@ -197,7 +199,8 @@ class Tuner:
                 return opened[0]
 
             if self.s.rate is not None:
-                self._point(config, self.s.rate, session)
+                if not self._costlier_than_a_sure_pass(config, session()):
+                    self._point(config, self.s.rate, session)
                 return
             best, _ = self.decide([c for c in self.searched if config_id(c) != config_id(config)])
             first = best.chosen.sure if best.chosen is not None else None
@@ -208,6 +211,21 @@ class Tuner:
                 if first is not None and rate == first and (j.state == "fail" or (
                         not j.mean_pass and j.point.cost >= best.chosen.cost)):
                     return  # surely worse than the best so far, or at most a tie it would lose on cost
+
+    def _costlier_than_a_sure_pass(self, config: dict, session: Any) -> bool:
+        """At a given rate the cheapest sure pass wins, so a configuration that costs more (memory, then
+        threads: what its loaded session holds) than one already surely meeting every SLO there cannot be
+        chosen; it is skipped, unmeasured (its existing runs still count)."""
+        cost = getattr(session, "cost", None) or {}
+        if cost.get("memory_bytes") is None or config_id(config) in self.judged([config]):
+            return False
+        mine = (float(cost["memory_bytes"]), config.get("threads", cost.get("threads", math.inf)))
+        best, _ = self.decide([c for c in self.searched if config_id(c) != config_id(config)])
+        if best.chosen is None or not best.chosen.point.cost < mine:
+            return False
+        self.skipped[config_id(config)] = (f"costs more ({mine[0] / 2**20:,.0f} MiB, {mine[1]} threads) than "
+                                           f"{config_id(best.chosen.point.config)}, which surely meets every SLO")
+        return True
 
     def _point(self, config: dict, rate: float, session: Callable[[], Any]) -> Judged:
         """The point of config at rate, with the runs it still needs measured first."""
