@@ -79,6 +79,16 @@ static inline void q4_block(const uint8_t *qb, float s, const float *x, int64_t 
     const __m256 l1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l, 8))), sv);
     const __m256 h0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h)), sv);
     const __m256 h1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h, 8))), sv);
+    if (mb >= 8) { /* one chain per row: 16 ymm registers hold 8 accumulators, not 16 (they spilled) */
+        for (int mm = 0; mm < mb; mm++) {
+            const float *xm = x + mm * K;
+            __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(xm), l0, acc[mm].a);
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8), l1, a);
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 16), h0, a);
+            acc[mm].a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 24), h1, a);
+        }
+        return;
+    }
     for (int mm = 0; mm < mb; mm++) {
         const float *xm = x + mm * K;
         acc[mm].a = _mm256_fmadd_ps(_mm256_loadu_ps(xm), l0, acc[mm].a);
@@ -94,6 +104,11 @@ static inline void q8_block(const int8_t *qb, float s, const float *x, int64_t K
     const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), sv);
     const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), sv);
     for (int mm = 0; mm < mb; mm++) {
+        if (mb >= 8) { /* one chain per row, as q4_block */
+            acc[mm].a = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K + 8), w1,
+                                        _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K), w0, acc[mm].a));
+            continue;
+        }
         acc[mm].a = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K), w0, acc[mm].a);
         acc[mm].b = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K + 8), w1, acc[mm].b);
     }
