@@ -78,6 +78,7 @@ class ServeSession:
             self.srv.stop()
         finally:
             self._threads.__exit__(None, None, None)
+            self.engine = self.srv = None  # the next configuration loads into the memory this one held
 
     def run(self, workload: str, num_prompts: int, output_len: int, rate: float | None,
             seed: int = 0, stop: StopRule | None = None) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class ServerState:
         self.serving: OpenAIServing | None = None
         self.metrics: ServerMetrics | None = None
         self.load_error: BaseException | None = None
+        self.closed = False
         if engine is not None:
             self._attach(engine)
 
@@ -73,7 +74,16 @@ class ServerState:
         if self.settings.exit_on_fatal:
             threading.Timer(0.5, os._exit, args=(EXIT_ENGINE_DEAD,)).start()
 
+    def detach(self) -> None:
+        """Let go of the engine once the server has stopped. FastAPI keeps route functions, and so this state
+        they close over, in a process-wide cache: a state that held on would keep every stopped server's
+        engine and KV cache for the life of the process (an in-process tune opens one per configuration)."""
+        self.engine = self.serving = self.metrics = None
+        self.closed = True
+
     def ready(self) -> OpenAIServing:
+        if self.closed:
+            raise APIError(503, "the server has shut down", code="shut_down")
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="load_failed")
         if self.serving is None:
@@ -97,6 +107,7 @@ def build_app(args: EngineArgs, settings: ServerSettings | None = None, engine: 
         if state.engine is not None:
             await state.engine.drain(settings.drain_timeout)
             state.engine.shutdown()
+        state.detach()
 
     app = FastAPI(title="tuneserve", version=tuneserve.__version__, lifespan=lifespan)
     app.state.tuneserve = state
