@@ -28,6 +28,24 @@ def test_grid_parsing_and_points():
     assert parse_grid(["threads=1,2"]) == {"threads": [1, 2]}
 
 
+def test_every_lab_configuration_gets_one_kv_cache_size_whatever_memory_is_free(monkeypatch):
+    """Resolved per load, the default KV cache shrank as an in-process tune went on, and later configurations
+    looked cheaper. The lab resolves it once per process; a size given in the base or the point wins."""
+    from tuneserve import engine_args
+
+    sweep.lab_kv_memory.cache_clear()
+    try:
+        monkeypatch.setattr(engine_args, "available_memory_bytes", lambda: 4 << 30)
+        first = sweep.engine_args_for("m", {"max_num_seqs": 64})["kv_cache_memory_bytes"]
+        monkeypatch.setattr(engine_args, "available_memory_bytes", lambda: 2 << 30)
+        later = sweep.engine_args_for("m", {"max_num_seqs": 8})["kv_cache_memory_bytes"]
+        assert first == later == int((4 << 30) * engine_args.KV_MEMORY_FRACTION)
+        assert sweep.engine_args_for("m", {}, {"kv_cache_memory_bytes": 123})["kv_cache_memory_bytes"] == 123
+        assert sweep.engine_args_for("m", {"kv_cache_memory_bytes": 7})["kv_cache_memory_bytes"] == 7
+    finally:
+        sweep.lab_kv_memory.cache_clear()
+
+
 def test_sweep_writes_records_and_resumes(tiny_dirs, tmp_path, monkeypatch):
     out = tmp_path / "results.jsonl"
     base = {"kv_cache_memory_bytes": TINY_KV_BYTES, "max_model_len": 1024}

@@ -14,6 +14,7 @@ tuneserve/deploy/lab.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import platform
 import sys
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from tuneserve.bench.records import append_record, load_records, point_key, torch_threads
 from tuneserve.bench.workloads import WORKLOADS, build_workload
-from tuneserve.engine_args import EngineArgs
+from tuneserve.engine_args import EngineArgs, default_device, default_kv_memory
 
 SPECULATIVE = {
     "off": None,
@@ -63,10 +64,22 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
-def engine_args_for(model: str, point: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+@functools.cache
+def lab_kv_memory(device: str) -> int:
+    """The KV cache bytes of every configuration this process measures that sets none: the engine's default,
+    resolved once. Resolved per load, it follows the memory free at that moment, so configurations measured
+    later (or after a leak) would get a smaller cache and look cheaper for nothing but their turn."""
+    return default_kv_memory(device)
+
+
+def engine_args_for(model: str, point: dict[str, Any], base: dict[str, Any] | None = None,
+                    lab_kv: bool = True) -> dict[str, Any]:
     """Engine arguments of a grid point ('speculative' maps to speculative_config; 'threads' is no engine
-    argument: the measurement sets torch's thread count)."""
+    argument: the measurement sets torch's thread count); the KV cache is lab_kv_memory unless set (or
+    lab_kv is False: a command for the user's own server, which resolves its default there)."""
     args = {**(base or {}), "model": model}
+    if lab_kv and "kv_cache_memory_bytes" not in args and "kv_cache_memory_bytes" not in point:
+        args["kv_cache_memory_bytes"] = lab_kv_memory(args.get("device") or default_device())
     for name, value in point.items():
         if name in ("threads", "replicas"):
             continue

@@ -34,7 +34,7 @@ MIN_REQUESTS = 200  # per run: p99 then has two requests beyond it
 
 def serve_command(model: str, config: dict) -> str:
     """A ready-to-run `tuneserve serve` command for a configuration (threads as OMP_NUM_THREADS)."""
-    args = engine_args_for(model, config)
+    args = engine_args_for(model, config, lab_kv=False)
     parts = [f"OMP_NUM_THREADS={int(config['threads'])}"] if config.get("threads") is not None else []
     parts += ["tuneserve", "serve", model]
     for k, v in args.items():
@@ -179,9 +179,13 @@ def report(tuner: Tuner, out=None) -> int:  # noqa: ANN001
         print(f"\nchosen: {config_id(ch.point.config)}: the cheapest that meets every SLO at {ch.rate:g} req/s "
               f"(95%), goodput {_fig(ch.goodput)} req/s", file=out)
     for t in decision.ties:
-        what = (f"capacity brackets overlap: [{ch.sure:g}, {ch.upper:g}) vs [{t.sure:g}, {t.upper:g})"
-                if isinstance(t, Capacity) else "goodput intervals overlap")
-        print(f"tie with {config_id(_cfg(t))} ({what}): chose the cheaper (memory, then threads)", file=out)
+        if isinstance(t, Capacity):
+            what = (f"capacity brackets overlap: [{ch.sure:g}, {ch.upper:g}) vs [{t.sure:g}, {t.upper:g}): "
+                    "chose the cheaper (memory, then threads)")
+        else:
+            what = ("the same cost, goodput intervals overlap: chose the one measured first (a search measures "
+                    "the engine's defaults first)")
+        print(f"tie with {config_id(_cfg(t))} ({what})", file=out)
     print("run it with:\n  " + serve_command(s.model, _cfg(ch)), file=out)
     if tuner.spent:
         print("(the budget ran out before the search did: run again with the same --results to go on)", file=out)
