@@ -136,6 +136,25 @@ def test_at_a_rate_the_cheapest_sure_pass_wins():
         config_id({"name": n}): s for n, s in zip("ABCD", ["pass", "pass", "unsure", "fail"])}
 
 
+def test_at_a_rate_a_tie_of_equal_cost_keeps_the_first_measured():
+    """Two tunes at 0.75 req/s on SmolLM2 each surely passed the default (64 sequences) and its neighbours at
+    the same cost, with overlapping goodputs; choosing the higher goodput mean flipped the answer. Of a tie,
+    the configuration measured first (the base) is chosen, whichever mean is higher; a separated one wins."""
+    base, other = point_recs("base", 4.0, [0.5, 0.52, 0.51], 100e6), point_recs("alt", 4.0, [0.5, 0.5, 0.5], 100e6)
+    for recs in (base + other, other[:1] + base + other[1:]):
+        for i, r in enumerate(recs):
+            r["metrics"]["requests"] = r["metrics"]["requests"][: 190 + i % 3 * 5]  # goodputs: 0.95 .. 1.0
+        d, _ = decide(recs, rate=4.0)
+        first = recs[0]["config"]["name"]
+        assert d.chosen.point.config == {"name": first} and [t.point.config["name"] for t in d.ties] == [
+            "alt" if first == "base" else "base"]
+    sep = point_recs("base", 4.0, [0.5] * 3, 100e6) + point_recs("alt", 4.0, [0.5] * 3, 100e6)
+    for r in sep[:3]:
+        r["metrics"]["requests"] = r["metrics"]["requests"][:100]  # half the goodput, every run
+    d, _ = decide(sep, rate=4.0)
+    assert d.chosen.point.config == {"name": "alt"} and not d.tie
+
+
 # ----- the search ------------------------------------------------------------------------------------
 def test_rate_search_doubles_then_bisects_on_one_grid():
     s = Settings("m", "corpus", "unused", [], start_rate=1.0, min_rate=0.125, max_rate=64.0)

@@ -9,7 +9,7 @@ brackets separate (its `upper` <= the top's `sure`: at a rate the top surely sus
 otherwise they tie, and the cheaper (less memory, then fewer threads) is chosen, at its own sure rate.
 
 At a given rate: the cheapest configuration that surely meets every SLO there; of equal cost, the one with
-the higher goodput when the goodput intervals separate, else a tie.
+the higher goodput when the goodput intervals separate, else a tie, and the one measured first is chosen.
 """
 
 from __future__ import annotations
@@ -89,16 +89,18 @@ def decide_capacity(caps: list[Capacity]) -> Decision:
 
 
 def decide_at_rate(judged: list[Judged]) -> Decision:
-    """The cheapest configuration that surely meets every SLO at one offered rate."""
+    """The cheapest configuration that surely meets every SLO at one offered rate. `judged` comes in the
+    order the configurations were first measured (a search measures the base, the engine's defaults,
+    first): of a tie, the first is chosen, so that a goodput mean that flips from one tune to the next
+    does not flip the answer, and nothing is changed from the defaults without evidence."""
     sure = [j for j in judged if j.state == "pass"]
     if not sure:
         return Decision(None, closest=_closest(judged))
     cheapest = min(j.point.cost for j in sure)
-    group = sorted((j for j in sure if j.point.cost == cheapest), key=lambda j: config_id(j.point.config))
-    top = max(group, key=lambda j: j.goodput.mean if j.goodput else -1.0)
-    ties = [j for j in group if j is not top and not (j.goodput and top.goodput
-                                                        and separated(j.goodput, top.goodput))]
-    return Decision(top, top.rate, top, ties)
+    group = [j for j in sure if j.point.cost == cheapest]
+    top = max(group, key=lambda j: (j.goodput.mean if j.goodput else -1.0, _neg(config_id(j.point.config))))
+    tied = [j for j in group if j is top or not (j.goodput and top.goodput and separated(j.goodput, top.goodput))]
+    return Decision(tied[0], tied[0].rate, top, tied[1:])
 
 
 def _neg(s: str) -> list[int]:
