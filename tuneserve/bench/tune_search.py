@@ -215,7 +215,7 @@ class Tuner:
     def _costlier_than_a_sure_pass(self, config: dict, session: Any) -> bool:
         """At a given rate the cheapest sure pass wins, so a configuration that costs more (memory, then
         threads: what its loaded session holds) than one already surely meeting every SLO there cannot be
-        chosen; it is skipped, unmeasured (its existing runs still count)."""
+        chosen; it is skipped, unmeasured. One that already has runs at the rate is measured on, as before."""
         cost = getattr(session, "cost", None) or {}
         if cost.get("memory_bytes") is None or config_id(config) in self.judged([config]):
             return False
