@@ -81,14 +81,36 @@ def test_fused_equals_op_by_op(dirs, name, monkeypatch):
     assert rows and max(rows) == 3  # the decode steps of all three went through the fused call
 
 
+@pytest.mark.parametrize("act", ["fp32", "int8"])
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
-def test_fused_equals_op_by_op_on_quantized_weights(dirs, quantization, monkeypatch):
+def test_fused_equals_op_by_op_on_quantized_weights(dirs, quantization, act, monkeypatch):
+    """With int8 activations the two paths agree only up to the rounding of x: the fused step's C norms differ
+    from torch's in the last bit, and a last bit can move an input across an int8 rounding boundary (one step
+    is 1/127 of its block's largest value), which moves a logprob by ~1e-2, not 1e-4, and can break a near-tie
+    of this tiny random model's greedy tokens the other way."""
     reqs = prompts((9, 33), seed=4)
-    want = generate(dirs["llama-bias-untied"], reqs, GREEDY, quantization=quantization, kernels="unfused")
+    kw = {"quantization": quantization, "quant_activations": act}
+    want = generate(dirs["llama-bias-untied"], reqs, GREEDY, kernels="unfused", **kw)
     rows = spy(monkeypatch)
-    got = generate(dirs["llama-bias-untied"], reqs, GREEDY, quantization=quantization)
-    assert_same(got, want)
+    got = generate(dirs["llama-bias-untied"], reqs, GREEDY, **kw)
+    if act == "fp32":
+        assert_same(got, want)
+    else:
+        assert_same_until_a_near_tie(got, want, tol=3e-2)
     assert rows
+
+
+def assert_same_until_a_near_tie(got, want, tol):
+    """Equal tokens and logprobs within tol, up to a step where the reference's top two were within 2 * tol (a
+    tie the paths' rounding may break either way; the sequences differ from there on)."""
+    for g, w in zip(got, want):
+        for tg, tw, a, b in zip(g.outputs[0].token_ids, w.outputs[0].token_ids, g.outputs[0].logprobs,
+                                w.outputs[0].logprobs):
+            if tg != tw:
+                (_, first), (_, second) = b.top[:2]
+                assert first - second < 2 * tol, f"token {tg} != {tw} where the top two were {first - second} apart"
+                break
+            assert abs(a.logprob - b.logprob) < tol
 
 
 def test_speculative_verification_rows_run_fused(dirs, monkeypatch):
@@ -103,11 +125,12 @@ def test_speculative_verification_rows_run_fused(dirs, monkeypatch):
 
 
 def test_batches_past_the_kernels_rows_run_op_by_op(dirs, monkeypatch):
-    """int4 linears take fewer than large_m rows in the small-batch kernel (16, 64 on AVX2-only CPUs): a decode
-    of 4 more requests runs layer by layer (short prompts: one prefill step, then every decode step has them all)."""
-    from tuneserve.kernels.quant_ops import large_m
+    """int4 linears take fewer than large_m rows in the small-batch kernel (16, 64 on AVX2-only CPUs), fewer than
+    VNNI_MAX_M in the int8 one: a decode of 4 more requests than both runs layer by layer (short prompts: one
+    prefill step, then every decode step has them all)."""
+    from tuneserve.kernels.quant_ops import VNNI_MAX_M, large_m
 
-    n = large_m(resolve()) + 4
+    n = max(large_m(resolve()), VNNI_MAX_M) + 4
     reqs = prompts([4 + i % 3 for i in range(n)], seed=6)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     want = generate(dirs["llama-tied"], reqs, params, quantization="int4", kernels="unfused", max_num_seqs=n)

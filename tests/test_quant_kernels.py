@@ -24,7 +24,7 @@ def _int8(n, k, group, dtype, g):
 CASES = [  # (bits, N, K, group, scale dtype)
     (4, 97, 32, 32, torch.float16), (4, 33, 96, 32, torch.float16), (4, 13, 128, 64, torch.float16),
     (4, 50, 576, 64, torch.float16), (4, 7, 384, 128, torch.float16), (4, 31, 256, 256, torch.float32),
-    (4, 9, 640, 32, torch.float32),
+    (4, 9, 640, 32, torch.float32), (4, 21, 192, 32, torch.float32), (4, 22, 320, 64, torch.float16),
     (8, 97, 48, 48, torch.float32), (8, 29, 576, 576, torch.float32), (8, 33, 96, 32, torch.float16),
     (8, 17, 256, 16, torch.float16), (8, 5, 160, 32, torch.float32),
 ]
@@ -39,7 +39,7 @@ def _int8_config():
 
 @pytest.mark.parametrize("act", ["auto", "int8"])
 @pytest.mark.parametrize("bits,n,k,group,dtype", CASES)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 15, 16, 40])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 15, 16, 40, 48, 57])
 def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m, act):
     cfg = _int8_config() if act == "int8" else None  # None: the machine's default (config.detected)
     g = torch.Generator().manual_seed(n * 1000 + k + m)

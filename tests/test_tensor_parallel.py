@@ -67,7 +67,10 @@ def test_tp2_equals_tp1_with_prefix_hits_and_preemption(tiny):
 
 
 def test_tp2_gloo_on_gguf_blocks_equals_tp1(tiny):
-    one, two, llm = _on_off(tiny["qwen2-gguf"], tokenizer=str(tiny["qwen2"]), tensor_parallel_all_reduce="torch")
+    # fp32 activations: with int8 ones (the default on VNNI CPUs) the split sums' last bits move x across
+    # int8 rounding boundaries, and a tiny random model's near-ties flip a token within 24
+    one, two, llm = _on_off(tiny["qwen2-gguf"], tokenizer=str(tiny["qwen2"]), tensor_parallel_all_reduce="torch",
+                            quant_activations="fp32")
     try:
         assert llm.llm_engine.ranks.plan.kind == "gloo"
         assert isinstance(llm.llm_engine.model.layers[0].mlp.down_proj.inner, QuantLinear)  # split in its blocks
