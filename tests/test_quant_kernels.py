@@ -55,6 +55,21 @@ def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m, act):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("bits,n,k,group", [(4, 50, 576, 32), (4, 13, 640, 64), (8, 29, 576, 32), (8, 22, 160, 32)])
+def test_int8_kernels_give_a_row_the_same_bits_in_any_batch(bits, n, k, group):
+    """Greedy output under load must equal the output alone (the soak test checks it on SmolLM2): every row count
+    computes a row's outputs with the same float operations in the same order. Tiles of 4 weight rows by 8 rows
+    of x, summed across lanes in another order than one row alone, once broke this."""
+    cfg = _int8_config()
+    g = torch.Generator().manual_seed(k + bits)
+    qw, s, mn = (_int4 if bits == 4 else _int8)(n, k, group, torch.float16, g)
+    x = torch.randn(Q.VNNI_MAX_M - 1, k, generator=g)
+    alone = torch.cat([Q.matmul(x[i:i + 1], qw, s, mn, kernels=cfg) for i in range(x.shape[0])])
+    for m in (2, 5, 8, 13, 21, Q.VNNI_MAX_M - 1):
+        assert Q.uses_act_int8(m, qw, s, mn, cfg)
+        assert torch.equal(Q.matmul(x[:m], qw, s, mn, kernels=cfg), alone[:m]), m
+
+
 def test_int8_kernels_cover_the_model_shapes():
     cfg = _int8_config()
     shapes = [(4, 576, 64), (4, 896, 128), (4, 1536, 32), (8, 576, 576), (8, 4864, 32), (8, 96, 32)]

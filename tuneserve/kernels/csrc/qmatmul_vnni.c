@@ -105,103 +105,6 @@ DEF_Q4V(2)
 DEF_Q4V(4)
 DEF_Q4V(8)
 
-/* The tiles below take NB weight rows by MB rows of x at once: every x load feeds NB weight rows and every
- * unpacked weight MB rows of x, the last 64 inputs of a row (K % 128) run as a zero-masked 512-bit unit
- * instead of a scalar tail, and the NB * MB accumulators are summed across lanes together (hsum8), not
- * one at a time. At SmolLM2's K = 576 a row has only 4.5 units, so that fixed cost per output was most
- * of the single-column kernel's time. */
-
-/* Lane l of the result: the sum of v[l]'s 16 lanes, for 8 vectors. */
-static inline __m256 hsum8(const __m512 *v) {
-    __m256 h[8];
-    for (int i = 0; i < 8; i++)
-        h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm512_extractf32x8_ps(v[i], 1));
-    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-/* out[i] = the lane sum of acc[i], i < cnt */
-static inline void lane_sums(const __m512 *acc, int cnt, float *out) {
-    int i = 0;
-    for (; i + 8 <= cnt; i += 8) _mm256_storeu_ps(out + i, hsum8(acc + i));
-    for (; i < cnt; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
-}
-
-/* What unit u of `inputs` inputs loads: all 64 bytes and 16 fp32 lanes, or, the last, half unit of a row of K,
- * the lower halves only. */
-typedef struct { __mmask64 bytes; __mmask16 lanes; int half; } unit_t;
-static inline unit_t unit_at(int64_t u, int64_t inputs, int64_t K) {
-    const int half = (u + 1) * inputs > K;
-    return (unit_t){half ? 0xffffffffull : ~0ull, half ? (__mmask16)0xff : (__mmask16)0xffff, half};
-}
-
-static inline __attribute__((always_inline)) void zero_all(__m512 *acc, const int n) {
-    _Pragma("GCC unroll 32")
-    for (int i = 0; i < n; i++) acc[i] = _mm512_setzero_ps();
-}
-
-static inline __attribute__((always_inline)) void q4v_tile(
-        const int NB, const int MB, const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,
-        int64_t K, const uint8_t *qr, const void *sc, const void *mn, int64_t f16, int64_t G, int64_t n0,
-        float *ys /* [NB][MB] */) {
-    const int64_t ng = K / G, xs = K / 2, ds = K / 8, units = (K + 127) / 128;
-    const __m512i m4 = _mm512_set1_epi8(15);
-    __m512 acc[NB * MB];
-    zero_all(acc, NB * MB);
-    for (int64_t u = 0; u < units; u++) {
-        const unit_t unit = unit_at(u, 128, K);
-        __m512i lo[NB], hi[NB];
-        __m512 ws[NB];
-        _Pragma("GCC unroll 16")
-        for (int c = 0; c < NB; c++) {
-            const __m512i raw = _mm512_maskz_loadu_epi8(unit.bytes, qr + (n0 + c) * xs + u * 64);
-            lo[c] = _mm512_and_si512(raw, m4);
-            hi[c] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-            ws[c] = unit.half ? _mm512_maskz_mov_ps(0xff, _mm512_castps256_ps512(
-                               wscale_q4_tail(sc, f16, (n0 + c) * ng, G, u * 4)))
-                         : wscale_q4(sc, f16, (n0 + c) * ng, G, u * 4);
-        }
-        _Pragma("GCC unroll 16")
-        for (int mm = 0; mm < MB; mm++) {
-            const __m512i xl = _mm512_maskz_loadu_epi8(unit.bytes, xlo + mm * xs + u * 64);
-            const __m512i xh = _mm512_maskz_loadu_epi8(unit.bytes, xhi + mm * xs + u * 64);
-            const __m512 dx = _mm512_maskz_loadu_ps(unit.lanes, dxv + mm * ds + u * 16);
-            _Pragma("GCC unroll 16")
-            for (int c = 0; c < NB; c++) {
-                const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], xl),
-                                                      hi[c], xh);
-                acc[c * MB + mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(dx, ws[c]),
-                                                   acc[c * MB + mm]);
-            }
-        }
-    }
-    for (int64_t g = 0; g < ng; g += 16) { /* the min term, 16 groups at a time */
-        const __mmask16 k = ng - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1);
-        _Pragma("GCC unroll 16")
-        for (int c = 0; c < NB; c++) {
-            const __m512 mv = load_scales16(mn, f16, (n0 + c) * ng + g, k);
-            _Pragma("GCC unroll 16")
-            for (int mm = 0; mm < MB; mm++)
-                acc[c * MB + mm] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + mm * ng + g),
-                                                   acc[c * MB + mm]);
-        }
-    }
-    lane_sums(acc, NB * MB, ys);
-}
-
-#define DEF_Q4V_TILE(NB, MB)                                                                              \
-static void q4v_tile_##NB##x##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum, \
-                                 int64_t K, const uint8_t *qw, const void *sc, const void *mn, int64_t f16, \
-                                 int64_t G, int64_t n0, float *ys) {                                      \
-    q4v_tile(NB, MB, xlo, xhi, dxv, xsum, K, qw, sc, mn, f16, G, n0, ys);                                 \
-}
-DEF_Q4V_TILE(2, 8)
-DEF_Q4V_TILE(4, 4)
-DEF_Q4V_TILE(4, 2)
-DEF_Q4V_TILE(4, 1)
-#define Q4V_TILES 1
-
 /* Per-lane weight scales for the 2 blocks of a 64-input q8 unit (lane l: block l / 8). */
 static inline __m512 wscale_q8(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
     if (G >= 64) return _mm512_set1_ps(ldh(sc, f16, sidx + b0 * 32 / G));
@@ -246,55 +149,6 @@ DEF_Q8V(1)
 DEF_Q8V(2)
 DEF_Q8V(4)
 DEF_Q8V(8)
-
-/* The q8 tiles, laid out as the q4 ones. vpdpbusd multiplies unsigned by signed bytes: x + 128 (unsigned, x is
- * never -128) times the signed weights, less 128 * the weights' sums, which one more vpdpbusd per weight
- * vector gives and every row of x shares; the single-column kernel flips x's signs by each weight instead,
- * one more operation per row and weight vector. */
-static inline __attribute__((always_inline)) void q8v_tile(
-        const int NB, const int MB, const int8_t *xq, const float *dxv, int64_t K, const int8_t *qw,
-        const void *sc, int64_t f16, int64_t G, int64_t n0, float *ys /* [NB][MB] */) {
-    const int64_t ng = K / G, ds = K / 4, units = (K + 63) / 64;
-    const __m512i bias128 = _mm512_set1_epi8((char)0x80);
-    __m512 acc[NB * MB];
-    zero_all(acc, NB * MB);
-    for (int64_t u = 0; u < units; u++) {
-        const unit_t unit = unit_at(u, 64, K);
-        __m512i w[NB], corr[NB];
-        __m512 ws[NB];
-        _Pragma("GCC unroll 16")
-        for (int c = 0; c < NB; c++) {
-            w[c] = _mm512_maskz_loadu_epi8(unit.bytes, qw + (n0 + c) * K + u * 64);
-            corr[c] = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                       _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias128, w[c]));
-            ws[c] = unit.half ? _mm512_maskz_mov_ps(0xff, _mm512_set1_ps(ldh(sc, f16, (n0 + c) * ng + u * 64 / G)))
-                         : wscale_q8(sc, f16, (n0 + c) * ng, G, u * 2);
-        }
-        _Pragma("GCC unroll 16")
-        for (int mm = 0; mm < MB; mm++) {
-            const __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(unit.bytes, xq + mm * K + u * 64), bias128);
-            const __m512 dx = _mm512_maskz_loadu_ps(unit.lanes, dxv + mm * ds + u * 16);
-            _Pragma("GCC unroll 16")
-            for (int c = 0; c < NB; c++) {
-                const __m512i d = _mm512_dpbusd_epi32(corr[c], xu, w[c]);
-                acc[c * MB + mm] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(dx, ws[c]),
-                                                   acc[c * MB + mm]);
-            }
-        }
-    }
-    lane_sums(acc, NB * MB, ys);
-}
-
-#define DEF_Q8V_TILE(NB, MB)                                                                              \
-static void q8v_tile_##NB##x##MB(const int8_t *xq, const float *dxv, int64_t K, const int8_t *qw,         \
-                                 const void *sc, int64_t f16, int64_t G, int64_t n0, float *ys) {         \
-    q8v_tile(NB, MB, xq, dxv, K, qw, sc, f16, G, n0, ys);                                                 \
-}
-DEF_Q8V_TILE(2, 8)
-DEF_Q8V_TILE(4, 4)
-DEF_Q8V_TILE(4, 2)
-DEF_Q8V_TILE(4, 1)
-#define Q8V_TILES 1
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 /* AVX2 without VNNI: vpmaddubsw multiplies 32 unsigned weights (4-bit, or |int8|) by 32 int8 activations
@@ -398,19 +252,6 @@ static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi,
     }
 }
 
-/* From this many rows of x on, the tiles; below it they were slower (SmolLM2's head, M = 1: 1.33x the single-column
- * q8 kernel's time, Xeon with AMX), and at batch 1 the matmuls read the weights at memory speed either way. */
-#define TILE_MIN_M 8
-
-/* y[m0 + mm, n0 + c] = ys[c * mb + mm] + bias[n0 + c] for the 4 weight rows of a tile */
-static inline void store_tile(const float *ys, int64_t mb, const float *bias, int64_t N, int64_t n0, int64_t m0,
-                              float *y) {
-    for (int c = 0; c < 4; c++) {
-        const float b = bias ? bias[n0 + c] : 0.f;
-        for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n0 + c] = ys[c * mb + mm] + b;
-    }
-}
-
 static inline int64_t chunk(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
@@ -433,30 +274,8 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
             xsum[m * ng + g] = t;
         }
     }
-#ifdef Q4V_TILES
-    const int64_t n_tiled = M >= TILE_MIN_M ? N / 4 * 4 : 0;
     #pragma omp parallel for schedule(guided)
-    for (int64_t n0 = 0; n0 < n_tiled; n0 += 4) {
-        float ys[32];
-        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
-            mb = chunk(M - m0);
-            const int8_t *lo = xlo + m0 * K / 2, *hi = xhi + m0 * K / 2;
-            const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
-            switch (mb) { /* ys[c * mb + mm]: weight row n0 + c, x row m0 + mm */
-                case 8: q4v_tile_2x8(lo, hi, dv, xs, K, qw, sc, mn, f16, G, n0, ys);
-                        q4v_tile_2x8(lo, hi, dv, xs, K, qw, sc, mn, f16, G, n0 + 2, ys + 16); break;
-                case 4: q4v_tile_4x4(lo, hi, dv, xs, K, qw, sc, mn, f16, G, n0, ys); break;
-                case 2: q4v_tile_4x2(lo, hi, dv, xs, K, qw, sc, mn, f16, G, n0, ys); break;
-                default: q4v_tile_4x1(lo, hi, dv, xs, K, qw, sc, mn, f16, G, n0, ys); break;
-            }
-            store_tile(ys, mb, bias, N, n0, m0, y);
-        }
-    }
-#else
-    const int64_t n_tiled = 0;
-#endif
-    #pragma omp parallel for schedule(guided)
-    for (int64_t n = n_tiled; n < N; n++) {
+    for (int64_t n = 0; n < N; n++) {
         const uint8_t *qr = qw + n * (K / 2);
         const float b = bias ? bias[n] : 0.f;
         float ys[8];
@@ -483,30 +302,8 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 4));
     for (int64_t m = 0; m < M; m++) quant_row(x + m * K, K, 0, xq + m * K, NULL, dxv + m * K / 4, 8);
-#ifdef Q8V_TILES
-    const int64_t n_tiled = M >= TILE_MIN_M ? N / 4 * 4 : 0;
     #pragma omp parallel for schedule(guided)
-    for (int64_t n0 = 0; n0 < n_tiled; n0 += 4) {
-        float ys[32];
-        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
-            mb = chunk(M - m0);
-            const int8_t *xm = xq + m0 * K;
-            const float *dv = dxv + m0 * K / 4;
-            switch (mb) { /* ys[c * mb + mm]: weight row n0 + c, x row m0 + mm */
-                case 8: q8v_tile_2x8(xm, dv, K, qw, sc, f16, G, n0, ys);
-                        q8v_tile_2x8(xm, dv, K, qw, sc, f16, G, n0 + 2, ys + 16); break;
-                case 4: q8v_tile_4x4(xm, dv, K, qw, sc, f16, G, n0, ys); break;
-                case 2: q8v_tile_4x2(xm, dv, K, qw, sc, f16, G, n0, ys); break;
-                default: q8v_tile_4x1(xm, dv, K, qw, sc, f16, G, n0, ys); break;
-            }
-            store_tile(ys, mb, bias, N, n0, m0, y);
-        }
-    }
-#else
-    const int64_t n_tiled = 0;
-#endif
-    #pragma omp parallel for schedule(guided)
-    for (int64_t n = n_tiled; n < N; n++) {
+    for (int64_t n = 0; n < N; n++) {
         const int8_t *qr = qw + n * K;
         const float b = bias ? bias[n] : 0.f;
         float ys[8];
