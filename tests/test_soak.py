@@ -162,8 +162,11 @@ def soak_server():
         pytest.skip("smollm2-135m is not in the cache (tuneserve pull smollm2-135m)")
     # 4 running sequences and a KV cache of 364 tokens (45 KiB each): requests queue and get preempted, while
     # max_model_len 320 keeps every request small enough to fit the cache alone (soak prompts stay under 250)
+    # fp32 activations: "greedy = alone" checks the scheduler and the KV cache, and with the int8 ones (the default
+    # on VNNI CPUs) a request's numerics depend on how many rows share its steps: up to 47 rows take int8
+    # activations, more take bf16 tiles, and a near-tie can then break either way
     args = EngineArgs(model="smollm2-135m", speculative_config=SPEC, max_model_len=320, max_num_seqs=4,
-                      kv_cache_memory_bytes=16 << 20)
+                      kv_cache_memory_bytes=16 << 20, quant_activations="fp32")
     s = LiveServer(args, ServerSettings())
     yield s
     s.stop()
