@@ -103,12 +103,14 @@ static inline void q8_block(const int8_t *qb, float s, const float *x, int64_t K
     const __m256 sv = _mm256_set1_ps(s);
     const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), sv);
     const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), sv);
-    for (int mm = 0; mm < mb; mm++) {
-        if (mb >= 8) { /* one chain per row, as q4_block */
-            acc[mm].a = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K + 8), w1,
-                                        _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K), w0, acc[mm].a));
-            continue;
+    if (mb >= 8) { /* one chain per row, as q4_block */
+        for (int mm = 0; mm < mb; mm++) {
+            const __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K), w0, acc[mm].a);
+            acc[mm].a = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K + 8), w1, a);
         }
+        return;
+    }
+    for (int mm = 0; mm < mb; mm++) {
         acc[mm].a = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K), w0, acc[mm].a);
         acc[mm].b = _mm256_fmadd_ps(_mm256_loadu_ps(x + mm * K + 8), w1, acc[mm].b);
     }
