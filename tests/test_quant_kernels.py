@@ -26,7 +26,7 @@ CASES = [  # (bits, N, K, group, scale dtype)
     (4, 50, 576, 64, torch.float16), (4, 7, 384, 128, torch.float16), (4, 31, 256, 256, torch.float32),
     (4, 9, 640, 32, torch.float32), (4, 21, 192, 32, torch.float32), (4, 22, 320, 64, torch.float16),
     (8, 97, 48, 48, torch.float32), (8, 29, 576, 576, torch.float32), (8, 33, 96, 32, torch.float16),
-    (8, 17, 256, 16, torch.float16), (8, 5, 160, 32, torch.float32),
+    (8, 17, 256, 16, torch.float16), (8, 5, 160, 32, torch.float32), (8, 11, 160, 16, torch.float32),
 ]
 
 
@@ -55,7 +55,8 @@ def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m, act):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol * scale)
 
 
-@pytest.mark.parametrize("bits,n,k,group", [(4, 50, 576, 32), (4, 13, 640, 64), (8, 29, 576, 32), (8, 22, 160, 32)])
+@pytest.mark.parametrize("bits,n,k,group", [(4, 50, 576, 32), (4, 13, 640, 64), (8, 29, 576, 32), (8, 22, 160, 32),
+                                            (8, 19, 160, 16)])
 def test_int8_kernels_give_a_row_the_same_bits_in_any_batch(bits, n, k, group):
     """Greedy output under load must equal the output alone (the soak test checks it on SmolLM2): every row count
     computes a row's outputs with the same float operations in the same order. Tiles of 4 weight rows by 8 rows
@@ -72,7 +73,8 @@ def test_int8_kernels_give_a_row_the_same_bits_in_any_batch(bits, n, k, group):
 
 def test_int8_kernels_cover_the_model_shapes():
     cfg = _int8_config()
-    shapes = [(4, 576, 64), (4, 896, 128), (4, 1536, 32), (8, 576, 576), (8, 4864, 32), (8, 96, 32)]
+    shapes = [(4, 576, 64), (4, 896, 128), (4, 1536, 32), (8, 576, 576), (8, 4864, 32), (8, 96, 32),
+              (8, 4864, 16), (8, 2048, 16)]  # the last two: Q6_K's ffn_down in Qwen2.5-Coder and Gemma 3
     for bits, k, group in shapes:
         g = torch.Generator().manual_seed(k)
         qw, s, mn = (_int4 if bits == 4 else _int8)(8, k, group, torch.float16, g)

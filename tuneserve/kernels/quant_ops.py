@@ -88,7 +88,7 @@ def uses_act_int8(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: tor
     g = k // scales.shape[1]
     if mins is not None:
         return k % 64 == 0 and (g in (32, 64) or g % 128 == 0)
-    return k % 32 == 0 and (g == 32 or g % 64 == 0)
+    return k % 32 == 0 and (g in (16, 32) or g % 64 == 0)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +96,9 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     xb = x.float().view(m, k // 32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return ((xb * inv).round() * (amax / 127.0)).view(m, k)
+    c = torch.full_like(amax, 127.0)  # tensor / tensor divides; a scalar numerator takes a reciprocal first,
+    inv = torch.where(amax > 0, c / amax, torch.zeros_like(amax))  # which moves exact ties of x * inv
+    return ((xb * inv).round() * (amax / c)).view(m, k)
 
 
 def compiled_available() -> bool:

@@ -12,8 +12,8 @@
  * The portable path emulates the same activation rounding (kernels/quant_ops.py, act_int8=True).
  * Built with AVX-512 F/BW/VL + VNNI, or on AVX2 with vpmaddubsw (below); elsewhere qv_available() returns 0
  * and callers use qmatmul.c.
- * Shapes: q4 needs K % 64 == 0 and group 32, 64 or a multiple of 128; q8 needs K % 32 == 0 and group 32
- * or a multiple of 64.
+ * Shapes: q4 needs K % 64 == 0 and group 32, 64 or a multiple of 128; q8 needs K % 32 == 0 and group 16
+ * (Q6_K's sub-blocks), 32 or a multiple of 64.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,6 +34,14 @@ static inline __m512 load_scales16(const void *p, int64_t f16, int64_t i, __mmas
     return _mm512_maskz_loadu_ps(k, (const float *)p + i);
 }
 
+/* Scales i..i+3, each over 4 lanes (lane l: scale i + l / 4). */
+static inline __m512 quarter_scales(const void *sc, int64_t f16, int64_t i) {
+    const __m128 s4 = f16 ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)sc + i)))
+                          : _mm_loadu_ps((const float *)sc + i);
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+}
+
 /* Per-lane weight scales for 4 consecutive blocks from block b0 (lane l: block l / 4). */
 static inline __m512 wscale_q4(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
     if (G >= 128) return _mm512_set1_ps(ldh(sc, f16, sidx + b0 * 32 / G));
@@ -41,10 +49,7 @@ static inline __m512 wscale_q4(const void *sc, int64_t f16, int64_t sidx, int64_
         const int64_t g = sidx + b0 / 2;
         return _mm512_insertf32x8(_mm512_set1_ps(ldh(sc, f16, g)), _mm256_set1_ps(ldh(sc, f16, g + 1)), 1);
     }
-    const __m128 s4 = f16 ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)sc + sidx + b0)))
-                          : _mm_loadu_ps((const float *)sc + sidx + b0);
-    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+    return quarter_scales(sc, f16, sidx + b0);
 }
 
 /* 2 blocks from b0 (lane l: block l / 4) for the 256-bit tail. */
@@ -105,9 +110,11 @@ DEF_Q4V(2)
 DEF_Q4V(4)
 DEF_Q4V(8)
 
-/* Per-lane weight scales for the 2 blocks of a 64-input q8 unit (lane l: block l / 8). */
+/* Per-lane weight scales for a 64-input q8 unit from 32-input block b0 (lane l: inputs 4l..4l+3; group 16, as
+ * Q6_K's sub-blocks repack: 4 scales). */
 static inline __m512 wscale_q8(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
     if (G >= 64) return _mm512_set1_ps(ldh(sc, f16, sidx + b0 * 32 / G));
+    if (G == 16) return quarter_scales(sc, f16, sidx + b0 * 2);
     return _mm512_insertf32x8(_mm512_set1_ps(ldh(sc, f16, sidx + b0)),
                               _mm256_set1_ps(ldh(sc, f16, sidx + b0 + 1)), 1);
 }
@@ -136,11 +143,13 @@ static void q8v_rows_##MB(const int8_t *xq, const float *dxv, int64_t K, const i
     const float srow = per_row ? ldh(sc, f16, sidx) : 1.f;                                               \
     for (int mm = 0; mm < MB; mm++) {                                                                    \
         float t = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][mm], acc[1][mm]));                           \
-        if (K % 64) { /* one 32-input block left */                                                      \
-            const int64_t b = K / 32 - 1;                                                                \
-            int32_t d = 0;                                                                               \
-            for (int j = 0; j < 32; j++) d += (int32_t)qr[b * 32 + j] * xq[mm * K + b * 32 + j];         \
-            t += (float)d * dxv[mm * ds + b * 8] * (per_row ? 1.f : ldh(sc, f16, sidx + b * 32 / G));   \
+        if (K % 64) { /* one 32-input block left, one dot product per weight scale */                    \
+            const int64_t b = K / 32 - 1, sb = G < 32 ? G : 32;                                          \
+            for (int64_t h = 0; h < 32; h += sb) {                                                       \
+                int32_t d = 0;                                                                           \
+                for (int64_t j = h; j < h + sb; j++) d += (int32_t)qr[b * 32 + j] * xq[mm * K + b * 32 + j]; \
+                t += (float)d * dxv[mm * ds + b * 8] * (per_row ? 1.f : ldh(sc, f16, sidx + (b * 32 + h) / G)); \
+            }                                                                                            \
         }                                                                                                \
         ys[mm] = t * srow;                                                                               \
     }                                                                                                    \
@@ -205,6 +214,13 @@ DEF_Q4V(2)
 DEF_Q4V(4)
 DEF_Q4V(8)
 
+/* Per-lane weight scales of 32-input block b (lane l: inputs 4l..4l+3, so group 16 splits the lanes 4 + 4). */
+static inline __m256 wscale_q8(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b) {
+    if (G == 16)
+        return _mm256_set_m128(_mm_set1_ps(ldh(sc, f16, sidx + 2 * b + 1)), _mm_set1_ps(ldh(sc, f16, sidx + 2 * b)));
+    return _mm256_set1_ps(ldh(sc, f16, sidx + b * 32 / G));
+}
+
 #define DEF_Q8V(MB)                                                                                       \
 static void q8v_rows_##MB(const int8_t *xq, const float *dxv, int64_t K, const int8_t *qr, const void *sc, \
                           int64_t f16, int64_t G, int64_t sidx, float *ys) {                             \
@@ -214,10 +230,11 @@ static void q8v_rows_##MB(const int8_t *xq, const float *dxv, int64_t K, const i
     for (int64_t b = 0; b < K / 32; b++) {                                                               \
         const __m256i w = _mm256_loadu_si256((const __m256i *)(qr + b * 32));                            \
         const __m256i aw = _mm256_sign_epi8(w, w);                                                       \
-        const float s = ldh(sc, f16, sidx + b * 32 / G);                                                 \
+        const __m256 s = wscale_q8(sc, f16, sidx, G, b);                                                 \
         for (int mm = 0; mm < MB; mm++) {                                                                \
             const __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + mm * K + b * 32)), w); \
-            acc[mm] = _mm256_fmadd_ps(block_dot(aw, x), _mm256_set1_ps(s * dxv[mm * ds + b * 8]), acc[mm]); \
+            acc[mm] = _mm256_fmadd_ps(block_dot(aw, x), _mm256_mul_ps(s, _mm256_set1_ps(dxv[mm * ds + b * 8])), \
+                                      acc[mm]);                                                          \
         }                                                                                                \
     }                                                                                                    \
     for (int mm = 0; mm < MB; mm++) ys[mm] = hsum8(acc[mm]);                                             \
@@ -232,6 +249,10 @@ DEF_Q8V(8)
 #ifdef HAVE_QV
 int qv_available(void) { return 1; }
 
+/* a / b rounded once, as the oracle divides (quant_ops.quantize_activations); -ffast-math would let the compiler
+ * multiply by a reciprocal, and x * (127 / amax) could then land off an exact tie (-49.5 as -49.499996). */
+static inline float div_exact(float a, float b) { return _mm_cvtss_f32(_mm_div_ss(_mm_set_ss(a), _mm_set_ss(b))); }
+
 /* Quantize row x [K] per 32-block. q4 layout: lo[b*16 + j] = x[32b + j], hi[b*16 + j] = x[32b + 16 + j];
  * q8 layout: lo = x in order (hi unused). dxv: each block's dx repeated `rep` times. */
 static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi, float *dxv, int rep) {
@@ -239,7 +260,7 @@ static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi,
         const float *xb = x + b * 32;
         float amax = 0.f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float id = amax > 0.f ? 127.f / amax : 0.f, d = amax / 127.f;
+        const float id = amax > 0.f ? div_exact(127.f, amax) : 0.f, d = div_exact(amax, 127.f);
         int8_t q[32];
         for (int j = 0; j < 32; j++) q[j] = (int8_t)nearbyintf(xb[j] * id);
         if (q4) {
@@ -252,6 +273,12 @@ static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi,
     }
 }
 
+/* Rows of x go in chunks of up to 8 (the kernels' register blocks) over NB weight rows at a time, so a chunk's
+ * int8 x and its scales stay in L1 while the block's weight rows are reused across chunks: with every row of x
+ * swept per weight row, 32 rows of a 896-input x (56 KB with the scales) spilled L1, and 32 rows took 1.2x the
+ * time of 4 x 8 rows (Qwen2.5-Coder's layers, Xeon). Each output is still one call on the same data, so a row's
+ * bits do not depend on the batch. */
+enum { NB = 16 };
 static inline int64_t chunk(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
@@ -275,12 +302,13 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
         }
     }
     #pragma omp parallel for schedule(guided)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *qr = qw + n * (K / 2);
-        const float b = bias ? bias[n] : 0.f;
-        float ys[8];
-        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
-            mb = chunk(M - m0);
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+      for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+        mb = chunk(M - m0);
+        for (int64_t n = n0; n < n0 + NB && n < N; n++) {
+            const uint8_t *qr = qw + n * (K / 2);
+            const float b = bias ? bias[n] : 0.f;
+            float ys[8];
             const int8_t *lo = xlo + m0 * K / 2, *hi = xhi + m0 * K / 2;
             const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
             switch (mb) {
@@ -291,6 +319,7 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
             }
             for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
         }
+      }
     }
     free(xlo);
     free(dxv);
@@ -303,12 +332,13 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
     float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 4));
     for (int64_t m = 0; m < M; m++) quant_row(x + m * K, K, 0, xq + m * K, NULL, dxv + m * K / 4, 8);
     #pragma omp parallel for schedule(guided)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *qr = qw + n * K;
-        const float b = bias ? bias[n] : 0.f;
-        float ys[8];
-        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
-            mb = chunk(M - m0);
+    for (int64_t n0 = 0; n0 < N; n0 += NB) {
+      for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+        mb = chunk(M - m0);
+        for (int64_t n = n0; n < n0 + NB && n < N; n++) {
+            const int8_t *qr = qw + n * K;
+            const float b = bias ? bias[n] : 0.f;
+            float ys[8];
             const int8_t *xm = xq + m0 * K;
             const float *dv = dxv + m0 * K / 4;
             switch (mb) {
@@ -319,6 +349,7 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
             }
             for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
         }
+      }
     }
     free(xq);
     free(dxv);
