@@ -24,6 +24,11 @@
 #include <immintrin.h>
 #define HAVE_QV 1
 
+/* Weight bytes read ahead of the loads (rows are contiguous, so this runs into the next rows): the hardware
+ * prefetcher alone left a 1-row kernel at ~40% of the streaming bandwidth. SmolLM2's and Qwen2.5-Coder's
+ * layers at 1 row took 0.8x the time with it (Xeon, interleaved A/B; 2-8 KB ahead all helped, 8 KB most). */
+enum { PF_AHEAD = 8192 };
+
 static inline float ldh(const void *p, int64_t f16, int64_t i) {
     return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
@@ -68,6 +73,7 @@ static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv
     for (int mm = 0; mm < MB; mm++) acc[mm] = _mm512_setzero_ps();                                       \
     for (int64_t u = 0; u < units; u++) {                                                                \
         const __m512i raw = _mm512_loadu_si512(qr + u * 64);                                             \
+        _mm_prefetch((const char *)(qr + u * 64 + PF_AHEAD), _MM_HINT_T0);                              \
         const __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); \
         const __m512 ws = wscale_q4(sc, f16, sidx, G, u * 4);                                            \
         for (int mm = 0; mm < MB; mm++) {                                                                \
@@ -128,6 +134,7 @@ static void q8v_rows_##MB(const int8_t *xq, const float *dxv, int64_t K, const i
     for (int mm = 0; mm < MB; mm++) acc[0][mm] = acc[1][mm] = _mm512_setzero_ps();                       \
     for (int64_t u = 0; u < units; u++) {                                                                \
         const __m512i w = _mm512_loadu_si512(qr + u * 64);                                               \
+        _mm_prefetch((const char *)(qr + u * 64 + PF_AHEAD), _MM_HINT_T0);                              \
         const __m512i aw = _mm512_abs_epi8(w);                                                           \
         const __mmask64 neg = _mm512_movepi8_mask(w);                                                    \
         const __m512 ws = per_row ? _mm512_set1_ps(1.f) : wscale_q8(sc, f16, sidx, G, u * 2);           \
