@@ -159,11 +159,13 @@ def test_tp2_gemma3_with_replicated_kv_heads_equals_tp1(tmp_path):
 @pytest.mark.slow
 @pytest.mark.model
 def test_tp2_qwen_coder_equals_tp1():
-    """Qwen2.5-Coder-0.5B: 14 query heads, 2 KV heads, served from its GGUF blocks."""
+    """Qwen2.5-Coder-0.5B: 14 query heads, 2 KV heads, served from its GGUF blocks. fp32 activations: with int8
+    ones (the default on VNNI CPUs) the row-parallel split's partial sums move x across int8 rounding boundaries,
+    and a greedy near-tie flipped within 32 tokens on an AMX Xeon (at 09a77c2 too)."""
     prompts = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n"]
     params = SamplingParams(temperature=0, max_tokens=32)
-    one = _tokens(LLM("qwen2.5-coder-0.5b", max_model_len=512), prompts, params)
-    llm = LLM("qwen2.5-coder-0.5b", max_model_len=512, tensor_parallel_size=2)
+    one = _tokens(LLM("qwen2.5-coder-0.5b", max_model_len=512, quant_activations="fp32"), prompts, params)
+    llm = LLM("qwen2.5-coder-0.5b", max_model_len=512, tensor_parallel_size=2, quant_activations="fp32")
     try:
         assert _tokens(llm, prompts, params) == one
     finally:
