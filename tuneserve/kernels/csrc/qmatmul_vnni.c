@@ -310,23 +310,23 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
     }
     #pragma omp parallel for schedule(guided)
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
-      for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
-        mb = chunk(M - m0);
-        for (int64_t n = n0; n < n0 + NB && n < N; n++) {
-            const uint8_t *qr = qw + n * (K / 2);
-            const float b = bias ? bias[n] : 0.f;
-            float ys[8];
+        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+            mb = chunk(M - m0);
             const int8_t *lo = xlo + m0 * K / 2, *hi = xhi + m0 * K / 2;
             const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
-            switch (mb) {
-                case 8: q4v_rows_8(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
-                case 4: q4v_rows_4(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
-                case 2: q4v_rows_2(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
-                default: q4v_rows_1(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+            for (int64_t n = n0; n < n0 + NB && n < N; n++) {
+                const uint8_t *qr = qw + n * (K / 2);
+                const float b = bias ? bias[n] : 0.f;
+                float ys[8];
+                switch (mb) {
+                    case 8: q4v_rows_8(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                    case 4: q4v_rows_4(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                    case 2: q4v_rows_2(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                    default: q4v_rows_1(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                }
+                for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
             }
-            for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
         }
-      }
     }
     free(xlo);
     free(dxv);
@@ -340,23 +340,23 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
     for (int64_t m = 0; m < M; m++) quant_row(x + m * K, K, 0, xq + m * K, NULL, dxv + m * K / 4, 8);
     #pragma omp parallel for schedule(guided)
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
-      for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
-        mb = chunk(M - m0);
-        for (int64_t n = n0; n < n0 + NB && n < N; n++) {
-            const int8_t *qr = qw + n * K;
-            const float b = bias ? bias[n] : 0.f;
-            float ys[8];
+        for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+            mb = chunk(M - m0);
             const int8_t *xm = xq + m0 * K;
             const float *dv = dxv + m0 * K / 4;
-            switch (mb) {
-                case 8: q8v_rows_8(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
-                case 4: q8v_rows_4(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
-                case 2: q8v_rows_2(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
-                default: q8v_rows_1(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+            for (int64_t n = n0; n < n0 + NB && n < N; n++) {
+                const int8_t *qr = qw + n * K;
+                const float b = bias ? bias[n] : 0.f;
+                float ys[8];
+                switch (mb) {
+                    case 8: q8v_rows_8(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+                    case 4: q8v_rows_4(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+                    case 2: q8v_rows_2(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+                    default: q8v_rows_1(xm, dv, K, qr, sc, f16, G, n * ng, ys); break;
+                }
+                for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
             }
-            for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
         }
-      }
     }
     free(xq);
     free(dxv);
