@@ -27,6 +27,7 @@ CASES = [  # (bits, N, K, group, scale dtype)
     (4, 9, 640, 32, torch.float32), (4, 21, 192, 32, torch.float32), (4, 22, 320, 64, torch.float16),
     (8, 97, 48, 48, torch.float32), (8, 29, 576, 576, torch.float32), (8, 33, 96, 32, torch.float16),
     (8, 17, 256, 16, torch.float16), (8, 5, 160, 32, torch.float32), (8, 11, 160, 16, torch.float32),
+    (8, 40, 640, 32, torch.float16), (8, 16, 512, 128, torch.float16),  # q8: whole 16-row blocks, fp16 scales gathered
 ]
 
 
@@ -56,7 +57,7 @@ def test_matmul_kernel_equals_portable(bits, n, k, group, dtype, m, act):
 
 
 @pytest.mark.parametrize("bits,n,k,group", [(4, 50, 576, 32), (4, 13, 640, 64), (8, 29, 576, 32), (8, 22, 160, 32),
-                                            (8, 19, 160, 16)])
+                                            (8, 19, 160, 16), (8, 40, 640, 32)])
 def test_int8_kernels_give_a_row_the_same_bits_in_any_batch(bits, n, k, group):
     """Greedy output under load must equal the output alone (the soak test checks it on SmolLM2): every row count
     computes a row's outputs with the same float operations in the same order. Tiles of 4 weight rows by 8 rows

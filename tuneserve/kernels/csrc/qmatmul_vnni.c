@@ -7,6 +7,8 @@
  * group, summing the rounded x (so y is exactly the rounded x times the weights; with the exact sum, the
  * rounding error would meet q * scale = w - min, which is larger than w). Compared with dequantizing to
  * fp32 inside the loop this does ~3x fewer instructions per weight, which is what batch 1 needs here.
+ * On AVX-512 the q8 kernel puts one weight row per lane instead (q8_row_lanes.h): at 8-32 rows of x it
+ * needs a third of the instructions.
  * The price is the rounding of x: on SmolLM2 it adds a KL divergence of ~0.003 nats to the next-token
  * distribution (TUNESERVE_QUANT_ACT=fp32 avoids it, at the float kernels' speed).
  * The portable path emulates the same activation rounding (kernels/quant_ops.py, act_int8=True).
@@ -152,57 +154,8 @@ DEF_Q4V(2)
 DEF_Q4V(4)
 DEF_Q4V(8)
 
-/* Per-lane weight scales for a 64-input q8 unit from 32-input block b0 (lane l: inputs 4l..4l+3; group 16, as
- * Q6_K's sub-blocks repack: 4 scales). */
-static inline __m512 wscale_q8(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
-    if (G >= 64) return _mm512_set1_ps(ldh(sc, f16, sidx + b0 * 32 / G));
-    if (G == 16) return quarter_scales(sc, f16, sidx + b0 * 2);
-    return _mm512_insertf32x8(_mm512_set1_ps(ldh(sc, f16, sidx + b0)),
-                              _mm256_set1_ps(ldh(sc, f16, sidx + b0 + 1)), 1);
-}
-
-#define DEF_Q8V(MB)                                                                                       \
-static void q8v_rows_##MB(const int8_t *xq, const float *dxv, int64_t K, const int8_t *qr, const void *sc, \
-                          int64_t f16, int64_t G, int64_t sidx, float *ys) {                             \
-    const int64_t units = K / 64, ds = K / 4;                                                            \
-    const int per_row = G >= K; /* one scale per row: applied once at the end */                         \
-    __m512 acc[2][MB]; /* alternate units between two accumulators: shorter FMA chains */                \
-    for (int mm = 0; mm < MB; mm++) acc[0][mm] = acc[1][mm] = _mm512_setzero_ps();                       \
-    for (int64_t u = 0; u < units; u++) {                                                                \
-        const __m512i w = _mm512_loadu_si512(qr + u * 64);                                               \
-        _mm_prefetch((const char *)(qr + u * 64 + PF_AHEAD), _MM_HINT_T0);                              \
-        const __m512i aw = _mm512_abs_epi8(w);                                                           \
-        const __mmask64 neg = _mm512_movepi8_mask(w);                                                    \
-        const __m512 ws = per_row ? _mm512_set1_ps(1.f) : wscale_q8(sc, f16, sidx, G, u * 2);           \
-        const int p = (int)(u & 1);                                                                      \
-        for (int mm = 0; mm < MB; mm++) {                                                                \
-            const __m512i x = _mm512_loadu_si512(xq + mm * K + u * 64);                                  \
-            const __m512i sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);                   \
-            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);                       \
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(dxv + mm * ds + u * 16)); \
-            acc[p][mm] = _mm512_fmadd_ps(t, ws, acc[p][mm]);                                             \
-        }                                                                                                \
-    }                                                                                                    \
-    const float srow = per_row ? ldh(sc, f16, sidx) : 1.f;                                               \
-    for (int mm = 0; mm < MB; mm++) acc[0][mm] = _mm512_add_ps(acc[0][mm], acc[1][mm]);                  \
-    lane_sums(acc[0], MB, ys);                                                                           \
-    for (int mm = 0; mm < MB; mm++) {                                                                    \
-        float t = ys[mm];                                                                                \
-        if (K % 64) { /* one 32-input block left, one dot product per weight scale */                    \
-            const int64_t b = K / 32 - 1, sb = G < 32 ? G : 32;                                          \
-            for (int64_t h = 0; h < 32; h += sb) {                                                       \
-                int32_t d = 0;                                                                           \
-                for (int64_t j = h; j < h + sb; j++) d += (int32_t)qr[b * 32 + j] * xq[mm * K + b * 32 + j]; \
-                t += (float)d * dxv[mm * ds + b * 8] * (per_row ? 1.f : ldh(sc, f16, sidx + (b * 32 + h) / G)); \
-            }                                                                                            \
-        }                                                                                                \
-        ys[mm] = t * srow;                                                                               \
-    }                                                                                                    \
-}
-DEF_Q8V(1)
-DEF_Q8V(2)
-DEF_Q8V(4)
-DEF_Q8V(8)
+/* q8 on AVX-512: q8_row_lanes.h (included below, after the shared helpers). */
+#define Q8_ROW_LANES 1
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 /* AVX2 without VNNI: vpmaddubsw multiplies 32 unsigned weights (4-bit, or |int8|) by 32 int8 activations
@@ -370,6 +323,9 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
     free(dxv);
 }
 
+#ifdef Q8_ROW_LANES
+#include "q8_row_lanes.h" /* q8v_matmul, one weight row per lane */
+#else
 void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16,
                 int64_t N, int64_t G, const float *bias, float *y) {
     const int64_t ng = K / G;
@@ -399,6 +355,7 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
     free(xq);
     free(dxv);
 }
+#endif
 
 
 #include "permuted_inputs.h"
