@@ -26,136 +26,12 @@
 #include <immintrin.h>
 #define HAVE_QV 1
 
-/* Weight bytes read ahead of the loads (rows are contiguous, so this runs into the next rows): the hardware
- * prefetcher alone left a 1-row kernel at ~40% of the streaming bandwidth. SmolLM2's and Qwen2.5-Coder's
- * layers at 1 row took 0.8x the time with it (Xeon, interleaved A/B; 2-8 KB ahead all helped, 8 KB most). */
-enum { PF_AHEAD = 8192 };
-
 static inline float ldh(const void *p, int64_t f16, int64_t i) {
     return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* Up to 16 consecutive scales (mask k) as fp32 lanes, zero elsewhere. */
-static inline __m512 load_scales16(const void *p, int64_t f16, int64_t i, __mmask16 k) {
-    if (f16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)p + i));
-    return _mm512_maskz_loadu_ps(k, (const float *)p + i);
-}
-
-/* Scales i..i+3, each over 4 lanes (lane l: scale i + l / 4). */
-static inline __m512 quarter_scales(const void *sc, int64_t f16, int64_t i) {
-    const __m128 s4 = f16 ? _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)sc + i)))
-                          : _mm_loadu_ps((const float *)sc + i);
-    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
-}
-
-/* Per-lane weight scales for 4 consecutive blocks from block b0 (lane l: block l / 4). */
-static inline __m512 wscale_q4(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
-    if (G >= 128) return _mm512_set1_ps(ldh(sc, f16, sidx + b0 * 32 / G));
-    if (G == 64) {
-        const int64_t g = sidx + b0 / 2;
-        return _mm512_insertf32x8(_mm512_set1_ps(ldh(sc, f16, g)), _mm256_set1_ps(ldh(sc, f16, g + 1)), 1);
-    }
-    return quarter_scales(sc, f16, sidx + b0);
-}
-
-/* 2 blocks from b0 (lane l: block l / 4) for the 256-bit tail. */
-static inline __m256 wscale_q4_tail(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b0) {
-    const float s0 = ldh(sc, f16, sidx + b0 * 32 / G), s1 = ldh(sc, f16, sidx + (b0 + 1) * 32 / G);
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
-}
-
-/* Lane sums of up to 8 accumulators. Every row pairs its lanes the same way (i with i + 8, then i + 4, i + 2,
- * i + 1) whether it is summed alone or with 7 others, so its bits do not depend on the batch; 8 rows share
- * the shuffles (~25 instructions against ~70 one row at a time, which at SmolLM2's K = 576 was a fifth of a
- * weight row's work at 8 rows). */
-static inline float lane_sum(__m512 a) {
-    __m512 h = _mm512_add_ps(a, _mm512_shuffle_f32x4(a, a, 0xEE)); /* quarter q: q + (q + 2) */
-    h = _mm512_add_ps(h, _mm512_shuffle_f32x4(h, h, 0x55));       /* quarter 0: + quarter 1 */
-    h = _mm512_add_ps(h, _mm512_shuffle_ps(h, h, 0xEE));           /* lane 0: 0 + 2, lane 1: 1 + 3 */
-    h = _mm512_add_ps(h, _mm512_shuffle_ps(h, h, 0x55));
-    return _mm512_cvtss_f32(h);
-}
-
-/* [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3] (quarters of 4 lanes) */
-static inline __m512 fold_halves(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-}
-
-/* [a, b, c, d]: each quarter one row's 4 partial sums, from two fold_halves results */
-static inline __m512 fold_quarters(__m512 ab, __m512 cd) {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-}
-
-static inline void lane_sums(const __m512 *acc, int mb, float *ys) {
-    if (mb == 1) {
-        ys[0] = lane_sum(acc[0]);
-        return;
-    }
-    __m512 v[8];
-    for (int i = 0; i < 8; i++) v[i] = i < mb ? acc[i] : _mm512_setzero_ps();
-    const __m512 r0 = fold_quarters(fold_halves(v[0], v[1]), fold_halves(v[2], v[3]));
-    const __m512 r1 = fold_quarters(fold_halves(v[4], v[5]), fold_halves(v[6], v[7]));
-    /* per quarter j: [r0 lanes 0 + 2, 1 + 3, r1 lanes 0 + 2, 1 + 3], then the pairs: row j in lane 4j, j + 4 in 4j + 1 */
-    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(r0, r1, 0x44), _mm512_shuffle_ps(r0, r1, 0xEE));
-    const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s, s, 0x88), _mm512_shuffle_ps(s, s, 0xDD));
-    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
-    float out[8];
-    _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, t)));
-    for (int i = 0; i < mb; i++) ys[i] = out[i];
-}
-
-#define DEF_Q4V(MB)                                                                                       \
-static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,     \
-                          int64_t K, const uint8_t *qr, const void *sc, const void *mn, int64_t f16,     \
-                          int64_t G, int64_t sidx, float *ys) {                                          \
-    const int64_t ng = K / G, units = K / 128, xs = K / 2, ds = K / 8;                                   \
-    const __m512i m4 = _mm512_set1_epi8(15);                                                             \
-    __m512 acc[MB];                                                                                      \
-    for (int mm = 0; mm < MB; mm++) acc[mm] = _mm512_setzero_ps();                                       \
-    for (int64_t u = 0; u < units; u++) {                                                                \
-        const __m512i raw = _mm512_loadu_si512(qr + u * 64);                                             \
-        _mm_prefetch((const char *)(qr + u * 64 + PF_AHEAD), _MM_HINT_T0);                              \
-        const __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); \
-        const __m512 ws = wscale_q4(sc, f16, sidx, G, u * 4);                                            \
-        for (int mm = 0; mm < MB; mm++) {                                                                \
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,                                  \
-                                            _mm512_loadu_si512(xlo + mm * xs + u * 64));                 \
-            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xhi + mm * xs + u * 64));                  \
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(dxv + mm * ds + u * 16)); \
-            acc[mm] = _mm512_fmadd_ps(t, ws, acc[mm]);                                                   \
-        }                                                                                                \
-    }                                                                                                    \
-    if (K % 128) { /* one 64-input unit left */                                                          \
-        const int64_t u = units;                                                                         \
-        const __m256i raw = _mm256_loadu_si256((const __m256i *)(qr + u * 64));                          \
-        const __m256i m4s = _mm256_set1_epi8(15);                                                        \
-        const __m256i lo = _mm256_and_si256(raw, m4s), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4s); \
-        const __m256 ws = wscale_q4_tail(sc, f16, sidx, G, u * 4);                                       \
-        for (int mm = 0; mm < MB; mm++) {                                                                \
-            __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo,                                  \
-                                            _mm256_loadu_si256((const __m256i *)(xlo + mm * xs + u * 64))); \
-            d = _mm256_dpbusd_epi32(d, hi, _mm256_loadu_si256((const __m256i *)(xhi + mm * xs + u * 64))); \
-            const __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d),                          \
-                                                         _mm256_loadu_ps(dxv + mm * ds + u * 16)), ws);  \
-            acc[mm] = _mm512_add_ps(acc[mm], _mm512_zextps256_ps512(t));                                 \
-        }                                                                                                \
-    }                                                                                                    \
-    for (int64_t g = 0; g < ng; g += 16) { /* the min term, 16 groups at a time */                       \
-        const __mmask16 k = ng - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1);         \
-        const __m512 mv = load_scales16(mn, f16, sidx + g, k);                                           \
-        for (int mm = 0; mm < MB; mm++)                                                                  \
-            acc[mm] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + mm * ng + g), acc[mm]);        \
-    }                                                                                                    \
-    lane_sums(acc, MB, ys);                                                                              \
-}
-DEF_Q4V(1)
-DEF_Q4V(2)
-DEF_Q4V(4)
-DEF_Q4V(8)
-
-/* q8 on AVX-512: q8_row_lanes.h (included below, after the shared helpers). */
-#define Q8_ROW_LANES 1
+/* On AVX-512 the matmuls themselves are in row_lanes.h (included below, after the shared helpers). */
+#define ROW_LANES 1
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 /* AVX2 without VNNI: vpmaddubsw multiplies 32 unsigned weights (4-bit, or |int8|) by 32 int8 activations
@@ -279,26 +155,32 @@ static void quant_row(const float *x, int64_t K, int q4, int8_t *lo, int8_t *hi,
 enum { NB = 16 };
 static inline int64_t chunk(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
+/* Row x [K] for the q4 kernels: quant_row's q4 layout, and xsum[g] = group g's sum of the rounded x times dx
+ * (y = sum x_rounded * w exactly, min term included). */
+static void quant_row_q4(const float *x, int64_t K, int64_t G, int8_t *lo, int8_t *hi, float *dv, float *xsum) {
+    quant_row(x, K, 1, lo, hi, dv, 4);
+    for (int64_t g = 0; g < K / G; g++) {
+        float t = 0.f;
+        for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) {
+            int32_t qs = 0;
+            for (int j = 0; j < 16; j++) qs += lo[b * 16 + j] + hi[b * 16 + j];
+            t += dv[b * 4] * (float)qs;
+        }
+        xsum[g] = t;
+    }
+}
+
+#ifdef ROW_LANES
+#include "row_lanes.h" /* q4v_matmul and q8v_matmul, one weight row per lane */
+#else
 void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
                 int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
     const int64_t ng = K / G;
     int8_t *xlo = (int8_t *)malloc((size_t)(M * K)), *xhi = xlo + M * K / 2;
     float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 8 + M * ng));
     float *xsum = dxv + M * K / 8;
-    for (int64_t m = 0; m < M; m++) {
-        const int8_t *lo = xlo + m * K / 2, *hi = xhi + m * K / 2;
-        const float *dv = dxv + m * K / 8;
-        quant_row(x + m * K, K, 1, xlo + m * K / 2, xhi + m * K / 2, dxv + m * K / 8, 4);
-        for (int64_t g = 0; g < ng; g++) { /* sums of the rounded x, so y = sum x_rounded * w exactly */
-            float t = 0.f;
-            for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) {
-                int32_t qs = 0;
-                for (int j = 0; j < 16; j++) qs += lo[b * 16 + j] + hi[b * 16 + j];
-                t += dv[b * 4] * (float)qs;
-            }
-            xsum[m * ng + g] = t;
-        }
-    }
+    for (int64_t m = 0; m < M; m++)
+        quant_row_q4(x + m * K, K, G, xlo + m * K / 2, xhi + m * K / 2, dxv + m * K / 8, xsum + m * ng);
     #pragma omp parallel for schedule(guided)
     for (int64_t n0 = 0; n0 < N; n0 += NB) {
         for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
@@ -323,9 +205,6 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
     free(dxv);
 }
 
-#ifdef Q8_ROW_LANES
-#include "q8_row_lanes.h" /* q8v_matmul, one weight row per lane */
-#else
 void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16,
                 int64_t N, int64_t G, const float *bias, float *y) {
     const int64_t ng = K / G;
