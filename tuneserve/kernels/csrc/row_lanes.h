@@ -83,6 +83,14 @@ static inline void transpose_scales(const void *sc, int64_t f16, int64_t n0, int
         for (int64_t j = 0; j < 16; j++) wsT[g * 16 + j] = j < nr ? ldh(sc, f16, (n0 + j) * ng + g) : 0.f;
 }
 
+/* Rows 0..mb-1 of y (stride N), columns n0..n0+nr-1, from the kernels' 16-lane outputs, plus the bias. */
+static inline void store_outputs(const __m512 *out, int64_t mb, const float *bias, float *y, int64_t N, int64_t n0,
+                                 int64_t nr) {
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+    for (int64_t mm = 0; mm < mb; mm++) _mm512_mask_storeu_ps(y + mm * N + n0, keep, _mm512_add_ps(out[mm], b));
+}
+
 /* MB rows of x against 16 weight rows; SB = inputs per integer block (32, or 16 for Q6_K's group 16).
  * xc: -128 * each block's sum of x; dxb: each 32-input block's dx; wsT[g * 16 + j]: row j's scale of group g. */
 #define DEF_Q8L(MB, SB)                                                                                   \
@@ -162,14 +170,11 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
         for (int64_t n0 = 0; n0 < N; n0 += 16) {
             const int64_t nr = N - n0 < 16 ? N - n0 : 16;
             transpose_scales(sc, f16, n0, nr, ng, wsT);
-            const __mmask16 keep = (__mmask16)((1u << nr) - 1);
-            const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
             for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
                 mb = chunk(M - m0);
                 __m512 out[8];
                 q8l_rows(mb, sb, xq + m0 * K, dxb + m0 * nx, xc + m0 * nblk, K, qw + n0 * K, nr, wsT, G, out);
-                for (int64_t mm = 0; mm < mb; mm++)
-                    _mm512_mask_storeu_ps(y + (m0 + mm) * N + n0, keep, _mm512_add_ps(out[mm], b));
+                store_outputs(out, mb, bias, y + m0 * N, N, n0, nr);
             }
         }
         free(wsT);
@@ -284,8 +289,6 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
             const int64_t nr = N - n0 < 16 ? N - n0 : 16;
             transpose_scales(sc, f16, n0, nr, ng, wsT);
             transpose_scales(mn, f16, n0, nr, ng, mnT);
-            const __mmask16 keep = (__mmask16)((1u << nr) - 1);
-            const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
             for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
                 mb = chunk(M - m0);
                 const int8_t *lo = xlo + m0 * kb, *hi = xhi + m0 * kb;
@@ -299,8 +302,7 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
                     case 2: q4l_rows_2(lo, hi, dv, xs, K, w, nr, wsT, mnT, G, out); break;
                     default: q4l_rows_1(lo, hi, dv, xs, K, w, nr, wsT, mnT, G, out); break;
                 }
-                for (int64_t mm = 0; mm < mb; mm++)
-                    _mm512_mask_storeu_ps(y + (m0 + mm) * N + n0, keep, _mm512_add_ps(out[mm], b));
+                store_outputs(out, mb, bias, y + m0 * N, N, n0, nr);
             }
         }
         free(wsT);
