@@ -126,12 +126,11 @@ def test_speculative_verification_rows_run_fused(dirs, monkeypatch):
 
 def test_batches_past_the_kernels_rows_run_op_by_op(dirs, monkeypatch):
     """int4 linears take fewer than large_m rows in the small-batch kernel (16, 64 on AVX2-only CPUs), fewer than
-    int8_max_m in the int8 one (96 on AVX-512 VNNI, 48 on AVX2): a decode of 4 more requests than both runs layer
-    by layer (short prompts: one prefill step, then every decode step has them all)."""
-    from tuneserve.kernels.quant_ops import int8_max_m, large_m
+    VNNI_MAX_M in the int8 one: a decode of 4 more requests than both runs layer by layer (short prompts: one
+    prefill step, then every decode step has them all)."""
+    from tuneserve.kernels.quant_ops import VNNI_MAX_M, large_m
 
-    cfg = resolve()
-    n = max(large_m(cfg), int8_max_m(cfg)) + 4
+    n = max(large_m(resolve()), VNNI_MAX_M) + 4
     reqs = prompts([4 + i % 3 for i in range(n)], seed=6)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     want = generate(dirs["llama-tied"], reqs, params, quantization="int4", kernels="unfused", max_num_seqs=n)

@@ -65,9 +65,9 @@ def test_int8_kernels_give_a_row_the_same_bits_in_any_batch(bits, n, k, group):
     cfg = _int8_config()
     g = torch.Generator().manual_seed(k + bits)
     qw, s, mn = (_int4 if bits == 4 else _int8)(n, k, group, torch.float16, g)
-    x = torch.randn(Q.int8_max_m(cfg) - 1, k, generator=g)
+    x = torch.randn(Q.VNNI_MAX_M - 1, k, generator=g)
     alone = torch.cat([Q.matmul(x[i:i + 1], qw, s, mn, kernels=cfg) for i in range(x.shape[0])])
-    for m in (2, 5, 8, 13, 21, Q.int8_max_m(cfg) - 1):
+    for m in (2, 5, 8, 13, 21, Q.VNNI_MAX_M - 1):
         assert Q.uses_act_int8(m, qw, s, mn, cfg)
         assert torch.equal(Q.matmul(x[:m], qw, s, mn, kernels=cfg), alone[:m]), m
 
@@ -79,7 +79,7 @@ def test_int8_kernels_cover_the_model_shapes():
     for bits, k, group in shapes:
         g = torch.Generator().manual_seed(k)
         qw, s, mn = (_int4 if bits == 4 else _int8)(8, k, group, torch.float16, g)
-        assert Q.uses_act_int8(1, qw, s, mn, cfg) and not Q.uses_act_int8(Q.int8_max_m(cfg), qw, s, mn, cfg)
+        assert Q.uses_act_int8(1, qw, s, mn, cfg) and not Q.uses_act_int8(Q.VNNI_MAX_M, qw, s, mn, cfg)
 
 
 def test_auto_takes_int8_activations_only_with_vnni(monkeypatch):
@@ -136,20 +136,6 @@ def test_avx2_only_cpus_keep_the_kernel_up_to_64_rows():
     if Q.compiled_available():
         assert Q.small_batch_call(qw, s, mn, None, kernels=avx2)[2] == 64
         assert Q.small_batch_call(qw, s, mn, None, kernels=avx512)[2] == 16
-
-
-def test_int8_row_limit_follows_the_kernels_isa():
-    """AVX-512 VNNI's row-lane kernels beat the bf16 tiles up to ~96 rows, the AVX2 ones up to ~48."""
-    from tuneserve.kernels.config import CpuFeatures, KernelConfig
-
-    avx2 = KernelConfig(quant="compiled", quant_act="int8", features=CpuFeatures(avx2=True))
-    vnni = KernelConfig(quant="compiled", quant_act="int8",
-                        features=CpuFeatures(avx2=True, avx512=True, avx512_vnni=True))
-    assert (Q.int8_max_m(avx2), Q.int8_max_m(vnni)) == (48, 96)
-    cfg = _int8_config()
-    qw, s, mn = _int4(8, 64, 32, torch.float16, torch.Generator().manual_seed(1))
-    assert Q.uses_act_int8(Q.int8_max_m(cfg) - 1, qw, s, mn, cfg)
-    assert not Q.uses_act_int8(Q.int8_max_m(cfg), qw, s, mn, cfg)
 
 
 def test_portable_env_switch_forces_the_pytorch_path(monkeypatch):

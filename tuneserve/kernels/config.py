@@ -10,7 +10,7 @@ op by op, never the fused decode step) and `TUNESERVE_QUANT_ACT`
 re-decides it; only checks on its inputs (row count, dtype) remain per call.
 
 Quantized-matmul activation modes (`quant_act`, what the kernels round x to):
-  int8      below quant_ops.int8_max_m rows, int8 per 32 inputs (llama.cpp's scheme: integer dot products
+  int8      below quant_ops.VNNI_MAX_M rows, int8 per 32 inputs (llama.cpp's scheme: integer dot products
             with AVX-512 VNNI, or AVX2's vpmaddubsw); larger batches as bf16
   int8-all  int8 at every batch size (to measure decode numerics on long evaluation windows)
   bf16      small batches in fp32; larger batches multiply bf16 tiles (native bf16 CPUs: ~3x an fp32 GEMM)

@@ -5,7 +5,7 @@ the low nibble, input j + 16 in the high one), w = q * scale + min per group of 
 w = q * scale. Scales (and mins) are (N, K / group) in fp16 or fp32.
 
 `matmul` picks the path within a KernelConfig (kernels/config.py: decided once at load, passed in; the
-functions here read no environment). With compiled kernels and the int8 activation mode, below int8_max_m rows
+functions here read no environment). With compiled kernels and the int8 activation mode, below VNNI_MAX_M rows
 of x (every row count in int8-all): csrc/qmatmul_vnni.c, which quantizes x to int8 per 32 inputs and takes
 integer dot products with the packed weights (llama.cpp's scheme; AVX-512 VNNI or AVX2). Otherwise below
 large_m rows (16; 64 on AVX2-only CPUs): csrc/qmatmul.c, which dequantizes inside fp32 dot products. Larger
@@ -27,13 +27,14 @@ from tuneserve.kernels.config import CpuFeatures, KernelConfig, detected
 
 LARGE_M = 16  # from this many rows of x on, dequantize tiles and use a GEMM (AVX-512 and other CPUs) ...
 LARGE_M_AVX2 = 64  # ... and on AVX2-only CPUs, where the kernel beats the tiles up to 64 rows (large_m)
-# Below this many rows, the int8-activation kernels where the int8 mode runs (int8_max_m). 2 threads, Xeon with
-# AMX, interleaved: AVX-512 VNNI's row-lane kernels against the bf16 tiles, SmolLM2's q4 layers 0.53x the time at
-# 64 rows, 0.83x at 96, 0.98x at 128; Qwen2.5-Coder's q8 layers 0.54x at 64, 1.0x at 96, 1.18x at 128. The
-# AVX2 kernels (one weight row per register) took 1.0x the tiles' time at 48 rows, 1.2x at 64 (same Xeon,
-# SmolLM2's q4 layers, when they were AVX-512's too).
-VNNI_MAX_M = 96
-VNNI_MAX_M_AVX2 = 48
+# Below this many rows, the int8-activation kernels where the int8 mode runs. SmolLM2's 30 layers of q4 matmuls,
+# 2 threads, Xeon with AMX (interleaved, best of 6): the int8 kernel took 0.41x the bf16 tiles' time at 16
+# rows, 0.77x at 32, 1.0x at 48, 1.2x at 64. AVX-512's row-lane kernels (csrc/row_lanes.h) beat the tiles
+# further: q4 0.53x at 64 rows, 0.83x at 96; q8 0.54x at 64, 1.0x at 96. 96 here made SmolLM2's decode at 64
+# sequences 1.8x, but prompt chunks of 48-95 tokens then round x to int8 instead of bf16, and the MoE GGUF's
+# HF check moved past its tolerance (0.37 nats against 0.35): left at 48 until decode steps can have their own
+# limit.
+VNNI_MAX_M = 48
 TILE_ELEMS = 1 << 20  # weights per dequantized tile (4 MiB of fp32)
 
 
@@ -83,7 +84,7 @@ def uses_act_int8(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: tor
     """Whether matmul(path='auto', kernels=kernels) of m rows quantizes the activations to int8 (the VNNI
     kernels). kernels None: `config.detected()`, as for every function here."""
     cfg = kernels or detected()
-    if not cfg.quant_act.startswith("int8") or (m >= int8_max_m(cfg) and cfg.quant_act != "int8-all") \
+    if not cfg.quant_act.startswith("int8") or (m >= VNNI_MAX_M and cfg.quant_act != "int8-all") \
             or not _kernel_ok(qweight, scales, mins, cfg) \
             or libraries.qmatmul_vnni() is None:  # None: a hand-made config
         return False
@@ -127,11 +128,6 @@ def large_m(cfg: KernelConfig) -> int:
     0.85x at 64 and 1.13x at 96; the earlier AVX-512 measurements put the crossover at 16."""
     f = cfg.features
     return LARGE_M_AVX2 if f.avx2 and not f.avx512 else LARGE_M
-
-
-def int8_max_m(cfg: KernelConfig) -> int:
-    """Rows of x from which the int8 mode leaves the int8-activation kernels for the tiles."""
-    return VNNI_MAX_M if cfg.features.avx512_vnni else VNNI_MAX_M_AVX2
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -210,7 +206,7 @@ def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     if name.endswith("_px"):
         fn.argtypes = list(getattr(lib, name[:-3]).argtypes[:-1]) + [ctypes.c_void_p] * 3
         fn.restype = None
-    return fn, args, int8_max_m(cfg) if vnni else large_m(cfg)
+    return fn, args, VNNI_MAX_M if vnni else large_m(cfg)
 
 
 def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
