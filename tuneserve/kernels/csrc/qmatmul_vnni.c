@@ -7,8 +7,8 @@
  * group, summing the rounded x (so y is exactly the rounded x times the weights; with the exact sum, the
  * rounding error would meet q * scale = w - min, which is larger than w). Compared with dequantizing to
  * fp32 inside the loop this does ~3x fewer instructions per weight, which is what batch 1 needs here.
- * On AVX-512 the q8 kernel puts one weight row per lane instead (q8_row_lanes.h): at 8-32 rows of x it
- * needs a third of the instructions.
+ * On AVX-512 the q4 and q8 kernels put one weight row per lane instead (row_lanes.h): at 8-32 rows of x
+ * they need a third of the instructions.
  * The price is the rounding of x: on SmolLM2 it adds a KL divergence of ~0.003 nats to the next-token
  * distribution (TUNESERVE_QUANT_ACT=fp32 avoids it, at the float kernels' speed).
  * The portable path emulates the same activation rounding (kernels/quant_ops.py, act_int8=True).

@@ -152,11 +152,10 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
                 int64_t N, int64_t G, const float *bias, float *y) {
     const int64_t sb = G < 32 ? 16 : 32, nblk = K / sb, nx = K / 32, ng = K / G;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
-    float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 4)), *dxb = (float *)malloc(sizeof(float) * (size_t)(M * nx));
+    float *dxb = (float *)malloc(sizeof(float) * (size_t)(M * nx));
     int32_t *xc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * nblk));
     for (int64_t m = 0; m < M; m++) {
-        quant_row(x + m * K, K, 0, xq + m * K, NULL, dxv + m * K / 4, 8);
-        for (int64_t b = 0; b < nx; b++) dxb[m * nx + b] = dxv[m * K / 4 + b * 8];
+        quant_row(x + m * K, K, 0, xq + m * K, NULL, dxb + m * nx, 1);
         for (int64_t b = 0; b < nblk; b++) {
             int32_t t = 0;
             for (int64_t j = 0; j < sb; j++) t += xq[m * K + b * sb + j];
@@ -180,7 +179,6 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
         free(wsT);
     }
     free(xq);
-    free(dxv);
     free(dxb);
     free(xc);
 }
@@ -236,6 +234,8 @@ DEF_Q4L(8)
  * rows are read one after another, prefetched 8 KB ahead, as one stream instead of 16 interleaved ones: SmolLM2
  * decoding alone took 1.08x the time per token with q4l_rows_1, 0.95x with this (alternating processes, Xeon).
  * Each row's block dot products go to dots[block * 16 + row]; then the blocks' FMAs run 16 rows at a time. */
+enum { ONE_ROW_PF_AHEAD = 8192 }; /* bytes: the one-row kernels' measured best before the row lanes (2-8 KB all helped) */
+
 static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum, int64_t K,
                         const uint8_t *w, int64_t nr, const float *wsT, const float *mnT, int64_t G,
                         int32_t *dots, __m512 *out) {
@@ -251,7 +251,7 @@ static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, 
             const int full = kb - b0 >= 64;
             const __mmask64 k = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
             const __m512i raw = full ? _mm512_loadu_si512(qr + b0) : _mm512_maskz_loadu_epi8(k, qr + b0);
-            _mm_prefetch((const char *)(qr + b0 + 8192), _MM_HINT_T0);
+            _mm_prefetch((const char *)(qr + b0 + ONE_ROW_PF_AHEAD), _MM_HINT_T0);
             const __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
             const __m512i xl = full ? _mm512_loadu_si512(xlo + b0) : _mm512_maskz_loadu_epi8(k, xlo + b0);
             const __m512i xh = full ? _mm512_loadu_si512(xhi + b0) : _mm512_maskz_loadu_epi8(k, xhi + b0);
