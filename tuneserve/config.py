@@ -122,6 +122,7 @@ class ModelConfig:
     tokenizer: str | None = None  # a directory holding tokenizer files; None: from the model source
     kernels: str = "auto"  # auto | portable: resolved with quant_activations by kernels/config.py at load
     quant_activations: str = "auto"  # auto | int8 | int8-all | bf16 | fp32
+    prompt_attention: str = "auto"  # auto | bf16 | fp32: what prompt chunks' SDPA rounds q, K and V to
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tuneserve.config import (
     SchedulerConfig,
     SpecConfig,
 )
-from tuneserve.kernels.config import KERNELS, QUANT_ACTS, check_choice
+from tuneserve.kernels.config import KERNELS, PROMPT_ATTENTION, QUANT_ACTS, check_choice
 from tuneserve.log import log
 from tuneserve.quant.recipe import METHODS, parse_quantization
 from tuneserve.weights import open_checkpoint
@@ -60,6 +60,7 @@ class EngineArgs:
     device: str = "auto"
     kernels: str = "auto"  # auto | unfused (compiled kernels op by op) | portable (PyTorch path); kernels/config.py
     quant_activations: str = "auto"  # quantized matmuls' activations: auto | int8 | int8-all | bf16 | fp32
+    prompt_attention: str = "auto"  # prompt chunks' attention: auto (bf16 after bf16 tiles) | bf16 | fp32
 
     # ----- resolution -----------------------------------------------------------------------
     def create_engine_config(self) -> EngineConfig:
@@ -77,7 +78,8 @@ class EngineArgs:
         model = ModelConfig(model=self.model, path=str(path), arch=arch, dtype=self.dtype, max_model_len=max_len,
                             quantization=auto_quantization(self.quantization, path), seed=self.seed,
                             tokenizer=self.tokenizer,
-                            kernels=self.kernels, quant_activations=self.quant_activations)
+                            kernels=self.kernels, quant_activations=self.quant_activations,
+                            prompt_attention=self.prompt_attention)
         budget = self.max_num_batched_tokens or (512 if self.enable_chunked_prefill else max(max_len, 2048))
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=max_len, enable_chunked_prefill=self.enable_chunked_prefill,
@@ -115,6 +117,7 @@ class EngineArgs:
              f"sliding_window must be a positive number of tokens, got {self.sliding_window}")
         check_choice("kernels", self.kernels, KERNELS)
         check_choice("quant_activations", self.quant_activations, QUANT_ACTS)
+        check_choice("prompt_attention", self.prompt_attention, PROMPT_ATTENTION)
         q = self.quantization
         need(q is None or q in ("auto", "none", *QUANTIZATIONS) or Path(q).exists() or q.split(":")[0] in METHODS,
              f"quantization must be one of {QUANTIZATIONS} (recipe options after colons, e.g. 'int4:g64') "

@@ -54,7 +54,9 @@ def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "
     if qdir is not None or quantization is not None:
         _quantize(model, str(qdir or quantization), path, progress)
     bind_kernels(model, kernels)
-    log(f"kernels: {kernels.describe(attention_paths(model, kernels, dtype, device), decode_path(model, dtype))}")
+    line = kernels.describe(attention_paths(model, kernels, dtype, device), decode_path(model, dtype),
+                            prompt_paths(model))
+    log(f"kernels: {line}")
     return model.eval()
 
 
@@ -66,6 +68,15 @@ def decode_path(model: nn.Module, dtype: str) -> str | None:
         return None
     why = "dtype " + dtype if dtype != "float32" else fused.refusal()
     return f"layers({why})" if why else "fused"
+
+
+def prompt_paths(model: nn.Module) -> str | None:
+    """What the model's attention layers do with prompt chunks once bound (Attention.prompt_path): one
+    choice, or each with its count of layers; None: no attention layers."""
+    runs = Counter(m.prompt_path() for m in model.modules() if isinstance(m, Attention))
+    if len(runs) <= 1:
+        return next(iter(runs), None)
+    return ",".join(f"{path}:{n}" for path, n in runs.items())
 
 
 def attention_paths(model: nn.Module, kernels: KernelConfig, dtype: str, device: torch.device) -> str:
@@ -104,7 +115,8 @@ def _quantize(model: nn.Module, quantization: str, checkpoint_path: str | None, 
         if checkpoint_path is None or Path(checkpoint_path).is_dir():
             raise ValueError("quantization='gguf' needs a GGUF model file (it keeps the file's own blocks)")
         report = load_native(model, checkpoint_path, progress)
-        log(f"gguf native: {report['native']} tensors kept in their blocks; "
+        log(f"gguf native: {report['native']} tensors kept in their blocks, {report['repacked']} repacked to the "
+            f"kernels' int8 / int4 blocks; "
             f"{len(report['fallback'])} dequantized to fp32: {report['fallback_summary']}")
         return report
     if quantization not in METHODS and Path(quantization).is_dir():

@@ -109,7 +109,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         quants, path = [path, *quants], src
     tok = load_tokenizer(path, cfg.model.tokenizer)
     sw = args.sliding_window or 0
-    kernels = resolve(args.kernels, args.quant_activations)
+    kernels = resolve(args.kernels, args.quant_activations, args.prompt_attention)
     base = load_model(path, arch, device, "float32", kernels=kernels)
     entries = {"fp32": (base, 0)}
     if sw:

@@ -63,7 +63,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(m.path, m.tokenizer)
         self.ranks = RankGroup(config, config.tensor_parallel_all_reduce) if config.tensor_parallel_size > 1 else None
         if self.ranks is None:
-            kernels = resolve_kernels(m.kernels, m.quant_activations)
+            kernels = resolve_kernels(m.kernels, m.quant_activations, m.prompt_attention)
             self.model = load_model(m.path, m.arch, torch.device(config.device), m.dtype,
                                     quantization=m.quantization, kernels=kernels)
         else:  # the other ranks load theirs meanwhile

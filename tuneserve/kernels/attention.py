@@ -153,11 +153,13 @@ def paged_attention(
     scale: float,
     compiled: bool | None = None,
     softcap: float = 0.0,
+    prompt_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend every query to its request's cache. -> (N, H, D)
     compiled: whether short queries may take the compiled kernel (a bound KernelConfig's choice; True
     promises it is built); None: wherever it is built. softcap: cap of the attention scores, 0 for none
-    (the portable path then, see above)."""
+    (the portable path then, see above). prompt_dtype: what the prompt chunks' q, K and V are rounded to
+    for SDPA, None: their own (bf16 where the step's projections ran bf16 tiles; the cache keeps its dtype)."""
     hkv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
@@ -177,7 +179,7 @@ def paged_attention(
     for p in meta.prefills:
         out[p.q_start:p.q_end] = _prefill_attention(q[p.q_start:p.q_end], k[p.q_start:p.q_end],
                                                     v[p.q_start:p.q_end], k_cache, v_cache, p, meta, scale,
-                                                    softcap)
+                                                    softcap, prompt_dtype)
     return out
 
 
@@ -212,9 +214,10 @@ def _short_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: AttentionMetadata,
-                       scale: float, softcap: float = 0.0) -> torch.Tensor:
-    """One long query chunk against its request's cache. q: (L, H, D) -> (L, H, D)."""
-    hkv, d = k.shape[1], k.shape[2]
+                       scale: float, softcap: float = 0.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One long query chunk against its request's cache. q: (L, H, D) -> (L, H, D) in q's dtype; dtype: what q, K
+    and V are rounded to for SDPA (torch's bf16 CPU kernel is ~2x its fp32 one; soft-capping stays fp32)."""
+    hkv, d, out_dtype = k.shape[1], k.shape[2], q.dtype
     kpos = None
     if p.start_pos == 0:
         keys, vals = k, v  # a fresh prompt: this chunk is the whole context
@@ -228,6 +231,8 @@ def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: Attention
         else:  # a windowed layer reads only the blocks its queries can see: linear, not quadratic, cost
             inside = kpos < end
             keys, vals, kpos = keys[inside], vals[inside], kpos[inside]
+    if dtype not in (None, q.dtype) and not softcap:
+        q, keys, vals = q.to(dtype), keys.to(dtype), vals.to(dtype)
     g = q.shape[1] // hkv
     # (1, H, L, D) and K/V repeated per query head: 4-D inputs without GQA take torch's fused CPU kernel,
     # which is ~5x faster here than the 3-D or enable_gqa paths
@@ -241,8 +246,7 @@ def _prefill_attention(q, k, v, k_cache, v_cache, p: PrefillSeq, meta: Attention
             kpos = torch.arange(kh.shape[2], device=q.device)
         mask = _allowed(p.positions.unsqueeze(-1), kpos, meta.window, meta.sinks)
         o = _sdpa(qh, kh, vh, mask, scale, softcap)
-    o = o.squeeze(0)
-    return o.transpose(0, 1)
+    return o.squeeze(0).transpose(0, 1).to(out_dtype)
 
 
 def _visible_blocks(p: PrefillSeq, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -17,6 +17,10 @@ Quantized-matmul activation modes (`quant_act`, what the kernels round x to):
   fp32      fp32 everywhere
 A mode the machine cannot run falls back to the next one down (int8 -> bf16 -> fp32), so `quant_act`
 always says what runs.
+
+Prompt attention (`prompt_attention`, what a prompt chunk's SDPA rounds q, K and V to; the KV cache keeps
+its dtype): bf16 | fp32, or auto: bf16 in a layer whose q|k|v projection has no bias and multiplied bf16
+tiles for this step, else fp32 (Attention.prompt_bf16 in models/layers.py has the measurements).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ if TYPE_CHECKING:  # engine_args imports this module: keep torch out of CLI star
 
 KERNELS = ("auto", "unfused", "portable")
 QUANT_ACTS = ("auto", "int8", "int8-all", "bf16", "fp32")
+PROMPT_ATTENTION = ("auto", "bf16", "fp32")
 ENV_KERNELS, ENV_QUANT_ACT = "TUNESERVE_KERNELS", "TUNESERVE_QUANT_ACT"
 
 
@@ -97,6 +102,7 @@ class KernelConfig:
     quant_act: str = "fp32"  # activation mode of quantized matmuls (module docstring): int8 | int8-all | bf16 | fp32
     attention: str = "torch"  # short queries (decodes): "compiled" (csrc/paged_attention.c) | "torch"
     decode: str = "layers"  # decode steps of llama-family models: "fused" (csrc/decode_step.c) | "layers"
+    prompt_attention: str = "auto"  # prompt chunks' SDPA: "auto" | "bf16" | "fp32" (module docstring)
     features: CpuFeatures = field(default_factory=CpuFeatures)
 
     @property
@@ -108,18 +114,19 @@ class KernelConfig:
         """A kernel choice as the startup line names it: 'compiled(avx2)', else the choice itself."""
         return f"compiled({self.features.isa})" if choice == "compiled" else choice
 
-    def describe(self, attention: str | None = None, decode: str | None = None) -> str:
+    def describe(self, attention: str | None = None, decode: str | None = None, prompt: str | None = None) -> str:
         """One line for the startup log, e.g. 'dense=compiled(avx2) ... quant-act=int8(vnni) ... cpu=avx512+vnni'.
         attention: what the bound attention layers run, where that is not simply this config's choice (a
         soft-capped layer never takes the compiled kernel: loading.attention_paths says so); decode: the
-        same for the fused decode step ('layers(soft-capping)' where the model's layers refuse it)."""
+        same for the fused decode step ('layers(soft-capping)' where the model's layers refuse it); prompt: the
+        same for prompt attention (what "auto" came to)."""
         bf16 = "amx" if self.features.amx_bf16 else "avx512-bf16"
         dot = "vnni" if self.features.avx512_vnni else self.features.isa  # the int8 kernels' dot product
         act = {"int8": f"int8({dot})", "int8-all": f"int8-all({dot})", "bf16": f"bf16({bf16})", "fp32": "fp32"}
         tiles = f"+bf16-tiles({bf16})" if self.bf16_tiles and self.quant_act.startswith("int8") else ""
         return (f"dense={self.label(self.dense)} quant={self.label(self.quant)} quant-act={act[self.quant_act]}"
                 f"{tiles} attention={attention or self.label(self.attention)} decode={decode or self.decode} "
-                f"cpu={self.features.describe()}")
+                f"prompt-attention={prompt or self.prompt_attention} cpu={self.features.describe()}")
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -129,26 +136,29 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def resolve(kernels: str = "auto", quant_activations: str = "auto",
+def resolve(kernels: str = "auto", quant_activations: str = "auto", prompt_attention: str = "auto",
             env: Mapping[str, str] | None = None) -> KernelConfig:
-    """The KernelConfig for explicit choices; an "auto" choice falls back to the environment (env, default
-    os.environ: TUNESERVE_KERNELS, TUNESERVE_QUANT_ACT), then to the fastest this machine runs."""
+    """The KernelConfig for explicit choices; an "auto" choice of kernels or activations falls back to the
+    environment (env, default os.environ: TUNESERVE_KERNELS, TUNESERVE_QUANT_ACT), then to the fastest this
+    machine runs; prompt_attention "auto" is decided per layer (module docstring)."""
     env = os.environ if env is None else env
     check_choice("kernels", kernels, KERNELS)
     check_choice("quant_activations", quant_activations, QUANT_ACTS)
+    check_choice("prompt_attention", prompt_attention, PROMPT_ATTENTION)
     if kernels == "auto":
         kernels = check_choice(ENV_KERNELS, env.get(ENV_KERNELS, "auto"), KERNELS)
     if quant_activations == "auto":
         quant_activations = check_choice(ENV_QUANT_ACT, env.get(ENV_QUANT_ACT, "auto"), QUANT_ACTS)
     features = CpuFeatures.detect()
     if kernels == "portable":
-        return KernelConfig(features=features)
+        return KernelConfig(prompt_attention=prompt_attention, features=features)
     quant = "compiled" if libraries.qmatmul() is not None else "portable"
     attention = "compiled" if libraries.paged_attention() is not None else "torch"
     fused = kernels == "auto" and attention == "compiled" and libraries.decode_step() is not None
     return KernelConfig(dense="compiled" if libraries.dense() is not None else "torch", quant=quant,
                         quant_act=_runnable_act(quant_activations, quant, features), attention=attention,
-                        decode="fused" if fused else "layers", features=features)
+                        decode="fused" if fused else "layers", prompt_attention=prompt_attention,
+                        features=features)
 
 
 def _runnable_act(asked: str, quant: str, features: CpuFeatures) -> str:

@@ -217,6 +217,20 @@ def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: tor
             and not uses_act_int8(m, qweight, scales, mins, cfg))
 
 
+def bf16_tile_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, int8_ok: bool = True,
+                   kernels: KernelConfig | None = None) -> int | None:
+    """The fewest rows of x from which matmul(path='auto', int8_ok=int8_ok, kernels=kernels) multiplies bf16
+    tiles (it does at every larger count); None: at no row count."""
+    cfg = kernels or detected()
+    if not (cfg.bf16_tiles and _kernel_ok(qweight, scales, mins, cfg)):
+        return None
+    if not (int8_ok and uses_act_int8(1, qweight, scales, mins, cfg)):
+        return large_m(cfg)
+    if uses_act_int8(1 << 30, qweight, scales, mins, cfg):
+        return None  # int8 at every row count (int8-all)
+    return max(large_m(cfg), VNNI_MAX_M)
+
+
 def _kernel_matmul(lib: ctypes.CDLL, q4: str, q8: str, x: torch.Tensor, qweight: torch.Tensor,
                    scales: torch.Tensor, mins: torch.Tensor | None,
                    bias: torch.Tensor | None) -> torch.Tensor:

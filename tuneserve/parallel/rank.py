@@ -47,7 +47,7 @@ class CommPlan:
 def load_shard(config: EngineConfig, rank: int, comm: Comm) -> torch.nn.Module:
     """The model as every rank loads it, reduced to rank's shard and bound to its kernels again."""
     m = config.model
-    kernels = resolve_kernels(m.kernels, m.quant_activations)
+    kernels = resolve_kernels(m.kernels, m.quant_activations, m.prompt_attention)
     model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=m.quantization,
                        kernels=kernels)
     fallback = shard_model(model, rank, config.tensor_parallel_size, comm)

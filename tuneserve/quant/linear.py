@@ -96,6 +96,13 @@ class QuantLinear(nn.Module):
         return quant_ops.matmul(x, self.qweight, self.scales, self.mins, self.bias, self.path,
                                 int8_ok=self.int8_activations, kernels=self._config())
 
+    def bf16_tile_rows(self) -> int | None:
+        """From how many rows of x on this layer multiplies bf16 tiles (None: never): where its output is only
+        as exact as bf16, and attention on it may round to bf16 too (models/layers.py)."""
+        if self.path != "auto" or self.qweight.device.type != "cpu":
+            return None
+        return quant_ops.bf16_tile_rows(self.qweight, self.scales, self.mins, self.int8_activations, self._config())
+
     def fused_linear(self) -> tuple[LinearT, int] | None:
         """This layer as the fused decode step calls it (kernels/decode_step.py): the small-batch kernel and
         its arguments, and the rows it takes; None where there is none, or inputs are permuted or scaled."""
@@ -167,6 +174,11 @@ class ConcatLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., K) -> (..., sum of the parts' N)."""
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def bf16_tile_rows(self) -> int | None:
+        """From how many rows of x on every part multiplies bf16 tiles (None: some part never does)."""
+        rows = [getattr(p, "bf16_tile_rows", lambda: None)() for p in self.parts]
+        return None if None in rows else max(rows)
 
     def dequantize(self) -> torch.Tensor:
         """The effective fp32 weight (N, K)."""

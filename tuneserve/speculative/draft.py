@@ -56,7 +56,8 @@ def draft_engine_config(spec: SpecConfig, target: EngineConfig) -> EngineConfig:
                       max_model_len=target.model.max_model_len, block_size=target.cache.block_size,
                       enable_prefix_caching=False, kv_cache_memory_bytes=target.cache.kv_cache_memory_bytes,
                       device=target.device, kernels=target.model.kernels,
-                      quant_activations=target.model.quant_activations)
+                      quant_activations=target.model.quant_activations,
+                      prompt_attention=target.model.prompt_attention)
     config = args.create_engine_config()
     if len(kv_groups(config)) != 1:
         raise ValueError("a draft model with sliding-window layers is not supported; pick a full-attention one")
@@ -74,7 +75,7 @@ class DraftProposer:
         t0 = time.perf_counter()
         m = config.model
         model = load_model(m.path, m.arch, torch.device(config.device), m.dtype, quantization=spec.quantization,
-                           kernels=resolve_kernels(m.kernels, m.quant_activations))
+                           kernels=resolve_kernels(m.kernels, m.quant_activations, m.prompt_attention))
         groups = kv_groups(config)
         num_blocks = plan_blocks(config, groups, kv_memory, label="draft KV cache")
         self.kv = KVManager(groups, num_blocks, config.cache.block_size, enable_caching=False)
