@@ -15,6 +15,7 @@ from tiny_models import build_family
 from tuneserve import LLM, SamplingParams
 from tuneserve.kernels import decode_step
 from tuneserve.kernels.config import resolve
+from tuneserve.kernels.quant_ops import VNNI_DECODE_MAX_M, VNNI_MAX_M, int8_kernels_available, large_m
 
 pytestmark = pytest.mark.skipif(resolve().decode != "fused", reason="the fused decode step is not built here")
 
@@ -126,11 +127,10 @@ def test_speculative_verification_rows_run_fused(dirs, monkeypatch):
 
 def test_batches_past_the_kernels_rows_run_op_by_op(dirs, monkeypatch):
     """int4 linears take fewer than large_m rows in the small-batch kernel (16, 64 on AVX2-only CPUs), fewer than
-    VNNI_MAX_M in the int8 one: a decode of 4 more requests than both runs layer by layer (short prompts: one
-    prefill step, then every decode step has them all)."""
-    from tuneserve.kernels.quant_ops import VNNI_MAX_M, large_m
-
-    n = max(large_m(resolve()), VNNI_MAX_M) + 4
+    the fused step's int8 limit in the int8 one (VNNI_DECODE_MAX_M with AVX-512 VNNI, else VNNI_MAX_M): a decode
+    of 4 more requests than both runs layer by layer (short prompts: one prefill step, then every decode step
+    has them all)."""
+    n = max(large_m(resolve()), _fused_int8_rows()) + 4
     reqs = prompts([4 + i % 3 for i in range(n)], seed=6)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     want = generate(dirs["llama-tied"], reqs, params, quantization="int4", kernels="unfused", max_num_seqs=n)
@@ -138,6 +138,31 @@ def test_batches_past_the_kernels_rows_run_op_by_op(dirs, monkeypatch):
     got = generate(dirs["llama-tied"], reqs, params, quantization="int4", max_num_seqs=n)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert rows == []
+
+
+def _fused_int8_rows() -> int:
+    return VNNI_DECODE_MAX_M if resolve().features.avx512_vnni else VNNI_MAX_M
+
+
+@pytest.mark.skipif(not (int8_kernels_available() and resolve().features.avx512_vnni),
+                    reason="the fused step's own int8 limit is for AVX-512 VNNI's row-lane kernels")
+def test_decode_steps_past_the_layers_int8_limit_run_fused_in_int8(dirs, monkeypatch):
+    """Decode steps of VNNI_MAX_M..VNNI_DECODE_MAX_M - 1 rows take the fused step's int8 kernels, where a layer
+    run on its own (prompt chunks) takes the bf16 tiles: with int8 activations everywhere (int8-all, so the
+    prefill rounds alike) the fused steps equal the layers op by op, and steps of more than VNNI_MAX_M rows
+    were fused."""
+    n = VNNI_MAX_M + 4
+    reqs = prompts([4 + i % 3 for i in range(n)], seed=7)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=1)
+    kw = {"quantization": "int4", "quant_activations": "int8-all", "max_num_seqs": n}
+    want = generate(dirs["llama-tied"], reqs, params, kernels="unfused", **kw)
+    rows = spy(monkeypatch)
+    got = generate(dirs["llama-tied"], reqs, params, **kw)
+    assert_same_until_a_near_tie(got, want, tol=3e-2)
+    assert max(rows) == n
+    rows.clear()
+    generate(dirs["llama-tied"], reqs, params, quantization="int4", max_num_seqs=n)  # the default int8 mode
+    assert max(rows) == n
 
 
 @pytest.mark.parametrize("name", REFUSED)

@@ -134,8 +134,8 @@ def test_avx2_only_cpus_keep_the_kernel_up_to_64_rows():
     assert (Q.large_m(avx2), Q.large_m(avx512), Q.large_m(KernelConfig())) == (64, 16, 16)
     qw, s, mn = _int4(8, 64, 32, torch.float16, torch.Generator().manual_seed(1))
     if Q.compiled_available():
-        assert Q.small_batch_call(qw, s, mn, None, kernels=avx2)[2] == 64
-        assert Q.small_batch_call(qw, s, mn, None, kernels=avx512)[2] == 16
+        assert Q.small_batch_call(qw, s, mn, None, kernels=avx2)[2:] == (64, 64)
+        assert Q.small_batch_call(qw, s, mn, None, kernels=avx512)[2:] == (16, 16)
 
 
 def test_portable_env_switch_forces_the_pytorch_path(monkeypatch):

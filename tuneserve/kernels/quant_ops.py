@@ -32,9 +32,11 @@ LARGE_M_AVX2 = 64  # ... and on AVX2-only CPUs, where the kernel beats the tiles
 # rows, 0.77x at 32, 1.0x at 48, 1.2x at 64. AVX-512's row-lane kernels (csrc/row_lanes.h) beat the tiles
 # further: q4 0.53x at 64 rows, 0.83x at 96; q8 0.54x at 64, 1.0x at 96. 96 here made SmolLM2's decode at 64
 # sequences 1.8x, but prompt chunks of 48-95 tokens then round x to int8 instead of bf16, and the MoE GGUF's
-# HF check moved past its tolerance (0.37 nats against 0.35): left at 48 until decode steps can have their own
-# limit.
+# HF check moved past its tolerance (0.37 nats against 0.35). So 48 holds for every step a layer runs on its
+# own, and the fused decode step (decodes and verification rows only, no prompt chunk) takes the int8 kernels
+# up to VNNI_DECODE_MAX_M rows where the row-lane kernels run (AVX-512 VNNI).
 VNNI_MAX_M = 48
+VNNI_DECODE_MAX_M = 96
 TILE_ELEMS = 1 << 20  # weights per dequantized tile (4 MiB of fp32)
 
 
@@ -184,10 +186,10 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: t
 def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                      bias: torch.Tensor | None, int8_ok: bool = True, perm: torch.Tensor | None = None,
                      input_scale: torch.Tensor | None = None, kernels: KernelConfig | None = None) -> tuple | None:
-    """(kernel, args after (x, M, K), max rows) for calling the compiled kernel directly on small
-    batches, skipping the dispatch above; the kernel applies perm / input_scale (x'[k] = x[perm[k]] *
-    input_scale[perm[k]]) itself. None when kernels runs no compiled kernel for this matrix. The args
-    hold raw pointers: rebuild after the tensors move."""
+    """(kernel, args after (x, M, K), max rows, max rows in the fused decode step) for calling the compiled
+    kernel directly on small batches, skipping the dispatch above; the kernel applies perm / input_scale
+    (x'[k] = x[perm[k]] * input_scale[perm[k]]) itself. None when kernels runs no compiled kernel for this
+    matrix. The args hold raw pointers: rebuild after the tensors move."""
     cfg = kernels or detected()
     if not _kernel_ok(qweight, scales, mins, cfg):
         return None
@@ -206,7 +208,9 @@ def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     if name.endswith("_px"):
         fn.argtypes = list(getattr(lib, name[:-3]).argtypes[:-1]) + [ctypes.c_void_p] * 3
         fn.restype = None
-    return fn, args, VNNI_MAX_M if vnni else large_m(cfg)
+    if not vnni:
+        return fn, args, large_m(cfg), large_m(cfg)
+    return fn, args, VNNI_MAX_M, VNNI_DECODE_MAX_M if cfg.features.avx512_vnni else VNNI_MAX_M
 
 
 def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,

@@ -109,7 +109,7 @@ class QuantLinear(nn.Module):
         call = self._small_call()
         if call is None or self.perm is not None or self.input_scale is not None:
             return None
-        fn, args, max_rows = call
+        fn, args, _, max_rows = call  # the fused step runs decode rows only: its own limit
         mins = args[2] if self.bits == 4 else None
         f16, n, group, bias = args[-4:]
         desc = LinearT(kind=LIN_Q4 if self.bits == 4 else LIN_Q8, fn=address(fn), w=args[0], scales=args[1],
