@@ -15,7 +15,7 @@ from tuneserve.weights import open_checkpoint
 # what the machine offers is pinned, so the line is the same on every CPU and with or without a C compiler
 COMPILED = KernelConfig(dense="compiled", quant="compiled", attention="compiled", features=CpuFeatures(avx2=True))
 LINE = ("[tuneserve] kernels: dense=compiled(avx2) quant=compiled(avx2) quant-act=fp32 attention={} decode=layers "
-        "cpu=avx2\n")
+        "prompt-attention={} cpu=avx2\n")
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +43,23 @@ def _attention(model) -> list[Attention]:
 
 def test_soft_capped_gemma2_logs_the_torch_attention_it_runs(dirs, capsys, monkeypatch):
     model, lines = _load_logged(dirs["gemma2"], capsys, monkeypatch)
-    assert lines == [LINE.format("torch(soft-capping)")]
+    assert lines == [LINE.format("torch(soft-capping)", "fp32(soft-capping)")]
     layers = _attention(model)
     assert len(layers) == 2 and all(m.softcap == 5.0 and m.compiled_attention is False for m in layers)
 
 
 def test_gemma2_without_capping_logs_the_compiled_kernel(dirs, capsys, monkeypatch):
     model, lines = _load_logged(dirs["gemma2-uncapped"], capsys, monkeypatch)
-    assert lines == [LINE.format("compiled(avx2)")]
+    assert lines == [LINE.format("compiled(avx2)", "fp32(no-bf16-tiles)")]
     assert all(m.compiled_attention is True for m in _attention(model))
 
 
 def test_bf16_and_portable_attend_on_torch(dirs, capsys, monkeypatch):
     _, lines = _load_logged(dirs["llama"], capsys, monkeypatch, dtype="bfloat16")
-    assert lines == [LINE.format("torch(bfloat16)")]  # the kernel takes fp32 only
+    assert lines == [LINE.format("torch(bfloat16)", "bf16(dtype)")]  # the kernel takes fp32 only
     _, lines = _load_logged(dirs["llama"], capsys, monkeypatch, kernels=KernelConfig(features=CpuFeatures(avx2=True)))
     assert lines == ["[tuneserve] kernels: dense=torch quant=portable quant-act=fp32 attention=torch decode=layers "
-                     "cpu=avx2\n"]
+                     "prompt-attention=fp32(no-bf16-tiles) cpu=avx2\n"]
 
 
 def test_layers_on_different_paths_are_counted_in_layer_order(dirs):

@@ -55,7 +55,7 @@ def load_model(path: str, arch: ArchConfig, device: torch.device, dtype: str = "
         _quantize(model, str(qdir or quantization), path, progress)
     bind_kernels(model, kernels)
     line = kernels.describe(attention_paths(model, kernels, dtype, device), decode_path(model, dtype),
-                            prompt_paths(model))
+                            prompt_paths(model, dtype))
     log(f"kernels: {line}")
     return model.eval()
 
@@ -70,10 +70,11 @@ def decode_path(model: nn.Module, dtype: str) -> str | None:
     return f"layers({why})" if why else "fused"
 
 
-def prompt_paths(model: nn.Module) -> str | None:
+def prompt_paths(model: nn.Module, dtype: str = "float32") -> str | None:
     """What the model's attention layers do with prompt chunks once bound (Attention.prompt_path): one
     choice, or each with its count of layers; None: no attention layers."""
-    runs = Counter(m.prompt_path() for m in model.modules() if isinstance(m, Attention))
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    runs = Counter(m.prompt_path(short) for m in model.modules() if isinstance(m, Attention))
     if len(runs) <= 1:
         return next(iter(runs), None)
     return ",".join(f"{path}:{n}" for path, n in runs.items())

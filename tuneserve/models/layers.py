@@ -140,14 +140,19 @@ class Attention(nn.Module):
         tiles_from = getattr(self.qkv_proj, "bf16_tile_rows", lambda: None)()
         return tiles_from is not None and rows >= tiles_from and not self.qkv_biased
 
-    def prompt_path(self) -> str:
-        """What prompt_bf16 decides, for the startup line: 'bf16', 'fp32', or auto's outcome with its reason."""
+    def prompt_path(self, dtype: str) -> str:
+        """What prompt chunks attend in, for the startup line: 'bf16' or 'fp32' by name, or auto's outcome with
+        its reason; dtype: the model's activations' name (fp32, bf16, fp16), what SDPA runs in otherwise."""
+        if self.softcap:
+            return f"{dtype}(soft-capping)"  # the capped scores are computed op by op in q's dtype
         if self.prompt_attention != "auto":
             return self.prompt_attention
+        if dtype != "fp32":
+            return f"{dtype}(dtype)"  # q is in the model's own dtype already
         if self.qkv_biased:
-            return "fp32(qkv-bias)"
+            return f"{dtype}(qkv-bias)"
         tiles_from = getattr(self.qkv_proj, "bf16_tile_rows", lambda: None)()
-        return f"bf16(from-{tiles_from}-rows)" if tiles_from is not None else "fp32(no-bf16-tiles)"
+        return f"bf16(from-{tiles_from}-rows)" if tiles_from is not None else f"{dtype}(no-bf16-tiles)"
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (N, hidden) -> (N, hidden)."""
