@@ -39,6 +39,22 @@ def _kv_invariants_after_every_step(monkeypatch):
     monkeypatch.setattr(LLMEngine, "step", step)
 
 
+@pytest.fixture
+def vnni_bf16_cpu(monkeypatch):
+    """Pretend this CPU has AVX-512 VNNI and AMX-BF16, so every activation mode is runnable (the choices
+    resolve as there; no kernel is called through the stand-in library), with no kernel variables set."""
+    from tuneserve.kernels import libraries, quant_ops
+    from tuneserve.kernels.config import ENV_KERNELS, ENV_QUANT_ACT, CpuFeatures
+
+    if not quant_ops.compiled_available():
+        pytest.skip("no C compiler here")
+    for name in (ENV_KERNELS, ENV_QUANT_ACT):
+        monkeypatch.delenv(name, raising=False)
+    cpu = CpuFeatures(avx2=True, avx512=True, avx512_vnni=True, amx_bf16=True)
+    monkeypatch.setattr(CpuFeatures, "detect", staticmethod(lambda: cpu))
+    monkeypatch.setattr(libraries, "qmatmul_vnni", lambda: object())
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

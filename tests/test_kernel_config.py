@@ -28,16 +28,6 @@ def _no_kernel_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def vnni_bf16_cpu(monkeypatch):
-    """Pretend this CPU has AVX-512 VNNI and AMX-BF16, so every activation mode is runnable."""
-    if not quant_ops.compiled_available():
-        pytest.skip("no C compiler here")
-    cpu = CpuFeatures(avx2=True, avx512=True, avx512_vnni=True, amx_bf16=True)
-    monkeypatch.setattr(CpuFeatures, "detect", staticmethod(lambda: cpu))
-    monkeypatch.setattr(libraries, "qmatmul_vnni", lambda: object())
-
-
 def test_explicit_choice_beats_the_environment_which_beats_auto(vnni_bf16_cpu):
     assert resolve(env={}).quant_act == "int8"  # auto: the fastest the machine runs
     assert resolve(env={"TUNESERVE_QUANT_ACT": "fp32"}).quant_act == "fp32"  # the fallback

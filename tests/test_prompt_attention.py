@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from tuneserve.calibration.calibrate import fresh_context
 from tuneserve.engine_args import EngineArgs
 from tuneserve.kernels import attention as A
-from tuneserve.kernels import libraries, quant_ops
-from tuneserve.kernels.config import CpuFeatures, resolve
+from tuneserve.kernels import quant_ops
+from tuneserve.kernels.config import resolve
 from tuneserve.loading import load_model, prompt_paths
 from tuneserve.models.layers import Attention
 from tuneserve.weights import open_checkpoint
@@ -47,18 +47,6 @@ def test_prompt_dtype_none_is_the_fp32_path_bit_for_bit():
     a = A.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.25)
     b = A.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.25, prompt_dtype=None)
     assert torch.equal(a, b)
-
-
-@pytest.fixture
-def vnni_bf16_cpu(monkeypatch):
-    """Pretend this CPU has AVX-512 VNNI and AMX-BF16 (the decisions below are pure logic, nothing runs)."""
-    if not quant_ops.compiled_available():
-        pytest.skip("no C compiler here")
-    for name in ("TUNESERVE_KERNELS", "TUNESERVE_QUANT_ACT"):
-        monkeypatch.delenv(name, raising=False)
-    cpu = CpuFeatures(avx2=True, avx512=True, avx512_vnni=True, amx_bf16=True)
-    monkeypatch.setattr(CpuFeatures, "detect", staticmethod(lambda: cpu))
-    monkeypatch.setattr(libraries, "qmatmul_vnni", lambda: object())
 
 
 def _layers(tiny_dirs, arch, quantization, **choices):

@@ -74,19 +74,23 @@ def prompt_paths(model: nn.Module, dtype: str = "float32") -> str | None:
     """What the model's attention layers do with prompt chunks once bound (Attention.prompt_path): one
     choice, or each with its count of layers; None: no attention layers."""
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
-    runs = Counter(m.prompt_path(short) for m in model.modules() if isinstance(m, Attention))
-    if len(runs) <= 1:
-        return next(iter(runs), None)
-    return ",".join(f"{path}:{n}" for path, n in runs.items())
+    return _layer_counts([m.prompt_path(short) for m in model.modules() if isinstance(m, Attention)], None)
 
 
 def attention_paths(model: nn.Module, kernels: KernelConfig, dtype: str, device: torch.device) -> str:
     """What the model's attention layers run on short queries once bound: one path, or each path with its
     count of layers ('compiled(avx2):20,torch(soft-capping):4'). The compiled kernel takes only fp32 CPU
     tensors and no soft-capping (kernels/attention.py), so a config that chose it does not say what runs."""
-    runs = Counter(_attention_path(m, kernels, dtype, device) for m in model.modules() if isinstance(m, Attention))
+    paths = [_attention_path(m, kernels, dtype, device) for m in model.modules() if isinstance(m, Attention)]
+    return _layer_counts(paths, kernels.label(kernels.attention))
+
+
+def _layer_counts(paths: list[str], default: str | None) -> str | None:
+    """Per-layer paths as the start-up line gives them: the one path, or each with its count of layers in
+    first-seen order ('compiled(avx2):20,torch(soft-capping):4'); default where there are none."""
+    runs = Counter(paths)
     if len(runs) <= 1:
-        return next(iter(runs), kernels.label(kernels.attention))
+        return next(iter(runs), default)
     return ",".join(f"{path}:{n}" for path, n in runs.items())
 
 

@@ -137,8 +137,14 @@ class Attention(nn.Module):
         fp32."""
         if self.prompt_attention != "auto":
             return self.prompt_attention == "bf16"
-        tiles_from = getattr(self.qkv_proj, "bf16_tile_rows", lambda: None)()
-        return tiles_from is not None and rows >= tiles_from and not self.qkv_biased
+        if self.qkv_biased:
+            return False
+        tiles_from = self._qkv_tile_rows()
+        return tiles_from is not None and rows >= tiles_from
+
+    def _qkv_tile_rows(self) -> int | None:
+        """From how many rows the q|k|v projection multiplies bf16 tiles (None: never, or a dense layer)."""
+        return getattr(self.qkv_proj, "bf16_tile_rows", lambda: None)()
 
     def prompt_path(self, dtype: str) -> str:
         """What prompt chunks attend in, for the startup line: 'bf16' or 'fp32' by name, or auto's outcome with
@@ -151,7 +157,7 @@ class Attention(nn.Module):
             return f"{dtype}(dtype)"  # q is in the model's own dtype already
         if self.qkv_biased:
             return f"{dtype}(qkv-bias)"
-        tiles_from = getattr(self.qkv_proj, "bf16_tile_rows", lambda: None)()
+        tiles_from = self._qkv_tile_rows()
         return f"bf16(from-{tiles_from}-rows)" if tiles_from is not None else f"{dtype}(no-bf16-tiles)"
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
