@@ -39,6 +39,12 @@ def qmatmul_vnni() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def gated_act() -> ctypes.CDLL | None:
+    """csrc/gated_act.c: act(gate) * up on a gated MLP's bf16 rows, in fp32, rounded once."""
+    return load_functions("gated_act", {"gated_act_bf16": [_P, _I, _I, _I, _P]})
+
+
+@functools.cache
 def paged_attention() -> ctypes.CDLL | None:
     """csrc/paged_attention.c: short-query attention over the paged cache."""
     lib = load("paged_attention")

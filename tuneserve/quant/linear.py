@@ -77,24 +77,25 @@ class QuantLinear(nn.Module):
                                                         self._config())
         return self._call
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., K) any float dtype -> (M, N) fp32, M = the product of x's leading dims."""
+    def _linear(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x: (..., K) any float dtype -> (M, N) in out_dtype, M = the product of x's leading dims. bf16 x
+        and out_dtype reach the bf16 tiles unconverted (quant_ops.matmul); other paths compute in fp32."""
         if x.dim() != 2:
             x = x.reshape(-1, self.in_features)
-        if x.dtype != torch.float32:
-            x = x.float()
         call = self._small_call()
         if call is not None and x.shape[0] < call[2]:  # the kernel applies perm / input_scale itself
-            x = x.contiguous()
+            x = x.float().contiguous()
             y = torch.empty(x.shape[0], self.out_features)
             call[0](x.data_ptr(), x.shape[0], self.in_features, *call[1], y.data_ptr())
-            return y
+            return y.to(out_dtype)
+        if x.dtype != torch.bfloat16 or self.input_scale is not None or self.perm is not None:
+            x = x.float()
         if self.input_scale is not None:
             x = x * self.input_scale
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         return quant_ops.matmul(x, self.qweight, self.scales, self.mins, self.bias, self.path,
-                                int8_ok=self.int8_activations, kernels=self._config())
+                                int8_ok=self.int8_activations, kernels=self._config(), out_dtype=out_dtype)
 
     def bf16_tile_rows(self) -> int | None:
         """From how many rows of x on this layer multiplies bf16 tiles (None: never): where its output is only
@@ -118,10 +119,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., K) -> (..., N), in x's dtype."""
-        y = self._linear(x)
+        y = self._linear(x, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], self.out_features)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y.to(x.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (R, K) -> fp32 logits (R, N), for an untied quantized LM head."""
