@@ -200,6 +200,42 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)(u >> 16);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* One row of bf16 tiles with AVX-512 BF16: a 32-input block is 16 lanes twice, converted by vcvtneps2bf16
+ * (round to nearest even, as f2bf). The plain loops below vectorize to 4 lanes only; this took SmolLM2 /
+ * Qwen2.5 tiles' dequantization from ~2 cycles a weight to a fraction of one (Xeon with AMX). */
+static inline void st_bf16(uint16_t *o, __m512 v) { _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+static void q4_row_bf16(const uint8_t *qr, const void *sc, const void *mn, int64_t f16, int64_t K, int64_t G,
+                        int64_t sidx, uint16_t *o) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const __m512 s = _mm512_set1_ps(ld(sc, f16, sidx + g)), m = _mm512_set1_ps(ld(mn, f16, sidx + g));
+        for (int64_t b = g * (G / 32); b < (g + 1) * (G / 32); b++) {
+            const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + b * 16)));
+            st_bf16(o + b * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))), s, m));
+            st_bf16(o + b * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s, m));
+        }
+    }
+}
+
+static void q8_row_bf16(const int8_t *qr, const void *sc, int64_t f16, int64_t K, int64_t G, int64_t sidx,
+                        uint16_t *o) {
+    for (int64_t k = 0; k < K; k += 16) {  /* G is a multiple of 16 */
+        const __m512 s = _mm512_set1_ps(ld(sc, f16, sidx + k / G));
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + k)));
+        st_bf16(o + k, _mm512_mul_ps(_mm512_cvtepi32_ps(q), s));
+    }
+}
+/* A bf16 row goes through the functions above (a `continue` to the next row); elsewhere nothing here. */
+#define BF16_ROW_Q4(OUT_T, qr, sidx, o)                                                                  \
+    if (sizeof(OUT_T) == 2) { q4_row_bf16(qr, sc, mn, f16, K, G, sidx, (uint16_t *)(o)); continue; }
+#define BF16_ROW_Q8(OUT_T, qr, sidx, o)                                                                  \
+    if (sizeof(OUT_T) == 2) { q8_row_bf16(qr, sc, f16, K, G, sidx, (uint16_t *)(o)); continue; }
+#else
+#define BF16_ROW_Q4(OUT_T, qr, sidx, o)
+#define BF16_ROW_Q8(OUT_T, qr, sidx, o)
+#endif
+
 /* Rows `rows[r]` (or row0 + r when rows is NULL) of a q4 matrix as fp32 or bf16 (OUT_T) [R, K]. */
 #define DEF_Q4_DEQUANT(NAME, OUT_T, CONV)                                                                 \
 void NAME(const uint8_t *qw, const void *sc, const void *mn, int64_t f16, int64_t K, int64_t G,          \
@@ -210,6 +246,7 @@ void NAME(const uint8_t *qw, const void *sc, const void *mn, int64_t f16, int64_
         const int64_t n = rows ? rows[r] : row0 + r;                                                     \
         const uint8_t *qr = qw + n * (K / 2);                                                            \
         OUT_T *o = out + r * K;                                                                          \
+        BF16_ROW_Q4(OUT_T, qr, n * ng, o)                                                                \
         for (int64_t g = 0; g < ng; g++) {                                                               \
             const float s = ld(sc, f16, n * ng + g), m = ld(mn, f16, n * ng + g);                        \
             for (int64_t b = g * (G / 32); b < (g + 1) * (G / 32); b++) {                                \
@@ -279,6 +316,7 @@ void NAME(const int8_t *qw, const void *sc, int64_t f16, int64_t K, int64_t G, c
         const int64_t n = rows ? rows[r] : row0 + r;                                                     \
         const int8_t *qr = qw + n * K;                                                                   \
         OUT_T *o = out + r * K;                                                                          \
+        BF16_ROW_Q8(OUT_T, qr, n * ng, o)                                                                \
         for (int64_t g = 0; g < ng; g++) {                                                               \
             const float s = ld(sc, f16, n * ng + g);                                                     \
             for (int64_t k = g * G; k < (g + 1) * G; k++) o[k] = CONV((float)qr[k] * s);                 \
