@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from tuneserve.calibration.awq import awq_quantize, awq_search, choice_loss, scaled_hessian
 from tuneserve.calibration.calibrate import InputStats, fresh_context
 from tuneserve.calibration.gptq import gptq_quantize, output_error
+from tuneserve.kernels.activation_ops import act_fp32
 from tuneserve.quant.apply import from_quantized, pack_weight, replace_module
 from tuneserve.quant.recipe import QuantRecipe
 from tuneserve.quant.rtn import fake_quant
@@ -38,8 +38,7 @@ UNCLIPPED = ("mlp.gate_up_proj",)
 def _mlp_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """act(gate) * up: the input of down_proj."""
     gate, up = mlp.gate_up_proj(x).split(mlp.inter, dim=-1)
-    gate = F.silu(gate) if mlp.act == "silu" else F.gelu(gate, approximate="tanh")
-    return gate * up
+    return act_fp32(gate, mlp.act) * up
 
 
 def _attention_output(attn: nn.Module, x: torch.Tensor, ctx) -> torch.Tensor:  # noqa: ANN001
