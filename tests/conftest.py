@@ -44,11 +44,11 @@ def vnni_bf16_cpu(monkeypatch):
     """Pretend this CPU has AVX-512 VNNI and AMX-BF16, so every activation mode is runnable (the choices
     resolve as there; no kernel is called through the stand-in library), with no kernel variables set."""
     from tuneserve.kernels import libraries, quant_ops
-    from tuneserve.kernels.config import ENV_KERNELS, ENV_QUANT_ACT, CpuFeatures
+    from tuneserve.kernels.config import ENV_KERNELS, ENV_QUANT_ACT, ENV_TILE_GEMM, CpuFeatures
 
     if not quant_ops.compiled_available():
         pytest.skip("no C compiler here")
-    for name in (ENV_KERNELS, ENV_QUANT_ACT):
+    for name in (ENV_KERNELS, ENV_QUANT_ACT, ENV_TILE_GEMM):
         monkeypatch.delenv(name, raising=False)
     cpu = CpuFeatures(avx2=True, avx512=True, avx512_vnni=True, amx_bf16=True)
     monkeypatch.setattr(CpuFeatures, "detect", staticmethod(lambda: cpu))

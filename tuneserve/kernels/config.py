@@ -4,10 +4,10 @@ The choice follows from what the engine arguments ask for (`kernels`, `quant_act
 offers (AVX2, AVX-512, AVX-512 VNNI, native bf16) and which compiled kernels (kernels/csrc) built here.
 `resolve` makes it; where a choice is "auto" it falls back to the environment, read here and nowhere
 else: `TUNESERVE_KERNELS=portable` (every layer on the PyTorch path; `unfused`: the compiled kernels, called
-op by op, never the fused decode step) and `TUNESERVE_QUANT_ACT`
-(int8 | int8-all | bf16 | fp32). `bind_kernels` hands the result to every module that has a
-`bind_kernels(config)` method (dense and quantized linears, attention), so a forward pass never
-re-decides it; only checks on its inputs (row count, dtype) remain per call.
+op by op, never the fused decode step), `TUNESERVE_QUANT_ACT` (int8 | int8-all | bf16 | fp32) and
+`TUNESERVE_TILE_GEMM` (amx | torch: who multiplies the bf16 tiles). `bind_kernels` hands the result to
+every module that has a `bind_kernels(config)` method (dense and quantized linears, attention), so a
+forward pass never re-decides it; only checks on its inputs (row count, dtype) remain per call.
 
 Quantized-matmul activation modes (`quant_act`, what the kernels round x to):
   int8      below quant_ops.VNNI_MAX_M rows, int8 per 32 inputs (llama.cpp's scheme: integer dot products
@@ -17,6 +17,10 @@ Quantized-matmul activation modes (`quant_act`, what the kernels round x to):
   fp32      fp32 everywhere
 A mode the machine cannot run falls back to the next one down (int8 -> bf16 -> fp32), so `quant_act`
 always says what runs.
+
+The bf16 tiles' GEMM (`tile_gemm`): "amx" on CPUs with AMX where csrc/amx_matmul.c builds and the kernel
+grants the tile state (it dequantizes each panel of weights into the AMX operand layout and multiplies
+there, no dequantized matrix and no library reorder), else "torch" (dequantized tiles, torch's GEMM).
 
 Prompt attention (`prompt_attention`, what a prompt chunk's SDPA rounds q, K and V to; the KV cache keeps
 its dtype): bf16 | fp32, or auto: bf16 in a layer whose q|k|v projection has no bias and multiplied bf16
@@ -40,7 +44,8 @@ if TYPE_CHECKING:  # engine_args imports this module: keep torch out of CLI star
 KERNELS = ("auto", "unfused", "portable")
 QUANT_ACTS = ("auto", "int8", "int8-all", "bf16", "fp32")
 PROMPT_ATTENTION = ("auto", "bf16", "fp32")
-ENV_KERNELS, ENV_QUANT_ACT = "TUNESERVE_KERNELS", "TUNESERVE_QUANT_ACT"
+TILE_GEMMS = ("auto", "amx", "torch")
+ENV_KERNELS, ENV_QUANT_ACT, ENV_TILE_GEMM = "TUNESERVE_KERNELS", "TUNESERVE_QUANT_ACT", "TUNESERVE_TILE_GEMM"
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class KernelConfig:
     attention: str = "torch"  # short queries (decodes): "compiled" (csrc/paged_attention.c) | "torch"
     decode: str = "layers"  # decode steps of llama-family models: "fused" (csrc/decode_step.c) | "layers"
     prompt_attention: str = "auto"  # prompt chunks' SDPA: "auto" | "bf16" | "fp32" (module docstring)
+    tile_gemm: str = "torch"  # the bf16 tiles' GEMM: "amx" (csrc/amx_matmul.c) | "torch"
     features: CpuFeatures = field(default_factory=CpuFeatures)
 
     @property
@@ -124,6 +130,7 @@ class KernelConfig:
         dot = "vnni" if self.features.avx512_vnni else self.features.isa  # the int8 kernels' dot product
         act = {"int8": f"int8({dot})", "int8-all": f"int8-all({dot})", "bf16": f"bf16({bf16})", "fp32": "fp32"}
         tiles = f"+bf16-tiles({bf16})" if self.bf16_tiles and self.quant_act.startswith("int8") else ""
+        tiles += " tile-gemm=amx" if self.bf16_tiles and self.tile_gemm == "amx" else ""
         return (f"dense={self.label(self.dense)} quant={self.label(self.quant)} quant-act={act[self.quant_act]}"
                 f"{tiles} attention={attention or self.label(self.attention)} decode={decode or self.decode} "
                 f"prompt-attention={prompt or self.prompt_attention} cpu={self.features.describe()}")
@@ -139,8 +146,8 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 def resolve(kernels: str = "auto", quant_activations: str = "auto", prompt_attention: str = "auto",
             env: Mapping[str, str] | None = None) -> KernelConfig:
     """The KernelConfig for explicit choices; an "auto" choice of kernels or activations falls back to the
-    environment (env, default os.environ: TUNESERVE_KERNELS, TUNESERVE_QUANT_ACT), then to the fastest this
-    machine runs; prompt_attention "auto" is decided per layer (module docstring)."""
+    environment (env, default os.environ: TUNESERVE_KERNELS, TUNESERVE_QUANT_ACT, TUNESERVE_TILE_GEMM), then
+    to the fastest this machine runs; prompt_attention "auto" is decided per layer (module docstring)."""
     env = os.environ if env is None else env
     check_choice("kernels", kernels, KERNELS)
     check_choice("quant_activations", quant_activations, QUANT_ACTS)
@@ -149,6 +156,7 @@ def resolve(kernels: str = "auto", quant_activations: str = "auto", prompt_atten
         kernels = check_choice(ENV_KERNELS, env.get(ENV_KERNELS, "auto"), KERNELS)
     if quant_activations == "auto":
         quant_activations = check_choice(ENV_QUANT_ACT, env.get(ENV_QUANT_ACT, "auto"), QUANT_ACTS)
+    tile_gemm = check_choice(ENV_TILE_GEMM, env.get(ENV_TILE_GEMM, "auto"), TILE_GEMMS)
     features = CpuFeatures.detect()
     if kernels == "portable":
         return KernelConfig(prompt_attention=prompt_attention, features=features)
@@ -158,7 +166,14 @@ def resolve(kernels: str = "auto", quant_activations: str = "auto", prompt_atten
     return KernelConfig(dense="compiled" if libraries.dense() is not None else "torch", quant=quant,
                         quant_act=_runnable_act(quant_activations, quant, features), attention=attention,
                         decode="fused" if fused else "layers", prompt_attention=prompt_attention,
-                        features=features)
+                        tile_gemm=_runnable_tile_gemm(tile_gemm, quant, features), features=features)
+
+
+def _runnable_tile_gemm(asked: str, quant: str, features: CpuFeatures) -> str:
+    """"amx" where asked for or "auto" and this machine runs csrc/amx_matmul.c (AMX, the kernel built, the
+    tile state granted), else "torch"."""
+    runs = quant == "compiled" and features.amx_bf16 and libraries.amx_matmul() is not None
+    return "amx" if asked != "torch" and runs else "torch"
 
 
 def _runnable_act(asked: str, quant: str, features: CpuFeatures) -> str:

@@ -39,6 +39,15 @@ def qmatmul_vnni() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def amx_matmul() -> ctypes.CDLL | None:
+    """csrc/amx_matmul.c: q4 / q8 matmuls of bf16 x on AMX tiles; None where the CPU or kernel has no AMX."""
+    sig = {"q4_amx_matmul": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P],
+           "q8_amx_matmul": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P]}
+    lib = load_functions("amx_matmul", sig)
+    return lib if lib is not None and lib.amx_available() else None
+
+
+@functools.cache
 def gated_act() -> ctypes.CDLL | None:
     """csrc/gated_act.c: act(gate) * up on a gated MLP's bf16 rows, in fp32, rounded once."""
     return load_functions("gated_act", {"gated_act_bf16": [_P, _I, _I, _I, _P]})

@@ -266,6 +266,9 @@ def _tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     """x @ W^T by dequantizing row tiles of W (a bounded buffer, fp32 or bf16) and calling the GEMM."""
     n = qweight.shape[0]
     k = x.shape[1]
+    if path != "portable" and dtype == torch.bfloat16 and cfg is not None and cfg.tile_gemm == "amx" \
+            and n % 16 == 0 and k % 32 == 0:
+        return _amx_matmul(x, qweight, scales, mins, bias, out_dtype)
     tile = max(1, TILE_ELEMS // k)
     xt = x.to(dtype)
     if tile >= n:
@@ -278,4 +281,25 @@ def _tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             y[:, r0:r1] = xt @ w.t()
     if bias is not None:
         y += bias
+    return y
+
+
+def _amx_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """x @ W^T (+ bias) on AMX tiles (csrc/amx_matmul.c): the bf16 tiles' products without the tiles."""
+    xb = x.to(torch.bfloat16).contiguous()
+    m, k = xb.shape
+    n = qweight.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype)
+    f16 = int(scales.dtype == torch.float16)
+    group = k // scales.shape[1]
+    b = None if bias is None else bias.float().contiguous()
+    out_bf16 = int(out_dtype == torch.bfloat16)
+    lib = libraries.amx_matmul()
+    if mins is not None:
+        lib.q4_amx_matmul(xb.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), f16, n, group,
+                          _ptr(b), out_bf16, y.data_ptr())
+    else:
+        lib.q8_amx_matmul(xb.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), f16, n, group, _ptr(b),
+                          out_bf16, y.data_ptr())
     return y
