@@ -123,3 +123,18 @@ def test_amx_on_equals_off(tiny_dirs, monkeypatch):
     assert (on - ref).abs().max() <= 1.5 * (off - ref).abs().max()
     agree = [int((y.argmax(-1) == ref.argmax(-1)).sum()) for y in (on, off)]
     assert agree[0] >= agree[1] - 2, agree
+
+
+def test_tile_sums_of_concatenated_parts_are_the_parts_sums(vnni_bf16_cpu):
+    """ConcatLinear (gate|up from parts in different formats) gives each part's tile sums side by side, in the
+    dtype the tile GEMM sums in (fp32 on AMX, bf16 on torch's GEMM)."""
+    from tuneserve.quant.linear import ConcatLinear, QuantLinear
+
+    cfg = resolve(quant_activations="bf16", env={})
+    parts = [QuantLinear(*_packed(48, 64, 4)), QuantLinear(*_packed(32, 64, 8, seed=1))]
+    for p in parts:
+        p.bind_kernels(cfg)
+    x = torch.randn(20, 64).bfloat16()
+    got = ConcatLinear(parts).tile_sums(x)
+    assert got.dtype == (torch.float32 if cfg.tile_gemm == "amx" else torch.bfloat16)
+    assert torch.equal(got, torch.cat([p.tile_sums(x) for p in parts], dim=-1))

@@ -111,9 +111,10 @@ def test_without_the_kernel_the_activation_is_torch_fp32_rounded_once(monkeypatc
 
 
 def test_a_bf16_mlp_step_is_the_bf16_ops_in_order(tiny_dirs, vnni_bf16_cpu):
-    """What the bf16 MLP computes, bit for bit: bf16 x through the bf16 GEMMs, the fused activation on their bf16
-    output, the result returned in x's dtype (fp32)."""
-    mlp = _mlps(_model(tiny_dirs, "int4", quant_activations="bf16"))[0]  # no int8 kernel: the fake CPU has none
+    """What the bf16 MLP computes on torch's tile GEMM, bit for bit: bf16 x through the bf16 GEMMs, the fused
+    activation on their bf16 output, the result returned in x's dtype (fp32)."""
+    model = _model(tiny_dirs, "int4", env={"TUNESERVE_TILE_GEMM": "torch"}, quant_activations="bf16")
+    mlp = _mlps(model)[0]  # no int8 kernel: the fake CPU has none
     x = torch.randn(64, mlp.gate_up_proj.in_features)
     assert mlp.bf16_between(64)
     w_gu, w_d = mlp.gate_up_proj.dequantize().bfloat16(), mlp.down_proj.dequantize().bfloat16()
@@ -122,6 +123,21 @@ def test_a_bf16_mlp_step_is_the_bf16_ops_in_order(tiny_dirs, vnni_bf16_cpu):
     with torch.inference_mode():
         got = mlp(x)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.skipif(libraries.amx_matmul() is None, reason="needs the AMX tile GEMM")
+def test_on_amx_the_bf16_mlp_is_the_fp32_mlp(tiny_dirs, vnni_bf16_cpu, monkeypatch):
+    """On the AMX GEMM, gate|up's sums stay fp32 into the fused activation, so the bf16 MLP rounds exactly where
+    the fp32 one does (x and down's input, for the tiles): the same values but for the kernel's rare one-unit
+    differences in act."""
+    mlp = _mlps(_model(tiny_dirs, "int4", quant_activations="bf16"))[0]
+    x = torch.randn(64, mlp.gate_up_proj.in_features)
+    with torch.inference_mode():
+        on = mlp(x)
+        monkeypatch.setattr(GatedMLP, "bf16_between", lambda self, rows: False)
+        off = mlp(x)
+    assert (on == off).float().mean() >= 0.99
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-2 * float(off.abs().max()))
 
 
 @pytest.mark.skipif(not (quant_ops.int8_kernels_available() and quant_ops.native_bf16()),

@@ -49,8 +49,8 @@ def amx_matmul() -> ctypes.CDLL | None:
 
 @functools.cache
 def gated_act() -> ctypes.CDLL | None:
-    """csrc/gated_act.c: act(gate) * up on a gated MLP's bf16 rows, in fp32, rounded once."""
-    return load_functions("gated_act", {"gated_act_bf16": [_P, _I, _I, _I, _P]})
+    """csrc/gated_act.c: act(gate) * up on a gated MLP's bf16 or fp32 rows, in fp32, rounded to bf16 once."""
+    return load_functions("gated_act", {"gated_act_bf16": [_P, _I, _I, _I, _P], "gated_act_f32": [_P, _I, _I, _I, _P]})
 
 
 @functools.cache

@@ -97,6 +97,12 @@ class QuantLinear(nn.Module):
         return quant_ops.matmul(x, self.qweight, self.scales, self.mins, self.bias, self.path,
                                 int8_ok=self.int8_activations, kernels=self._config(), out_dtype=out_dtype)
 
+    def tile_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (M, K) bf16, at a row count where this layer multiplies bf16 tiles -> (M, N) x @ W^T as exact as
+        the tiles' GEMM gives it: fp32 from the AMX GEMM (unrounded sums), bf16 from torch's (its output)."""
+        exact = torch.float32 if self._config().tile_gemm == "amx" else torch.bfloat16
+        return self._linear(x, exact)
+
     def bf16_tile_rows(self) -> int | None:
         """From how many rows of x on this layer multiplies bf16 tiles (None: never): where its output is only
         as exact as bf16, and attention on it may round to bf16 too (models/layers.py)."""
@@ -175,6 +181,11 @@ class ConcatLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., K) -> (..., sum of the parts' N)."""
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def tile_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """QuantLinear.tile_sums of every part, concatenated (where bf16_tile_rows is not None, all parts are
+        quantized layers under one config)."""
+        return torch.cat([p.tile_sums(x) for p in self.parts], dim=-1)
 
     def bf16_tile_rows(self) -> int | None:
         """From how many rows of x on every part multiplies bf16 tiles (None: some part never does)."""
