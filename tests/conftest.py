@@ -20,6 +20,22 @@ from tuneserve import LLM  # noqa: E402
 TINY_KV_BYTES = 256 * 8192  # 256 blocks of 16 tokens for the tiny models (512 bytes per token)
 
 
+def packed_weights(n: int, k: int, bits: int, seed: int = 0, group: int = 32):
+    """Random (qweight, scales, mins) in the kernels' q4 / q8 formats (kernels/quant_ops.py), fp16 scales; mins
+    None for q8."""
+    import torch
+
+    from tuneserve.kernels import quant_ops
+
+    g = torch.Generator().manual_seed(seed)
+    if bits == 4:
+        qw = quant_ops.pack_int4(torch.randint(0, 16, (n, k), generator=g))
+        scales, mins = torch.rand(n, k // group, generator=g) * 0.02, -torch.rand(n, k // group, generator=g) * 0.1
+        return qw, scales.half(), mins.half()
+    qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return qw, (torch.rand(n, k // group, generator=g) * 0.002).half(), None
+
+
 @pytest.fixture(autouse=True)
 def _kv_invariants_after_every_step(monkeypatch):
     """Every engine step of every test leaves the KV bookkeeping consistent, the draft model's included."""

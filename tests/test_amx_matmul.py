@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import packed_weights
 
 from tuneserve.calibration.calibrate import fresh_context
 from tuneserve.kernels import libraries, quant_ops
@@ -17,13 +18,7 @@ amx = pytest.mark.skipif(libraries.amx_matmul() is None, reason="needs AMX and t
 
 
 def _packed(n: int, k: int, bits: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    if bits == 4:
-        qw = quant_ops.pack_int4(torch.randint(0, 16, (n, k), generator=g))
-        scales, mins = torch.rand(n, k // 32, generator=g) * 0.02, -torch.rand(n, k // 32, generator=g) * 0.1
-        return qw, scales.half(), mins.half()
-    qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    return qw, (torch.rand(n, k // 64, generator=g) * 0.002).half(), None  # groups of 64
+    return packed_weights(n, k, bits, seed, group=64 if bits == 8 else 32)
 
 
 def _amx_config():

@@ -5,6 +5,7 @@ act(gate) * up on bf16 rows (kernels/activation_ops.py); and the quantized matmu
 
 import pytest
 import torch
+from conftest import packed_weights
 
 from tuneserve.calibration.calibrate import fresh_context
 from tuneserve.kernels import activation_ops, libraries, quant_ops
@@ -17,16 +18,6 @@ from tuneserve.weights import open_checkpoint
 ROWS = (1, 15, 16, 47, 48, 512)
 
 
-def _packed(n: int, k: int, bits: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    if bits == 4:
-        qw = quant_ops.pack_int4(torch.randint(0, 16, (n, k), generator=g))
-        scales, mins = torch.rand(n, k // 32, generator=g) * 0.02, -torch.rand(n, k // 32, generator=g) * 0.1
-        return qw, scales.half(), mins.half()
-    qw = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-    return qw, (torch.rand(n, k // 32, generator=g) * 0.002).half(), None
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("tile_elems", [1 << 24, 40 * 64])  # one GEMM; tiles of 40 rows (the last one short)
 def test_bf16_in_and_out_is_the_fp32_result_rounded_once(vnni_bf16_cpu, monkeypatch, bits, tile_elems):
@@ -34,7 +25,7 @@ def test_bf16_in_and_out_is_the_fp32_result_rounded_once(vnni_bf16_cpu, monkeypa
     rounded to bf16 at the end."""
     monkeypatch.setattr(quant_ops, "TILE_ELEMS", tile_elems)
     cfg = resolve(quant_activations="bf16", env={})
-    qw, sc, mn = _packed(100, 64, bits)
+    qw, sc, mn = packed_weights(100, 64, bits)
     x = torch.randn(48, 64).bfloat16()
     got = quant_ops.matmul(x, qw, sc, mn, kernels=cfg, out_dtype=torch.bfloat16)
     want = quant_ops.matmul(x.float(), qw, sc, mn, kernels=cfg)
@@ -45,7 +36,7 @@ def test_bf16_in_and_out_is_the_fp32_result_rounded_once(vnni_bf16_cpu, monkeypa
 
 def test_a_bf16_input_below_the_tiles_runs_the_fp32_kernel(vnni_bf16_cpu):
     cfg = resolve(quant_activations="bf16", env={})
-    layer = QuantLinear(*_packed(100, 64, 4))
+    layer = QuantLinear(*packed_weights(100, 64, 4))
     layer.bind_kernels(cfg)
     x = torch.randn(4, 64).bfloat16()  # below large_m: the small-batch kernel, fp32 inside
     y = layer(x)

@@ -1,25 +1,22 @@
-/* act(gate) * up for a gated MLP whose gate|up matmul gave bf16 rows, or fp32 ones (the AMX GEMM's exact sums;
- * models/layers.py, GatedMLP): each value is widened to fp32, act and the product are computed in fp32, and the result is rounded to bf16 once,
- * as the fp32 path rounds it for the down matmul's bf16 tiles. One pass over the bytes instead of torch's
- * separate act and multiply, each of which would round to bf16 again (bf16 ops) or write fp32 (fp32 ops).
- *   gu: (M, 2I) bf16 (gated_act_bf16) or fp32 (gated_act_f32), gate then up per row; out: (M, I) bf16; act 0: silu, 1: gelu (tanh approximation).
+/* act(gate) * up for a gated MLP whose gate|up matmul gave bf16 rows, or fp32 ones (the AMX GEMM's exact
+ * sums; models/layers.py, GatedMLP): each value is widened to fp32, act and the product are computed in fp32,
+ * and the result is rounded to bf16 once, as the fp32 path rounds it for the down matmul's bf16 tiles. One
+ * pass over the bytes instead of torch's separate act and multiply, each of which would round to bf16 again
+ * (bf16 ops) or write fp32 (fp32 ops).
+ *   gu: (M, 2I) bf16 (gated_act_bf16) or fp32 (gated_act_f32), gate then up per row; out: (M, I) bf16;
+ *   act 0: silu, 1: gelu (tanh approximation).
  * expf / tanhf vectorize through glibc's vector math library (-O3 -ffast-math). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16_rows.h"  /* f2bf */
 
 static inline float bf2f(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
-}
-
-static inline uint16_t f2bf(float f) { /* round to nearest even (finite inputs) */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 /* GATED_ACT(NAME, IN_T, LOAD): the pass over rows of IN_T (bf16 or fp32 sums of the gate|up matmul) */
