@@ -29,7 +29,8 @@ def _amx_config():
 
 @amx
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m,k,n", [(16, 64, 16), (31, 128, 48), (32, 64, 32), (77, 896, 1152), (130, 256, 80)])
+@pytest.mark.parametrize("m,k,n", [(16, 64, 16), (31, 128, 48), (32, 64, 32), (77, 896, 1152), (130, 256, 80),
+                                   (40, 896, 1200)])  # panels of 128 features, the last of 48 (3 B groups)
 @pytest.mark.parametrize("bias", [False, True])
 def test_amx_is_the_bf16_products_summed_in_fp32(bits, m, k, n, bias):
     """Against float64 sums of the same bf16 products: within fp32 summation error; the bf16 output is the
