@@ -54,6 +54,12 @@ def gated_act() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def argmax() -> ctypes.CDLL | None:
+    """csrc/argmax.c: row-wise argmax of fp32 logits, as torch.argmax answers it."""
+    return load_functions("argmax", {"argmax_rows": [_P, _I, _I, _I, _P]})
+
+
+@functools.cache
 def paged_attention() -> ctypes.CDLL | None:
     """csrc/paged_attention.c: short-query attention over the paged cache."""
     lib = load("paged_attention")

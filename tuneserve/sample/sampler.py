@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneserve.kernels.argmax_ops import argmax_rows
 from tuneserve.outputs import TokenLogprobs
 from tuneserve.sampling_params import SamplingParams
 
@@ -152,12 +153,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         logits = apply_penalties(logits.clone(), rows)
     greedy = [r.params.greedy for r in rows]
     if all(greedy):
-        return logits.argmax(-1)
+        return argmax_rows(logits)
     probs = processed_probs(logits, rows)
-    drawn = (probs / exponential_noise(probs.shape, rows, logits.device)).argmax(-1)
+    drawn = argmax_rows(probs / exponential_noise(probs.shape, rows, logits.device))
     if any(greedy):
         mask = torch.tensor(greedy, device=logits.device)
-        drawn = torch.where(mask, logits.argmax(-1), drawn)
+        drawn = torch.where(mask, argmax_rows(logits), drawn)
     return drawn
 
 
