@@ -104,8 +104,8 @@ class QuantLinear(nn.Module):
         return self._linear(x, exact)
 
     def bf16_tile_rows(self) -> int | None:
-        """From how many rows of x on this layer multiplies bf16 tiles (None: never): where its output is only
-        as exact as bf16, and attention on it may round to bf16 too (models/layers.py)."""
+        """From how many rows of x on this layer multiplies bf16 tiles (None: never): where x is rounded to bf16
+        (and the output too, on torch's GEMM), so attention on it may round to bf16 as well (models/layers.py)."""
         if self.path != "auto" or self.qweight.device.type != "cpu":
             return None
         return quant_ops.bf16_tile_rows(self.qweight, self.scales, self.mins, self.int8_activations, self._config())
