@@ -138,6 +138,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _weight_args(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> tuple:
+    """A packed matrix as every compiled kernel takes it, in order: qweight, scales, mins (q4 only), f16."""
+    ptrs = (qweight.data_ptr(), scales.data_ptr()) + ((mins.data_ptr(),) if mins is not None else ())
+    return ptrs + (int(scales.dtype == torch.float16),)
+
+
 def dequant_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  rows: torch.Tensor | None = None, row0: int = 0, nrows: int | None = None,
                  path: str = "auto", dtype: torch.dtype = torch.float32,
@@ -149,16 +155,9 @@ def dequant_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
             rows = rows.to(torch.int64).contiguous()
         r = rows.numel() if rows is not None else (nrows if nrows is not None else qweight.shape[0] - row0)
         out = torch.empty(r, k, dtype=dtype)
-        f16 = int(scales.dtype == torch.float16)
-        group = k // scales.shape[1]
-        bf = dtype == torch.bfloat16
-        if mins is not None:
-            (libraries.qmatmul().q4_dequant_bf16 if bf else libraries.qmatmul().q4_dequant)(
-                qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), f16, k, group, _ptr(rows), r, row0,
-                out.data_ptr())
-        else:
-            (libraries.qmatmul().q8_dequant_bf16 if bf else libraries.qmatmul().q8_dequant)(
-                qweight.data_ptr(), scales.data_ptr(), f16, k, group, _ptr(rows), r, row0, out.data_ptr())
+        name = ("q4" if mins is not None else "q8") + ("_dequant_bf16" if dtype == torch.bfloat16 else "_dequant")
+        getattr(libraries.qmatmul(), name)(*_weight_args(qweight, scales, mins), k, k // scales.shape[1],
+                                           _ptr(rows), r, row0, out.data_ptr())
         return out
     sel = rows if rows is not None else slice(row0, row0 + nrows if nrows is not None else None)
     return dequant_portable(qweight, scales, mins, sel).to(dtype)
@@ -170,8 +169,9 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: t
            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x: (M, K) fp32 or bf16 -> (M, N) in out_dtype (fp32 or bf16) = x @ W^T + bias, W given packed. path:
     auto (kernels' choice) | portable. Where bf16 tiles run, bf16 x and a bf16 result skip the conversions
-    (x is rounded to bf16 there anyway, and the GEMM's output is bf16). For the portable path, act_int8 /
-    act_bf16 round x as the VNNI kernels / the bf16 tiles do (test oracles)."""
+    (x is rounded to bf16 there anyway; torch's GEMM gives bf16, the AMX GEMM fp32 sums rounded once for a bf16
+    result). For the portable path, act_int8 / act_bf16 round x as the VNNI kernels / the bf16 tiles do (test
+    oracles)."""
     m = x.shape[0]
     cfg = kernels or detected()
     if path != "portable" and x.device.type == "cpu" and _kernel_ok(qweight, scales, mins, cfg):
@@ -201,13 +201,11 @@ def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     if not _kernel_ok(qweight, scales, mins, cfg):
         return None
     k = qweight.shape[1] * (2 if mins is not None else 1)
-    f16 = int(scales.dtype == torch.float16)
     n, group = qweight.shape[0], k // scales.shape[1]
     vnni = int8_ok and uses_act_int8(1, qweight, scales, mins, cfg)
     lib = libraries.qmatmul_vnni() if vnni else libraries.qmatmul()
     name = ("q4" if mins is not None else "q8") + ("v" if vnni else "") + "_matmul"
-    args = (qweight.data_ptr(), scales.data_ptr()) + ((mins.data_ptr(),) if mins is not None else ())
-    args += (f16, n, group, _ptr(bias))
+    args = _weight_args(qweight, scales, mins) + (n, group, _ptr(bias))
     if perm is not None or input_scale is not None:
         name += "_px"
         args += (_ptr(perm), _ptr(input_scale))
@@ -249,14 +247,8 @@ def _kernel_matmul(lib: ctypes.CDLL, q4: str, q8: str, x: torch.Tensor, qweight:
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    f16 = int(scales.dtype == torch.float16)
-    group = k // scales.shape[1]
-    if mins is not None:
-        getattr(lib, q4)(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), f16, n,
-                         group, _ptr(bias), y.data_ptr())
-    else:
-        getattr(lib, q8)(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), f16, n, group, _ptr(bias),
-                         y.data_ptr())
+    getattr(lib, q4 if mins is not None else q8)(x.data_ptr(), m, k, *_weight_args(qweight, scales, mins), n,
+                                                 k // scales.shape[1], _ptr(bias), y.data_ptr())
     return y
 
 
@@ -291,15 +283,8 @@ def _amx_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     m, k = xb.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
-    f16 = int(scales.dtype == torch.float16)
-    group = k // scales.shape[1]
     b = None if bias is None else bias.float().contiguous()
-    out_bf16 = int(out_dtype == torch.bfloat16)
-    lib = libraries.amx_matmul()
-    if mins is not None:
-        lib.q4_amx_matmul(xb.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), f16, n, group,
-                          _ptr(b), out_bf16, y.data_ptr())
-    else:
-        lib.q8_amx_matmul(xb.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), f16, n, group, _ptr(b),
-                          out_bf16, y.data_ptr())
+    fn = libraries.amx_matmul().q4_amx_matmul if mins is not None else libraries.amx_matmul().q8_amx_matmul
+    fn(xb.data_ptr(), m, k, *_weight_args(qweight, scales, mins), n, k // scales.shape[1], _ptr(b),
+       int(out_dtype == torch.bfloat16), y.data_ptr())
     return y

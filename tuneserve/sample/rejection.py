@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from tuneserve.kernels.argmax_ops import argmax_rows
+
 
 def verify_greedy(target_argmax: list[int], drafts: list[int]) -> tuple[list[int], int]:
     """Greedy verification. target_argmax: k+1 argmaxes. Returns (emitted tokens, accepted count)."""
@@ -42,7 +44,7 @@ def verify_greedy(target_argmax: list[int], drafts: list[int]) -> tuple[list[int
 def verify_coupled(target_probs: torch.Tensor, drafts: list[int], noise: torch.Tensor) -> tuple[list[int], int]:
     """Coupled verification. target_probs: (k + 1, V) processed; noise: (k + 1, V) Exp(1), each row that
     position's own. Returns (emitted tokens, accepted count)."""
-    return verify_greedy((target_probs / noise).argmax(-1).tolist(), drafts)
+    return verify_greedy(argmax_rows(target_probs / noise).tolist(), drafts)
 
 
 def rejection_sample(

@@ -16,6 +16,7 @@ from tuneserve import faults
 from tuneserve.config import EngineConfig
 from tuneserve.core.step_io import RunnerOutput, ScheduledRequest, SchedulerOutput, scatter_output
 from tuneserve.errors import RequestError
+from tuneserve.kernels.argmax_ops import argmax_rows
 from tuneserve.kernels.attention import build_metadata
 from tuneserve.models.layers import ForwardContext
 from tuneserve.outputs import TokenLogprobs
@@ -272,7 +273,7 @@ class ModelRunner:
         if any(row.params.uses_penalties or row.params.min_tokens for row in rows):
             logits = apply_penalties(logits.clone(), rows)
         if r.params.greedy:
-            return verify_greedy(logits.argmax(-1).tolist(), drafts)
+            return verify_greedy(argmax_rows(logits).tolist(), drafts)
         probs = processed_probs(logits, rows)
         if r.params.seed is not None:
             return verify_coupled(probs, drafts, exponential_noise(probs.shape, rows, logits.device))

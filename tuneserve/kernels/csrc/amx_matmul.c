@@ -10,7 +10,8 @@
  * AMX: TDPBF16PS C[16 x 16] += A[16 x 32] . B, fp32 accumulation; A is 16 rows of x (32 inputs each, read
  * in place); B holds 32 inputs of 16 features as 16 rows of input pairs ("VNNI" layout: row r = inputs
  * 2r, 2r+1 of feature 0, then of feature 1, ...). Two A and two B tiles make four C tiles: 32 rows by 32
- * features per pass over K; a panel (panel_features) is several such pairs of B groups. Same products as the GEMM on bf16 tiles, fp32 sums in another order.
+ * features per pass over K; a panel (panel_features) is several such pairs of B groups. Same products as
+ * the GEMM on bf16 tiles, fp32 sums in another order.
  * Needs AMX-TILE, AMX-BF16 and AVX-512 BF16 in the build (-march=native) and the kernel's permission to
  * use the tile data (Linux >= 5.16, arch_prctl); amx_available() says whether both hold.
  * Shapes: K % 32 == 0 (the q4 / q8 group rules of qmatmul.c), N % 16 == 0.
@@ -103,17 +104,16 @@ static void dequant_b(const packed_matrix *w, int64_t n0, uint16_t *rows, uint16
     }
 }
 
-/* The 32 x 32 (or 32 x 16: nb == 1) fp32 block of x[m0 .. m0 + 31] times the panel's features into acc. */
-static void block(const uint16_t *x, int64_t lda, int64_t K, const uint16_t *b0, const uint16_t *b1, int nb,
-                  float *acc) {
+/* The 32 x 32 (or 32 x 16: nb == 1) fp32 block of 32 rows of x (K apart) times B groups b0, b1 into acc. */
+static void block(const uint16_t *x, int64_t K, const uint16_t *b0, const uint16_t *b1, int nb, float *acc) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    const int64_t stride = lda * 2;
+    const int64_t stride = K * 2;
     for (int64_t k = 0; k < K; k += 32) {
         _tile_loadd(4, x + k, stride);
-        _tile_loadd(5, x + 16 * lda + k, stride);
+        _tile_loadd(5, x + 16 * K + k, stride);
         _tile_loadd(6, b0 + k * 16, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
@@ -181,7 +181,7 @@ static void amx_matmul(const uint16_t *x, int64_t M, const packed_matrix *w, int
                 const uint16_t *a = m0 < full ? x + m0 * K : tail;
                 for (int g = 0; g < groups; g += 2) {
                     const int nb = groups - g >= 2 ? 2 : 1;
-                    block(a, K, K, vnni + g * 16 * K, vnni + (g + 1) * 16 * K, nb, acc);
+                    block(a, K, vnni + g * 16 * K, vnni + (g + 1) * 16 * K, nb, acc);
                     store(acc, m0 < full ? 32 : M - full, 16 * nb, bias, n0 + 16 * g, N, out_bf16, y, m0);
                 }
             }

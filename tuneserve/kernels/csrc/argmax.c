@@ -48,10 +48,7 @@ static int64_t row_argmax(const float *x, int64_t V) {
     }
 #endif
     for (; i < V; i++) {
-        if (is_nan(x[i])) {
-            const int64_t n = first_nan(x, V);  /* an earlier NaN in the vector part was returned above */
-            return n;
-        }
+        if (is_nan(x[i])) return i;  /* a NaN in the vector part returned above */
         if (x[i] > best) {
             best = x[i];
             best_i = i;
