@@ -50,6 +50,21 @@ def test_amx_is_the_bf16_products_summed_in_fp32(bits, m, k, n, bias):
 
 
 @amx
+@pytest.mark.parametrize("m,k,n", [(31, 128, 48), (77, 896, 1152)])
+def test_amx_takes_int5_high_bits(m, k, n):
+    """int5 (q4 codes plus high-bit words): the same bound against the bf16 products of its dequantized rows."""
+    qw, sc, mn = _packed(n, k, 4)
+    qh = torch.randint(-2**31, 2**31 - 1, (n, k // 32), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    x = torch.randn(m, k)
+    got = quant_ops.matmul(x, qw, sc, mn, kernels=_amx_config(), int8_ok=False, qhigh=qh)
+    w = quant_ops.dequant_rows(qw, sc, mn, dtype=torch.bfloat16, qhigh=qh).double()
+    assert not torch.equal(w, quant_ops.dequant_rows(qw, sc, mn, dtype=torch.bfloat16).double())
+    xb = x.bfloat16().double()
+    bound = (xb.abs() @ w.abs().t()) * (k * 2 ** -23) + 1e-6
+    assert ((got.double() - xb @ w.t()).abs() <= bound).all()
+
+
+@amx
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_has_the_same_bits_in_any_batch(bits):
     """Row m's sums depend on row m alone (the 32-row blocks and the zero-padded tail add in the same order):

@@ -196,3 +196,27 @@ def test_the_start_up_line_says_what_decode_steps_run(dirs, name, decode, capsys
                kernels=resolve())
     line = next(ln for ln in capsys.readouterr().err.splitlines() if "kernels:" in ln)
     assert " decode=layers(dtype bfloat16) " in line
+
+
+@pytest.mark.parametrize("act", ["fp32", "int8"])
+def test_fused_equals_op_by_op_on_gguf_int5_blocks(dirs, act, tmp_path, monkeypatch):
+    """A Q5_0 file's matrices are served as int5 (the q4 kernels and the high bits): both paths agree, as on int4."""
+    from tiny_models import write_gguf
+
+    from tuneserve.quant.linear import QuantLinear
+
+    hf = dirs["llama-bias-untied"]
+    path = write_gguf(hf, tmp_path / "q5.gguf", qtype="Q5_0")
+    reqs = prompts((9, 33), seed=5)
+    kw = {"tokenizer": str(hf), "quant_activations": act}
+    want = generate(path, reqs, GREEDY, kernels="unfused", **kw)
+    rows = spy(monkeypatch)
+    llm = LLM(str(path), max_model_len=128, kv_cache_memory_bytes=TINY_KV_BYTES, **kw)
+    layers = [m for m in llm.llm_engine.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.bits == 5 for m in layers)
+    got = llm.generate(reqs, GREEDY, use_tqdm=False)
+    if act == "fp32":
+        assert_same(got, want)
+    else:
+        assert_same_until_a_near_tie(got, want, tol=3e-2)
+    assert rows

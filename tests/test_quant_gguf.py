@@ -12,7 +12,7 @@ from tuneserve.kernels import quant_ops as Q
 from tuneserve.quant.gguf_native import decode
 
 # where the fp16 scale fields sit in each block, so random blocks get finite, modest scales
-D_OFFSETS = {"Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+D_OFFSETS = {"Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
 
 
 def random_blocks(kind: str, rows: int, blocks: int, seed: int = 0) -> np.ndarray:
@@ -25,15 +25,17 @@ def random_blocks(kind: str, rows: int, blocks: int, seed: int = 0) -> np.ndarra
     return data.reshape(rows, blocks * type_size)
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K"])
 def test_blocks_decode_like_the_gguf_package(kind):
     blocks = 3 if kind.endswith("K") else 9
     data = random_blocks(kind, 5, blocks)
     ref = dequantize(data, GGMLQuantizationType[kind]).reshape(5, -1)
     d = decode(data, kind)
+    qh = torch.from_numpy(d["qhigh"]) if d.get("qhigh") is not None else None
+    assert d["bits"] == (5 if kind.startswith("Q5") else 8 if kind in ("Q8_0", "Q6_K") else 4)
     w = Q.dequant_portable(torch.from_numpy(np.ascontiguousarray(d["q"])), torch.from_numpy(d["scales"]),
-                           torch.from_numpy(d["mins"]) if d["mins"] is not None else None).numpy()
-    if kind in ("Q4_1", "Q8_0", "Q5_0"):  # same codes, same fp16 scales: exact
+                           torch.from_numpy(d["mins"]) if d["mins"] is not None else None, qhigh=qh).numpy()
+    if kind in ("Q4_1", "Q8_0", "Q5_0", "Q5_1"):  # same codes, same fp16 scales (Q5_0's min -16 d too): exact
         np.testing.assert_array_equal(w, ref)
     else:  # the sub-block scale products d * sc are stored as fp16
         np.testing.assert_allclose(w, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
@@ -42,8 +44,8 @@ def test_blocks_decode_like_the_gguf_package(kind):
         qw = torch.from_numpy(np.ascontiguousarray(d["q"]))
         s, m = torch.from_numpy(d["scales"]), torch.from_numpy(d["mins"]) if d["mins"] is not None else None
         act_int8 = Q.uses_act_int8(3, qw, s, m)  # the VNNI kernels round x to int8 per 32 inputs
-        ref_y = Q.matmul(x, qw, s, m, path="portable", act_int8=act_int8)
-        torch.testing.assert_close(Q.matmul(x, qw, s, m), ref_y, rtol=1e-4, atol=1e-3)
+        ref_y = Q.matmul(x, qw, s, m, path="portable", act_int8=act_int8, qhigh=qh)
+        torch.testing.assert_close(Q.matmul(x, qw, s, m, qhigh=qh), ref_y, rtol=1e-4, atol=1e-3)
 
 
 def _smollm2_path():
@@ -88,3 +90,24 @@ def test_auto_serves_a_gguf_file_from_its_own_blocks(tiny_llama):
     assert EngineArgs(model=path, quantization="none").create_engine_config().model.quantization is None
     assert EngineArgs(model=path, quantization="int8").create_engine_config().model.quantization == "int8"
     assert EngineArgs(model=str(tiny_llama)).create_engine_config().model.quantization is None  # HF: its dtype
+
+
+def _weights_of(d):
+    t = torch.from_numpy
+    return Q.dequant_portable(t(np.ascontiguousarray(d["q"])), t(d["scales"]), t(d["mins"]) if d["mins"] is not None
+                              else None, qhigh=t(d["qhigh"]) if d.get("qhigh") is not None else None)
+
+
+def test_q5_0_parts_join_an_int8_part_as_int8():
+    """Qwen2.5's q|k|v: Q5_0 q and k with a Q8_0 v in half the layers. The Q5_0 rows go to int8 (same weights), so
+    the projection stays one matrix; Q5_1 (a real min) cannot, and stays a concatenation."""
+    from tuneserve.quant.gguf_native import _to_module
+    from tuneserve.quant.linear import ConcatLinear, QuantLinear
+
+    q5, q8 = decode(random_blocks("Q5_0", 6, 4), "Q5_0"), decode(random_blocks("Q8_0", 2, 4, seed=1), "Q8_0")
+    like = torch.nn.Linear(128, 8, bias=False)
+    mixed = _to_module([q5, q8], like)
+    assert isinstance(mixed, QuantLinear) and mixed.bits == 8
+    assert torch.equal(mixed.dequantize(), torch.cat([_weights_of(q5), _weights_of(q8)]))
+    assert _to_module([q5, q5], like).bits == 5
+    assert isinstance(_to_module([decode(random_blocks("Q5_1", 6, 4), "Q5_1"), q8], like), ConcatLinear)

@@ -175,16 +175,19 @@ def test_tp2_qwen_coder_equals_tp1():
 # ----- one layer's split, in-process -----------------------------------------------------------------
 def _quant(n: int, k: int, bits: int, group: int, bias: bool = True) -> QuantLinear:
     g = torch.Generator().manual_seed(n * k + bits)
-    if bits == 4:
+    high = None
+    if bits in (4, 5):
         q = pack_int4(torch.randint(0, 16, (n, k), generator=g))
         mins = torch.randn(n, k // group, generator=g)
+        if bits == 5:
+            high = torch.randint(-2**31, 2**31 - 1, (n, k // 32), generator=g, dtype=torch.int32)
     else:
         q, mins = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8), None
     scales = torch.rand(n, k // group, generator=g) / 50
-    return QuantLinear(q, scales, mins, torch.randn(n, generator=g) if bias else None)
+    return QuantLinear(q, scales, mins, torch.randn(n, generator=g) if bias else None, qhigh=high)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, 16)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (5, 32), (8, 32), (8, 16)])
 def test_quantized_layer_splits_in_its_blocks(bits, group):
     m = _quant(24, 128, bits, group)
     w = m.dequantize()
@@ -192,7 +195,7 @@ def test_quantized_layer_splits_in_its_blocks(bits, group):
     r = take_rows(m, rows)
     assert isinstance(r, QuantLinear) and torch.equal(r.dequantize(), w[rows]) and torch.equal(r.bias, m.bias[rows])
     c = take_cols(m, 64, 128, keep_bias=False)
-    assert isinstance(c, QuantLinear) and c.bias is None and torch.equal(c.dequantize(), w[:, 64:])
+    assert isinstance(c, QuantLinear) and c.bias is None and c.bits == bits and torch.equal(c.dequantize(), w[:, 64:])
     x = torch.randn(3, 128)
     parts = take_cols(m, 0, 64, keep_bias=True)(x[:, :64]) + c(x[:, 64:])
     torch.testing.assert_close(parts, m(x), rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ ACTS = {"silu": 0, "gelu_tanh": 1}
 
 
 class LinearT(ctypes.Structure):
-    _fields_ = [("kind", _I), ("fn", _P), ("w", _P), ("scales", _P), ("mins", _P), ("f16", _I), ("n", _I),
+    _fields_ = [("kind", _I), ("fn", _P), ("w", _P), ("qh", _P), ("scales", _P), ("mins", _P), ("f16", _I), ("n", _I),
                 ("k", _I), ("group", _I), ("bias", _P)]
 
 

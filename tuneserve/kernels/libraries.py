@@ -22,10 +22,10 @@ def dense() -> ctypes.CDLL | None:
 
 @functools.cache
 def qmatmul() -> ctypes.CDLL | None:
-    """csrc/qmatmul.c: int4 / int8 weight matmuls with fp32 activations, and dequantization."""
-    q4_deq, q8_deq = [_P, _P, _P, _I, _I, _I, _P, _I, _I, _P], [_P, _P, _I, _I, _I, _P, _I, _I, _P]
+    """csrc/qmatmul.c: int4 / int5 / int8 weight matmuls with fp32 activations, and dequantization."""
+    q4_deq, q8_deq = [_P, _P, _P, _P, _I, _I, _I, _P, _I, _I, _P], [_P, _P, _I, _I, _I, _P, _I, _I, _P]
     return load_functions("qmatmul", {
-        "q4_matmul": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P],
+        "q4_matmul": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _P],
         "q8_matmul": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P],
         "q4_dequant": q4_deq, "q4_dequant_bf16": q4_deq, "q8_dequant": q8_deq, "q8_dequant_bf16": q8_deq})
 
@@ -33,15 +33,15 @@ def qmatmul() -> ctypes.CDLL | None:
 @functools.cache
 def qmatmul_vnni() -> ctypes.CDLL | None:
     """csrc/qmatmul_vnni.c: int8-activation matmuls (AVX-512 VNNI); None where the CPU lacks VNNI."""
-    lib = load_functions("qmatmul_vnni", {"q4v_matmul": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P],
+    lib = load_functions("qmatmul_vnni", {"q4v_matmul": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _P],
                                           "q8v_matmul": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _P]})
     return lib if lib is not None and lib.qv_available() else None
 
 
 @functools.cache
 def amx_matmul() -> ctypes.CDLL | None:
-    """csrc/amx_matmul.c: q4 / q8 matmuls of bf16 x on AMX tiles; None where the CPU or kernel has no AMX."""
-    sig = {"q4_amx_matmul": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P],
+    """csrc/amx_matmul.c: q4 / q5 / q8 matmuls of bf16 x on AMX tiles; None where the CPU or kernel has no AMX."""
+    sig = {"q4_amx_matmul": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _P, _I, _P],
            "q8_amx_matmul": [_P, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P]}
     lib = load_functions("amx_matmul", sig)
     return lib if lib is not None and lib.amx_available() else None

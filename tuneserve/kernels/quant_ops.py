@@ -1,8 +1,10 @@
 """Matmuls and row lookups on packed low-bit weights: the compiled CPU kernels and the portable path.
 
 Formats (see csrc/qmatmul.c): q4 packs two 4-bit weights per byte in 32-input blocks (byte j: input j in
-the low nibble, input j + 16 in the high one), w = q * scale + min per group of inputs; q8 stores int8,
-w = q * scale. Scales (and mins) are (N, K / group) in fp16 or fp32.
+the low nibble, input j + 16 in the high one), w = q * scale + min per group of inputs; q5 is q4 plus `qhigh`,
+(N, K / 32) int32 words whose bit j adds 16 to input j's code of that block (GGUF Q5_0 / Q5_1's high bits), so
+codes run 0..31; q8 stores int8, w = q * scale. Scales (and mins) are (N, K / group) in fp16 or fp32. Every
+function taking q4 takes `qhigh` too (None: q4).
 
 `matmul` picks the path within a KernelConfig (kernels/config.py: decided once at load, passed in; the
 functions here read no environment). With compiled kernels and the int8 activation mode, below VNNI_MAX_M rows
@@ -58,13 +60,22 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (b[..., :16] | (b[..., 16:] << 4)).view(n, k // 2)
 
 
+def high_bits(qhigh: torch.Tensor) -> torch.Tensor:
+    """qhigh (N, K/32) int32 words -> (N, K) uint8: 16 where an input's bit is set, else 0."""
+    bits = (qhigh.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=qhigh.device)) & 1
+    return (bits.to(torch.uint8) << 4).reshape(qhigh.shape[0], -1)
+
+
 def dequant_portable(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                     rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+                     rows: torch.Tensor | slice | None = None, qhigh: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of a packed matrix as fp32 (R, K); mins None means int8 (symmetric). Pure PyTorch."""
     if rows is not None:
         qweight, scales = qweight[rows], scales[rows]
         mins = mins[rows] if mins is not None else None
+        qhigh = qhigh[rows] if qhigh is not None else None
     q = unpack_int4(qweight) if mins is not None else qweight
+    if qhigh is not None:
+        q = q | high_bits(qhigh)
     n, k = q.shape
     ng = scales.shape[1]
     w = q.float().view(n, ng, k // ng) * scales.float().unsqueeze(-1)
@@ -114,9 +125,12 @@ def compiled_available() -> bool:
     return libraries.qmatmul() is not None
 
 
-def _kernel_ok(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, cfg: KernelConfig) -> bool:
+def _kernel_ok(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, cfg: KernelConfig,
+               qhigh: torch.Tensor | None = None) -> bool:
     """Whether cfg runs compiled quantized kernels and they take this matrix's device and layout."""
     if cfg.quant != "compiled" or qweight.device.type != "cpu":
+        return False
+    if qhigh is not None and not (mins is not None and qhigh.dtype == torch.int32 and qhigh.is_contiguous()):
         return False
     k = qweight.shape[1] * (2 if mins is not None else 1)
     group = k // scales.shape[1]
@@ -138,35 +152,38 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _weight_args(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> tuple:
-    """A packed matrix as every compiled kernel takes it, in order: qweight, scales, mins (q4 only), f16."""
-    ptrs = (qweight.data_ptr(), scales.data_ptr()) + ((mins.data_ptr(),) if mins is not None else ())
-    return ptrs + (int(scales.dtype == torch.float16),)
+def _weight_args(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 qhigh: torch.Tensor | None = None) -> tuple:
+    """A packed matrix as every compiled kernel takes it, in order: qweight, then for q4 / q5 the high-bit words
+    (NULL for q4), scales, mins (q4 / q5 only), f16."""
+    if mins is None:
+        return qweight.data_ptr(), scales.data_ptr(), int(scales.dtype == torch.float16)
+    return qweight.data_ptr(), _ptr(qhigh), scales.data_ptr(), mins.data_ptr(), int(scales.dtype == torch.float16)
 
 
 def dequant_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  rows: torch.Tensor | None = None, row0: int = 0, nrows: int | None = None,
                  path: str = "auto", dtype: torch.dtype = torch.float32,
-                 kernels: KernelConfig | None = None) -> torch.Tensor:
+                 kernels: KernelConfig | None = None, qhigh: torch.Tensor | None = None) -> torch.Tensor:
     """(R, K) rows of a packed matrix in dtype (fp32 or bf16): rows (R,) long, or row0:row0+nrows."""
-    if path != "portable" and _kernel_ok(qweight, scales, mins, kernels or detected()):
+    if path != "portable" and _kernel_ok(qweight, scales, mins, kernels or detected(), qhigh):
         k = qweight.shape[1] * (2 if mins is not None else 1)
         if rows is not None:
             rows = rows.to(torch.int64).contiguous()
         r = rows.numel() if rows is not None else (nrows if nrows is not None else qweight.shape[0] - row0)
         out = torch.empty(r, k, dtype=dtype)
         name = ("q4" if mins is not None else "q8") + ("_dequant_bf16" if dtype == torch.bfloat16 else "_dequant")
-        getattr(libraries.qmatmul(), name)(*_weight_args(qweight, scales, mins), k, k // scales.shape[1],
+        getattr(libraries.qmatmul(), name)(*_weight_args(qweight, scales, mins, qhigh), k, k // scales.shape[1],
                                            _ptr(rows), r, row0, out.data_ptr())
         return out
     sel = rows if rows is not None else slice(row0, row0 + nrows if nrows is not None else None)
-    return dequant_portable(qweight, scales, mins, sel).to(dtype)
+    return dequant_portable(qweight, scales, mins, sel, qhigh).to(dtype)
 
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
            bias: torch.Tensor | None = None, path: str = "auto", act_int8: bool = False,
            act_bf16: bool = False, int8_ok: bool = True, kernels: KernelConfig | None = None,
-           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           out_dtype: torch.dtype = torch.float32, qhigh: torch.Tensor | None = None) -> torch.Tensor:
     """x: (M, K) fp32 or bf16 -> (M, N) in out_dtype (fp32 or bf16) = x @ W^T + bias, W given packed. path:
     auto (kernels' choice) | portable. Where bf16 tiles run, bf16 x and a bf16 result skip the conversions
     (x is rounded to bf16 there anyway; torch's GEMM gives bf16, the AMX GEMM fp32 sums rounded once for a bf16
@@ -174,38 +191,40 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: t
     oracles)."""
     m = x.shape[0]
     cfg = kernels or detected()
-    if path != "portable" and x.device.type == "cpu" and _kernel_ok(qweight, scales, mins, cfg):
+    if path != "portable" and x.device.type == "cpu" and _kernel_ok(qweight, scales, mins, cfg, qhigh):
         if int8_ok and uses_act_int8(m, qweight, scales, mins, cfg):
             y = _kernel_matmul(libraries.qmatmul_vnni(), "q4v_matmul", "q8v_matmul", x.float(), qweight, scales,
-                               mins, bias)
+                               mins, bias, qhigh)
         elif m < large_m(cfg):
-            y = _kernel_matmul(libraries.qmatmul(), "q4_matmul", "q8_matmul", x.float(), qweight, scales, mins, bias)
+            y = _kernel_matmul(libraries.qmatmul(), "q4_matmul", "q8_matmul", x.float(), qweight, scales, mins, bias,
+                               qhigh)
         else:
             dtype = torch.bfloat16 if cfg.bf16_tiles else torch.float32
-            return _tiled_matmul(x, qweight, scales, mins, bias, "auto", dtype, cfg, out_dtype)
+            return _tiled_matmul(x, qweight, scales, mins, bias, "auto", dtype, cfg, out_dtype, qhigh)
         return y.to(out_dtype)
     if act_int8:
         x = quantize_activations(x)
     dtype = torch.bfloat16 if act_bf16 and not act_int8 else torch.float32
-    return _tiled_matmul(x.float(), qweight, scales, mins, bias, "portable", dtype, out_dtype=out_dtype)
+    return _tiled_matmul(x.float(), qweight, scales, mins, bias, "portable", dtype, out_dtype=out_dtype, qhigh=qhigh)
 
 
 def small_batch_call(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                      bias: torch.Tensor | None, int8_ok: bool = True, perm: torch.Tensor | None = None,
-                     input_scale: torch.Tensor | None = None, kernels: KernelConfig | None = None) -> tuple | None:
+                     input_scale: torch.Tensor | None = None, kernels: KernelConfig | None = None,
+                     qhigh: torch.Tensor | None = None) -> tuple | None:
     """(kernel, args after (x, M, K), max rows, max rows in the fused decode step) for calling the compiled
     kernel directly on small batches, skipping the dispatch above; the kernel applies perm / input_scale
     (x'[k] = x[perm[k]] * input_scale[perm[k]]) itself. None when kernels runs no compiled kernel for this
     matrix. The args hold raw pointers: rebuild after the tensors move."""
     cfg = kernels or detected()
-    if not _kernel_ok(qweight, scales, mins, cfg):
+    if not _kernel_ok(qweight, scales, mins, cfg, qhigh):
         return None
     k = qweight.shape[1] * (2 if mins is not None else 1)
     n, group = qweight.shape[0], k // scales.shape[1]
     vnni = int8_ok and uses_act_int8(1, qweight, scales, mins, cfg)
     lib = libraries.qmatmul_vnni() if vnni else libraries.qmatmul()
     name = ("q4" if mins is not None else "q8") + ("v" if vnni else "") + "_matmul"
-    args = _weight_args(qweight, scales, mins) + (n, group, _ptr(bias))
+    args = _weight_args(qweight, scales, mins, qhigh) + (n, group, _ptr(bias))
     if perm is not None or input_scale is not None:
         name += "_px"
         args += (_ptr(perm), _ptr(input_scale))
@@ -227,11 +246,11 @@ def uses_act_bf16(m: int, qweight: torch.Tensor, scales: torch.Tensor, mins: tor
 
 
 def bf16_tile_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, int8_ok: bool = True,
-                   kernels: KernelConfig | None = None) -> int | None:
+                   kernels: KernelConfig | None = None, qhigh: torch.Tensor | None = None) -> int | None:
     """The fewest rows of x from which matmul(path='auto', int8_ok=int8_ok, kernels=kernels) multiplies bf16
     tiles (it does at every larger count); None: at no row count."""
     cfg = kernels or detected()
-    if not (cfg.bf16_tiles and _kernel_ok(qweight, scales, mins, cfg)):
+    if not (cfg.bf16_tiles and _kernel_ok(qweight, scales, mins, cfg, qhigh)):
         return None
     if not (int8_ok and uses_act_int8(1, qweight, scales, mins, cfg)):
         return large_m(cfg)
@@ -242,34 +261,37 @@ def bf16_tile_rows(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
 
 def _kernel_matmul(lib: ctypes.CDLL, q4: str, q8: str, x: torch.Tensor, qweight: torch.Tensor,
                    scales: torch.Tensor, mins: torch.Tensor | None,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+                   bias: torch.Tensor | None, qhigh: torch.Tensor | None = None) -> torch.Tensor:
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    getattr(lib, q4 if mins is not None else q8)(x.data_ptr(), m, k, *_weight_args(qweight, scales, mins), n,
+    getattr(lib, q4 if mins is not None else q8)(x.data_ptr(), m, k, *_weight_args(qweight, scales, mins, qhigh), n,
                                                  k // scales.shape[1], _ptr(bias), y.data_ptr())
     return y
 
 
 def _tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                   bias: torch.Tensor | None, path: str, dtype: torch.dtype = torch.float32,
-                  cfg: KernelConfig | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  cfg: KernelConfig | None = None, out_dtype: torch.dtype = torch.float32,
+                  qhigh: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T by dequantizing row tiles of W (a bounded buffer, fp32 or bf16) and calling the GEMM."""
     n = qweight.shape[0]
     k = x.shape[1]
     if path != "portable" and dtype == torch.bfloat16 and cfg is not None and cfg.tile_gemm == "amx" \
             and n % 16 == 0 and k % 32 == 0:
-        return _amx_matmul(x, qweight, scales, mins, bias, out_dtype)
+        return _amx_matmul(x, qweight, scales, mins, bias, out_dtype, qhigh)
     tile = max(1, TILE_ELEMS // k)
     xt = x.to(dtype)
     if tile >= n:
-        y = (xt @ dequant_rows(qweight, scales, mins, path=path, dtype=dtype, kernels=cfg).t()).to(out_dtype)
+        y = (xt @ dequant_rows(qweight, scales, mins, path=path, dtype=dtype, kernels=cfg, qhigh=qhigh).t()
+             ).to(out_dtype)
     else:
         y = torch.empty(x.shape[0], n, dtype=out_dtype, device=x.device)
         for r0 in range(0, n, tile):
             r1 = min(n, r0 + tile)
-            w = dequant_rows(qweight, scales, mins, row0=r0, nrows=r1 - r0, path=path, dtype=dtype, kernels=cfg)
+            w = dequant_rows(qweight, scales, mins, row0=r0, nrows=r1 - r0, path=path, dtype=dtype, kernels=cfg,
+                             qhigh=qhigh)
             y[:, r0:r1] = xt @ w.t()
     if bias is not None:
         y += bias
@@ -277,7 +299,7 @@ def _tiled_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 
 def _amx_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                bias: torch.Tensor | None, out_dtype: torch.dtype, qhigh: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) on AMX tiles (csrc/amx_matmul.c): the bf16 tiles' products without the tiles."""
     xb = x.to(torch.bfloat16).contiguous()
     m, k = xb.shape
@@ -285,6 +307,6 @@ def _amx_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     y = torch.empty(m, n, dtype=out_dtype)
     b = None if bias is None else bias.float().contiguous()
     fn = libraries.amx_matmul().q4_amx_matmul if mins is not None else libraries.amx_matmul().q8_amx_matmul
-    fn(xb.data_ptr(), m, k, *_weight_args(qweight, scales, mins), n, k // scales.shape[1], _ptr(b),
+    fn(xb.data_ptr(), m, k, *_weight_args(qweight, scales, mins, qhigh), n, k // scales.shape[1], _ptr(b),
        int(out_dtype == torch.bfloat16), y.data_ptr())
     return y

@@ -135,7 +135,7 @@ def take_rows(m: nn.Module, rows: torch.Tensor) -> nn.Module:
     if isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding):
         pick = lambda t: None if t is None else t[rows].clone()  # noqa: E731
         return _like(m, QuantLinear(pick(m.qweight), pick(m.scales), pick(m.mins), pick(m.bias), m.perm,
-                                    m.input_scale))
+                                    m.input_scale, pick(m.qhigh)))
     if isinstance(m, nn.Linear):
         return _dense(m.weight[rows], None if m.bias is None else m.bias[rows])
     raise TypeError(f"cannot split {type(m).__name__} by rows")
@@ -147,14 +147,15 @@ def take_cols(m: nn.Module, start: int, end: int, keep_bias: bool) -> nn.Module:
         return ConcatLinear([take_cols(p, start, end, keep_bias) for p in m.parts])
     if isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding):
         bias = m.bias if keep_bias else None
-        g, block = m.group_size, 32 if m.bits == 4 else 1
+        g, block = m.group_size, 1 if m.bits == 8 else 32
         if m.perm is not None or start % g or end % g or start % block or end % block:
             return _dense(m.dequantize()[:, start:end], bias)
-        per = 2 if m.bits == 4 else 1
+        per = 1 if m.bits == 8 else 2
         cut = lambda t: None if t is None else t[:, start // g:end // g].clone()  # noqa: E731
+        high = None if m.qhigh is None else m.qhigh[:, start // 32:end // 32].clone()
         scale = None if m.input_scale is None else m.input_scale[start:end].clone()
         return _like(m, QuantLinear(m.qweight[:, start // per:end // per].clone(), cut(m.scales), cut(m.mins),
-                                    bias, None, scale))
+                                    bias, None, scale, high))
     if isinstance(m, nn.Linear):
         return _dense(m.weight[:, start:end], m.bias if keep_bias else None)
     raise TypeError(f"cannot split {type(m).__name__} by columns")

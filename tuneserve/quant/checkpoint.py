@@ -107,7 +107,7 @@ def _module_for(name: str, tensors: dict[str, torch.Tensor]) -> QuantLinear:
     cls = QuantEmbedding if name.split(".")[-1] == "embed_tokens" else QuantLinear
     get = tensors.get
     return cls(get(f"{name}.qweight"), get(f"{name}.scales"), get(f"{name}.mins"), get(f"{name}.bias"),
-               get(f"{name}.perm"), get(f"{name}.input_scale"))
+               get(f"{name}.perm"), get(f"{name}.input_scale"), get(f"{name}.qhigh"))
 
 
 def load_quantized(model: nn.Module, path: str | Path) -> dict:

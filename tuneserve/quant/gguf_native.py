@@ -4,15 +4,17 @@ Block formats (ggml's definitions; 32 or 256 weights per block, little-endian):
   Q4_1  20 B / 32: fp16 d, fp16 m, 16 B of nibbles (byte j: weight j low, weight j + 16 high); w = d q + m
   Q8_0  34 B / 32: fp16 d, 32 int8; w = d q
   Q5_0  22 B / 32: fp16 d, 32 high bits, 16 B of low nibbles; w = d (q - 16), q in [0, 31]
+  Q5_1  24 B / 32: fp16 d, fp16 m, 32 high bits, 16 B of low nibbles; w = d q + m
   Q4_K  144 B / 256: fp16 d, fp16 dmin, 12 B of 6-bit (scale, min) pairs for 8 sub-blocks of 32, 128 B of
         nibbles (per 64 weights: 32 bytes, low nibbles the first 32, high nibbles the next 32);
         w = d sc q - dmin m
   Q6_K  210 B / 256: 128 B low nibbles, 64 B of 2-bit highs, 16 int8 scales (sub-blocks of 16), fp16 d;
         w = d sc (q - 32), q in [0, 63]
-Q4_1 and Q8_0 map one to one onto our int4 / int8 layouts (same bytes: 5 and 8.5 bits per weight), so
-SmolLM2 runs at its file's size. Q4_K, Q5_0 and Q6_K are repacked exactly (same integer codes) into
-int4 g32 / int8 g32 / int8 g16 with fp16 scales (the sub-block scale products d * sc are rounded to fp16);
-they take 5, 8.5 and 9 bits per weight instead of 4.5, 5.5 and 6.6. Other types fall back to the fp32
+Q4_1, Q5_1 and Q8_0 map one to one onto our int4 / int5 / int8 layouts (same bytes: 5, 6 and 8.5 bits per
+weight), so SmolLM2 runs at its file's size. Q5_0 is int5 with min = -16 d, exact in fp16 (6 bits per weight
+against the file's 5.5; before int5 it took int8's 8.5). Q4_K and Q6_K are repacked exactly (same integer
+codes) into int4 g32 / int8 g16 with fp16 scales (the sub-block scale products d * sc are rounded to fp16);
+they take 5 and 9 bits per weight instead of 4.5 and 6.6. Other types fall back to the fp32
 weights already loaded, and the report names them. The modules are plain QuantLinear / QuantEmbedding /
 ConcatLinear: they run the kernels `loading` binds to them (kernels/config.py), like any quantized layer.
 """
@@ -31,8 +33,8 @@ from tuneserve.quant.apply import replace_module
 from tuneserve.quant.linear import ConcatLinear, QuantEmbedding, QuantLinear
 from tuneserve.weights.gguf import GGUFCheckpoint, hf_name, unpermute_rope_rows
 
-NATIVE = ("Q4_1", "Q8_0")
-REPACKED = ("Q4_K", "Q5_0", "Q6_K")
+NATIVE = ("Q4_1", "Q5_0", "Q5_1", "Q8_0")
+REPACKED = ("Q4_K", "Q6_K")
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -42,7 +44,7 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 def decode(data: np.ndarray, kind: str) -> dict[str, np.ndarray]:
     """Raw blocks (rows, bytes per row) -> {'q': codes, 'scales': fp16 (rows, groups), 'mins' or None,
-    'bits'}; for int4, q is already packed in our 32-input block layout."""
+    'qhigh' (int5) or None, 'bits'}; for int4 / int5, q is already packed in our 32-input block layout."""
     rows = data.shape[0]
     if kind == "Q4_1":
         b = data.reshape(rows, -1, 20)
@@ -52,14 +54,18 @@ def decode(data: np.ndarray, kind: str) -> dict[str, np.ndarray]:
         b = data.reshape(rows, -1, 34)
         return {"q": b[:, :, 2:].reshape(rows, -1).view(np.int8), "scales": _f16(b[:, :, 0:2]), "mins": None,
                 "bits": 8}
-    if kind == "Q5_0":
-        b = data.reshape(rows, -1, 22)
-        qh = np.ascontiguousarray(b[:, :, 2:6]).view(np.uint32)[..., 0]  # (rows, nb)
-        lo = np.concatenate([b[:, :, 6:] & 15, b[:, :, 6:] >> 4], axis=-1).astype(np.int16)  # (rows, nb, 32)
-        hi = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
-        q = (lo | (hi.astype(np.int16) << 4)) - 16
-        return {"q": q.reshape(rows, -1).astype(np.int8), "scales": _f16(b[:, :, 0:2]), "mins": None,
-                "bits": 8}
+    if kind in ("Q5_0", "Q5_1"):  # the low nibbles lie in our int4 block layout, the high bits as int5 keeps them
+        at = 2 if kind == "Q5_0" else 4
+        b = data.reshape(rows, -1, at + 20)
+        d = _f16(b[:, :, 0:2])
+        mins = d.astype(np.float32) * -16 if kind == "Q5_0" else _f16(b[:, :, 2:4])  # exact in fp16 ...
+        if mins.dtype == np.float32:
+            if np.isfinite(mins.astype(np.float16)).all():
+                mins = mins.astype(np.float16)
+            else:  # ... unless |d| > 4094: then both in fp32 (the kernels take fp32 scales too)
+                d = d.astype(np.float32)
+        return {"q": np.ascontiguousarray(b[:, :, at + 4:]).reshape(rows, -1), "scales": d, "mins": mins,
+                "qhigh": np.ascontiguousarray(b[:, :, at:at + 4]).view(np.int32)[..., 0], "bits": 5}
     if kind == "Q4_K":
         return _decode_q4_k(data.reshape(rows, -1, 144))
     if kind == "Q6_K":
@@ -100,24 +106,39 @@ def _decode_q6_k(b: np.ndarray) -> dict[str, np.ndarray]:
     return {"q": codes, "scales": scales, "mins": None, "bits": 8}
 
 
+def _as_int8(part: dict) -> dict:
+    """A Q5_0 part (int5 with min = -16 d) as int8 codes q - 16 with the same scales: the same weights, in the
+    format of an int8 part it is stacked with (Qwen2.5's q and k are Q5_0 where v is Q8_0 in half the layers),
+    so that the projection stays one matrix (one kernel call; the fused decode step takes no ConcatLinear)."""
+    if part["bits"] != 5 or not np.array_equal(part["mins"], part["scales"] * part["scales"].dtype.type(-16)):
+        return part
+    rows = part["q"].shape[0]
+    b = part["q"].reshape(rows, -1, 16)
+    lo = np.concatenate([b & 15, b >> 4], axis=-1).reshape(rows, -1)
+    hi = ((part["qhigh"].view(np.uint32)[..., None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(rows, -1)
+    q = (lo.astype(np.int16) | (hi.astype(np.int16) << 4)) - 16
+    return {"q": q.astype(np.int8), "scales": part["scales"], "mins": None, "qhigh": None, "bits": 8}
+
+
 def _to_module(parts: list[dict], like: nn.Module) -> nn.Module:
     """One QuantLinear from row-stacked parts of the same format, else a ConcatLinear of per-part ones."""
     t = torch.from_numpy
+    if len({p["bits"] for p in parts}) > 1 and any(p["bits"] == 8 for p in parts):
+        parts = [_as_int8(p) for p in parts]
     bias = getattr(like, "bias", None)
     bias = bias.detach().float() if bias is not None else None
     cls = QuantEmbedding if isinstance(like, nn.Embedding) else QuantLinear
+    opt = lambda a: t(np.ascontiguousarray(a)) if a is not None else None  # noqa: E731
     same = len({(p["bits"], p["scales"].shape[1], p["q"].shape[1]) for p in parts}) == 1
     if same:
-        cat = {k: np.concatenate([p[k] for p in parts]) if parts[0][k] is not None else None
-               for k in ("q", "scales", "mins")}
-        return cls(t(np.ascontiguousarray(cat["q"])), t(cat["scales"]),
-                   t(cat["mins"]) if cat["mins"] is not None else None, bias)
+        cat = {k: np.concatenate([p[k] for p in parts]) if parts[0].get(k) is not None else None
+               for k in ("q", "scales", "mins", "qhigh")}
+        return cls(opt(cat["q"]), t(cat["scales"]), opt(cat["mins"]), bias, qhigh=opt(cat["qhigh"]))
     mods, row = [], 0
     for p in parts:
         n = p["q"].shape[0]
         b = bias[row:row + n] if bias is not None else None
-        mods.append(QuantLinear(t(np.ascontiguousarray(p["q"])), t(p["scales"]),
-                                t(p["mins"]) if p["mins"] is not None else None, b))
+        mods.append(QuantLinear(opt(p["q"]), t(p["scales"]), opt(p["mins"]), b, qhigh=opt(p.get("qhigh"))))
         row += n
     return ConcatLinear(mods)
 
@@ -186,8 +207,8 @@ def load_native(model: nn.Module, path: str, progress: bool = True) -> dict:
         d = decode(np.asarray(t.data if expert is None else t.data[expert]), kind)
         if ck.architecture in ("llama", "mistral") and name.endswith(("q_proj", "k_proj")):
             heads = arch.num_heads if name.endswith("q_proj") else arch.num_kv_heads
-            for k in ("q", "scales", "mins"):
-                if d[k] is not None:
+            for k in ("q", "scales", "mins", "qhigh"):
+                if d.get(k) is not None:
                     d[k] = np.ascontiguousarray(unpermute_rope_rows(d[k], heads))
         kinds[kind] += 1
         return d

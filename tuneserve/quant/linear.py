@@ -4,7 +4,8 @@ One packed matrix (N rows, K inputs) serves both: `QuantLinear` multiplies by it
 dequantizes only the looked-up rows and, as a tied LM head, multiplies by the same packed tensor.
 Buffers (all persistent, so `state_dict()` is the checkpoint format):
   qweight  int4: (N, K/2) uint8, 32-input blocks (kernels/quant_ops.py); int8: (N, K) int8
-  scales   (N, K/group) fp16 or fp32;  mins (int4 only): same shape, w = q * scale + min
+  scales   (N, K/group) fp16 or fp32;  mins (int4 / int5): same shape, w = q * scale + min
+  qhigh    int5 only: (N, K/32) int32, bit j of a block's word adds 16 to input j's 4-bit code (GGUF Q5_0 / Q5_1)
   perm     optional (K,) long: inputs were quantized in this order (GPTQ act-order); x is permuted first
   input_scale optional (K,) fp32: x is multiplied by it first (AWQ scales that no earlier op absorbed)
   bias     optional (N,) fp32
@@ -26,19 +27,22 @@ from tuneserve.kernels.decode_step import LIN_Q4, LIN_Q8, LinearT, address
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T + b with W stored packed (int4 asymmetric groups or int8 symmetric groups)."""
+    """y = x W^T + b with W stored packed (int4 / int5 asymmetric groups or int8 symmetric groups)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
-                 input_scale: torch.Tensor | None = None) -> None:
+                 input_scale: torch.Tensor | None = None, qhigh: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.bits = 4 if mins is not None else 8
+        if qhigh is not None and mins is None:
+            raise ValueError("int5 weights (qhigh) are asymmetric: they need mins")
+        self.bits = 8 if mins is None else 5 if qhigh is not None else 4
         self.out_features = qweight.shape[0]
-        self.in_features = qweight.shape[1] * (2 if self.bits == 4 else 1)
+        self.in_features = qweight.shape[1] * (1 if self.bits == 8 else 2)
         self.group_size = self.in_features // scales.shape[1]
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("mins", mins.contiguous() if mins is not None else None)
+        self.register_buffer("qhigh", qhigh.to(torch.int32).contiguous() if qhigh is not None else None)
         self.register_buffer("bias", bias.float().contiguous() if bias is not None else None)
         self.register_buffer("perm", perm.long().contiguous() if perm is not None else None)
         self.register_buffer("input_scale",
@@ -74,7 +78,7 @@ class QuantLinear(nn.Module):
             if self.path == "auto" and self.qweight.device.type == "cpu":
                 self._call = quant_ops.small_batch_call(self.qweight, self.scales, self.mins, self.bias,
                                                         self.int8_activations, self.perm, self.input_scale,
-                                                        self._config())
+                                                        self._config(), self.qhigh)
         return self._call
 
     def _linear(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -95,7 +99,8 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         return quant_ops.matmul(x, self.qweight, self.scales, self.mins, self.bias, self.path,
-                                int8_ok=self.int8_activations, kernels=self._config(), out_dtype=out_dtype)
+                                int8_ok=self.int8_activations, kernels=self._config(), out_dtype=out_dtype,
+                                qhigh=self.qhigh)
 
     def tile_sums(self, x: torch.Tensor) -> torch.Tensor:
         """x: (M, K) bf16, at a row count where this layer multiplies bf16 tiles -> (M, N) x @ W^T as exact as
@@ -108,7 +113,8 @@ class QuantLinear(nn.Module):
         (and the output too, on torch's GEMM), so attention on it may round to bf16 as well (models/layers.py)."""
         if self.path != "auto" or self.qweight.device.type != "cpu":
             return None
-        return quant_ops.bf16_tile_rows(self.qweight, self.scales, self.mins, self.int8_activations, self._config())
+        return quant_ops.bf16_tile_rows(self.qweight, self.scales, self.mins, self.int8_activations, self._config(),
+                                        self.qhigh)
 
     def fused_linear(self) -> tuple[LinearT, int] | None:
         """This layer as the fused decode step calls it (kernels/decode_step.py): the small-batch kernel and
@@ -117,9 +123,9 @@ class QuantLinear(nn.Module):
         if call is None or self.perm is not None or self.input_scale is not None:
             return None
         fn, args, _, max_rows = call  # the fused step runs decode rows only: its own limit
-        mins = args[2] if self.bits == 4 else None
+        w, qh, scales, mins = (args[0], None, args[1], None) if self.bits == 8 else args[:4]
         f16, n, group, bias = args[-4:]
-        desc = LinearT(kind=LIN_Q4 if self.bits == 4 else LIN_Q8, fn=address(fn), w=args[0], scales=args[1],
+        desc = LinearT(kind=LIN_Q8 if self.bits == 8 else LIN_Q4, fn=address(fn), w=w, qh=qh, scales=scales,
                        mins=mins, f16=f16, n=n, k=self.in_features, group=group, bias=bias)
         return desc, max_rows
 
@@ -136,7 +142,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The effective fp32 weight (N, K) in the original input order (tests and error measurement)."""
-        w = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, path=self.path, kernels=self._config())
+        w = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, path=self.path, kernels=self._config(),
+                                   qhigh=self.qhigh)
         if self.perm is not None:
             w = w[:, torch.argsort(self.perm)]
         if self.input_scale is not None:
@@ -157,7 +164,7 @@ class QuantEmbedding(QuantLinear):
         if self.perm is not None:
             raise ValueError("an embedding cannot use act-order (permuted input columns)")
         rows = quant_ops.dequant_rows(self.qweight, self.scales, self.mins, rows=ids.reshape(-1),
-                                      path=self.path, kernels=self._config())
+                                      path=self.path, kernels=self._config(), qhigh=self.qhigh)
         if self.input_scale is not None:
             rows = rows * self.input_scale
         return rows.view(*ids.shape, self.in_features).to(self.out_dtype)

@@ -1,4 +1,4 @@
-/* y = x W^T (+ bias) on AMX tiles, W packed q4 / q8 (qmatmul.c's formats), x bf16 (M, K), y fp32 or bf16.
+/* y = x W^T (+ bias) on AMX tiles, W packed q4 / q5 / q8 (qmatmul.c's formats), x bf16 (M, K), y fp32 or bf16.
  *
  * The bf16 tile path without the tiles: torch's bf16 GEMM (oneDNN) is handed a dequantized (N, K) matrix and
  * reorders it into its own blocked layout on every call, which made it run at ~2/3 of what it reaches on a
@@ -58,6 +58,7 @@ static void configure_tiles(void) {
 
 typedef struct {
     const void *qw, *sc, *mn;  /* mn NULL: q8 */
+    const uint32_t *qh;        /* q5's high bits, or NULL */
     int64_t f16, K, G;
 } packed_matrix;
 
@@ -92,7 +93,8 @@ static void dequant_b(const packed_matrix *w, int64_t n0, uint16_t *rows, uint16
     for (int r = 0; r < 16; r++) {
         const int64_t n = n0 + r;
         if (w->mn)
-            q4_row_bf16((const uint8_t *)w->qw + n * (K / 2), w->sc, w->mn, w->f16, K, w->G, n * ng, rows + r * K);
+            q4_row_bf16((const uint8_t *)w->qw + n * (K / 2), w->qh ? w->qh + n * (K / 32) : NULL, w->sc, w->mn,
+                        w->f16, K, w->G, n * ng, rows + r * K);
         else
             q8_row_bf16((const int8_t *)w->qw + n * K, w->sc, w->f16, K, w->G, n * ng, rows + r * K);
     }
@@ -193,15 +195,15 @@ static void amx_matmul(const uint16_t *x, int64_t M, const packed_matrix *w, int
     free(tail);
 }
 
-void q4_amx_matmul(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
-                   int64_t f16, int64_t N, int64_t G, const float *bias, int64_t out_bf16, void *y) {
-    const packed_matrix w = {qw, sc, mn, f16, K, G};
+void q4_amx_matmul(const uint16_t *x, int64_t M, int64_t K, const uint8_t *qw, const uint32_t *qh, const void *sc,
+                   const void *mn, int64_t f16, int64_t N, int64_t G, const float *bias, int64_t out_bf16, void *y) {
+    const packed_matrix w = {qw, sc, mn, qh, f16, K, G};
     amx_matmul(x, M, &w, N, bias, (int)out_bf16, y);
 }
 
 void q8_amx_matmul(const uint16_t *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16,
                    int64_t N, int64_t G, const float *bias, int64_t out_bf16, void *y) {
-    const packed_matrix w = {qw, sc, NULL, f16, K, G};
+    const packed_matrix w = {qw, sc, NULL, NULL, f16, K, G};
     amx_matmul(x, M, &w, N, bias, (int)out_bf16, y);
 }
 

@@ -1,5 +1,5 @@
-/* Shared by qmatmul.c and amx_matmul.c: a packed row's scales (fp32 or fp16) and, with AVX-512 BF16,
- * one q4 / q8 row dequantized to bf16 (HAVE_BF16_ROWS). The formats are qmatmul.c's. */
+/* Shared by qmatmul.c and amx_matmul.c: a packed row's scales (fp32 or fp16), q5's fifth bits and, with
+ * AVX-512 BF16, one q4 / q5 / q8 row dequantized to bf16 (HAVE_BF16_ROWS). The formats are qmatmul.c's. */
 #ifndef TUNESERVE_BF16_ROWS_H
 #define TUNESERVE_BF16_ROWS_H
 
@@ -37,6 +37,9 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* q5: input j of block b (of a row whose high-bit words start at qh) has 16 added to its 4-bit code */
+static inline int hbit(const uint32_t *qh, int64_t b, int j) { return qh ? (int)((qh[b] >> j) & 1u) << 4 : 0; }
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_BF16_ROWS 1
 /* One row of bf16 tiles with AVX-512 BF16: a 32-input block is 16 lanes twice, converted by vcvtneps2bf16
@@ -44,14 +47,21 @@ static inline uint16_t f2bf(float f) {
  * Qwen2.5 tiles' dequantization from ~2 cycles a weight to a fraction of one (Xeon with AMX). */
 static inline void st_bf16(uint16_t *o, __m512 v) { _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(v)); }
 
-static void q4_row_bf16(const uint8_t *qr, const void *sc, const void *mn, int64_t f16, int64_t K, int64_t G,
-                        int64_t sidx, uint16_t *o) {
+/* qh: the row's q5 high-bit words, or NULL (q4) */
+static void q4_row_bf16(const uint8_t *qr, const uint32_t *qh, const void *sc, const void *mn, int64_t f16, int64_t K,
+                        int64_t G, int64_t sidx, uint16_t *o) {
+    const __m512i sixteen = _mm512_set1_epi32(16);
     for (int64_t g = 0; g < K / G; g++) {
         const __m512 s = _mm512_set1_ps(ld(sc, f16, sidx + g)), m = _mm512_set1_ps(ld(mn, f16, sidx + g));
         for (int64_t b = g * (G / 32); b < (g + 1) * (G / 32); b++) {
             const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + b * 16)));
-            st_bf16(o + b * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))), s, m));
-            st_bf16(o + b * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), s, m));
+            __m512i lo = _mm512_and_si512(q, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(q, 4);
+            if (qh) {
+                lo = _mm512_mask_add_epi32(lo, (__mmask16)qh[b], lo, sixteen);
+                hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh[b] >> 16), hi, sixteen);
+            }
+            st_bf16(o + b * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), s, m));
+            st_bf16(o + b * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), s, m));
         }
     }
 }

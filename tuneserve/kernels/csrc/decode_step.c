@@ -22,7 +22,7 @@ enum { LIN_F32 = 1, LIN_Q4 = 2, LIN_Q8 = 3 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
 typedef void (*f32_fn)(const float *, int64_t, int64_t, const float *, int64_t, const float *, float *);
-typedef void (*q4_fn)(const float *, int64_t, int64_t, const void *, const void *, const void *, int64_t,
+typedef void (*q4_fn)(const float *, int64_t, int64_t, const void *, const void *, const void *, const void *, int64_t,
                       int64_t, int64_t, const float *, float *);
 typedef void (*q8_fn)(const float *, int64_t, int64_t, const void *, const void *, int64_t, int64_t, int64_t,
                       const float *, float *);
@@ -34,6 +34,7 @@ typedef struct {
     int64_t kind;  /* LIN_* */
     void *fn;      /* the kernel for kind */
     const void *w; /* fp32 weight (N, K), or packed qweight */
+    const void *qh; /* q5's high-bit words (LIN_Q4 with them), or NULL */
     const void *scales, *mins;
     int64_t f16, n, k, group;
     const float *bias;
@@ -68,7 +69,7 @@ static void linear(const linear_t *l, const float *x, int64_t m, float *y) {
     if (l->kind == LIN_F32)
         ((f32_fn)l->fn)(x, m, l->k, (const float *)l->w, l->n, l->bias, y);
     else if (l->kind == LIN_Q4)
-        ((q4_fn)l->fn)(x, m, l->k, l->w, l->scales, l->mins, l->f16, l->n, l->group, l->bias, y);
+        ((q4_fn)l->fn)(x, m, l->k, l->w, l->qh, l->scales, l->mins, l->f16, l->n, l->group, l->bias, y);
     else
         ((q8_fn)l->fn)(x, m, l->k, l->w, l->scales, l->f16, l->n, l->group, l->bias, y);
 }

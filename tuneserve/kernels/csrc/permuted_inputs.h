@@ -19,11 +19,11 @@ static float *prep_x(const float *x, int64_t M, int64_t K, const int64_t *perm, 
 }
 
 #define DEF_PERMUTED_MATMULS(Q4, Q8)                                                                           \
-void Q4##_px(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn, \
-                    int64_t f16, int64_t N, int64_t G, const float *bias, const int64_t *perm,            \
-                    const float *is, float *y) {                                                          \
+void Q4##_px(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint32_t *qh, const void *sc, \
+                    const void *mn, int64_t f16, int64_t N, int64_t G, const float *bias,                 \
+                    const int64_t *perm, const float *is, float *y) {                                     \
     float *xp = prep_x(x, M, K, perm, is);                                                                \
-    Q4(xp, M, K, qw, sc, mn, f16, N, G, bias, y);                                                \
+    Q4(xp, M, K, qw, qh, sc, mn, f16, N, G, bias, y);                                                     \
     free(xp);                                                                                             \
 }                                                                                                         \
 void Q8##_px(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16,  \

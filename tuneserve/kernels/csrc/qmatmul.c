@@ -3,6 +3,8 @@
  * Weight formats (struct of arrays, one row per output feature n, groups of G inputs along k):
  *   q4: qw uint8 [N, K/2]. Every 32 inputs form a block of 16 bytes: byte j holds input j in its low
  *       nibble and input j + 16 in its high nibble (GGUF Q4_0/Q4_1's layout). w = q * scale + min.
+ *   q5: q4 plus qh uint32 [N, K/32], one word per block: bit j adds 16 to input j's code (GGUF Q5_0 / Q5_1's
+ *       high bits, as they lie in the file), so q is in [0, 31]. Every q4 function takes qh (NULL: q4).
  *   q8: qw int8 [N, K]. w = q * scale.
  *   scale / min: [N, K/G], fp32 or fp16 (`f16`).
  * y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]). For q4, sum_k x q s + min * sum_k x: the group sums of x
@@ -23,12 +25,13 @@
 #if defined(__AVX512F__)
 typedef struct { __m512 a, b; } vacc_t; /* two independent FMA chains */
 static inline vacc_t VZERO(void) { vacc_t v = {_mm512_setzero_ps(), _mm512_setzero_ps()}; return v; }
-static inline void q4_block(const uint8_t *qb, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
+static inline void q4_block(const uint8_t *qb, uint32_t h, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)qb), m4 = _mm_set1_epi8(15);
     const __m512 sv = _mm512_set1_ps(s);
-    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, m4))), sv);
-    const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-        _mm_and_si128(_mm_srli_epi16(raw, 4), m4))), sv);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    const __m512i l = _mm512_cvtepu8_epi32(_mm_and_si128(raw, m4)), u = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mask_add_epi32(l, (__mmask16)h, l, sixteen)), sv);
+    const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mask_add_epi32(u, (__mmask16)(h >> 16), u, sixteen)), sv);
     for (int mm = 0; mm < mb; mm++) {
         acc[mm].a = _mm512_fmadd_ps(_mm512_loadu_ps(x + mm * K), lo, acc[mm].a);
         acc[mm].b = _mm512_fmadd_ps(_mm512_loadu_ps(x + mm * K + 16), hi, acc[mm].b);
@@ -48,9 +51,19 @@ static inline float vsum(vacc_t v) { return _mm512_reduce_add_ps(_mm512_add_ps(v
 #include <immintrin.h>
 typedef struct { __m256 a, b; } vacc_t;
 static inline vacc_t VZERO(void) { vacc_t v = {_mm256_setzero_ps(), _mm256_setzero_ps()}; return v; }
-static inline void q4_block(const uint8_t *qb, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
+/* byte j = 16 where bit j of bits is set (j < 16), else 0: q5's high bits for 16 inputs */
+static inline __m128i hb16(uint32_t bits) {
+    const __m128i v = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)bits), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+    const __m128i sel = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(v, sel), sel), _mm_set1_epi8(16));
+}
+static inline void q4_block(const uint8_t *qb, uint32_t hw, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)qb), m4 = _mm_set1_epi8(15);
-    const __m128i l = _mm_and_si128(raw, m4), h = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+    __m128i l = _mm_and_si128(raw, m4), h = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+    if (hw) {
+        l = _mm_or_si128(l, hb16(hw & 0xffffu));
+        h = _mm_or_si128(h, hb16(hw >> 16));
+    }
     const __m256 sv = _mm256_set1_ps(s);
     const __m256 l0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l)), sv);
     const __m256 l1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l, 8))), sv);
@@ -100,9 +113,12 @@ static inline float vsum(vacc_t v) {
 #else
 typedef struct { float v[16]; } vacc_t;
 static inline vacc_t VZERO(void) { vacc_t z; memset(&z, 0, sizeof z); return z; }
-static inline void q4_block(const uint8_t *qb, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
+static inline void q4_block(const uint8_t *qb, uint32_t h, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
     float lo[16], hi[16];
-    for (int j = 0; j < 16; j++) { lo[j] = (float)(qb[j] & 15) * s; hi[j] = (float)(qb[j] >> 4) * s; }
+    for (int j = 0; j < 16; j++) {
+        lo[j] = (float)((qb[j] & 15) | (((h >> j) & 1u) << 4)) * s;
+        hi[j] = (float)((qb[j] >> 4) | (((h >> (j + 16)) & 1u) << 4)) * s;
+    }
     for (int mm = 0; mm < mb; mm++)
         for (int j = 0; j < 16; j++) acc[mm].v[j] += x[mm * K + j] * lo[j] + x[mm * K + 16 + j] * hi[j];
 }
@@ -118,15 +134,17 @@ static inline float vsum(vacc_t v) { float t = 0.f; for (int j = 0; j < 16; j++)
 
 /* ----- 4-bit ------------------------------------------------------------------------------------- */
 #define DEF_Q4(MB)                                                                                       \
-static void q4_rows_##MB(const float *x, int64_t K, const uint8_t *qr, const void *sc, const void *mn,   \
-                         int64_t f16, int64_t G, const float *xsum, int64_t ng, int64_t sidx, float *ys) { \
+static void q4_rows_##MB(const float *x, int64_t K, const uint8_t *qr, const uint32_t *qh, const void *sc, \
+                         const void *mn, int64_t f16, int64_t G, const float *xsum, int64_t ng, int64_t sidx, \
+                         float *ys) {                                                                    \
     vacc_t acc[MB];                                                                                      \
     float omin[MB];                                                                                      \
     for (int mm = 0; mm < MB; mm++) { acc[mm] = VZERO(); omin[mm] = 0.f; }                               \
     const int64_t bpg = G / 32;                                                                          \
     for (int64_t g = 0; g < ng; g++) {                                                                   \
         const float s = ld(sc, f16, sidx + g), m = ld(mn, f16, sidx + g);                                \
-        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) q4_block(qr + b * 16, s, x + b * 32, K, MB, acc); \
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++)                                               \
+            q4_block(qr + b * 16, qh ? qh[b] : 0u, s, x + b * 32, K, MB, acc);                           \
         for (int mm = 0; mm < MB; mm++) omin[mm] += m * xsum[mm * ng + g];                               \
     }                                                                                                    \
     for (int mm = 0; mm < MB; mm++) ys[mm] = vsum(acc[mm]) + omin[mm];                                   \
@@ -139,8 +157,8 @@ DEF_Q4(8)
 /* rows of x taken together: 8, 4, 2 or 1 */
 static inline int64_t chunk(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
-               int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
+void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint32_t *qh, const void *sc,
+               const void *mn, int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
     const int64_t ng = K / G;
     float *xsum = (float *)malloc(sizeof(float) * (size_t)(M * ng));
     for (int64_t i = 0; i < M * ng; i++) {
@@ -152,16 +170,17 @@ void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const vo
     #pragma omp parallel for schedule(guided)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qr = qw + n * (K / 2);
+        const uint32_t *qhr = qh ? qh + n * (K / 32) : NULL;
         const float b = bias ? bias[n] : 0.f;
         float ys[8];
         for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
             mb = chunk(M - m0);
             const float *xm = x + m0 * K, *xs = xsum + m0 * ng;
             switch (mb) {
-                case 8: q4_rows_8(xm, K, qr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
-                case 4: q4_rows_4(xm, K, qr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
-                case 2: q4_rows_2(xm, K, qr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
-                default: q4_rows_1(xm, K, qr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
+                case 8: q4_rows_8(xm, K, qr, qhr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
+                case 4: q4_rows_4(xm, K, qr, qhr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
+                case 2: q4_rows_2(xm, K, qr, qhr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
+                default: q4_rows_1(xm, K, qr, qhr, sc, mn, f16, G, xs, ng, n * ng, ys); break;
             }
             for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
         }
@@ -171,34 +190,35 @@ void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const vo
 
 /* A bf16 row goes through the functions in bf16_rows.h (a `continue` to the next row); elsewhere nothing here. */
 #ifdef HAVE_BF16_ROWS
-#define BF16_ROW_Q4(OUT_T, qr, sidx, o)                                                                  \
-    if (sizeof(OUT_T) == 2) { q4_row_bf16(qr, sc, mn, f16, K, G, sidx, (uint16_t *)(o)); continue; }
+#define BF16_ROW_Q4(OUT_T, qr, qhr, sidx, o)                                                             \
+    if (sizeof(OUT_T) == 2) { q4_row_bf16(qr, qhr, sc, mn, f16, K, G, sidx, (uint16_t *)(o)); continue; }
 #define BF16_ROW_Q8(OUT_T, qr, sidx, o)                                                                  \
     if (sizeof(OUT_T) == 2) { q8_row_bf16(qr, sc, f16, K, G, sidx, (uint16_t *)(o)); continue; }
 #else
-#define BF16_ROW_Q4(OUT_T, qr, sidx, o)
+#define BF16_ROW_Q4(OUT_T, qr, qhr, sidx, o)
 #define BF16_ROW_Q8(OUT_T, qr, sidx, o)
 #endif
 
-/* Rows `rows[r]` (or row0 + r when rows is NULL) of a q4 matrix as fp32 or bf16 (OUT_T) [R, K]. */
+/* Rows `rows[r]` (or row0 + r when rows is NULL) of a q4 / q5 matrix as fp32 or bf16 (OUT_T) [R, K]. */
 #define DEF_Q4_DEQUANT(NAME, OUT_T, CONV)                                                                 \
-void NAME(const uint8_t *qw, const void *sc, const void *mn, int64_t f16, int64_t K, int64_t G,          \
-          const int64_t *rows, int64_t R, int64_t row0, OUT_T *out) {                                    \
+void NAME(const uint8_t *qw, const uint32_t *qh, const void *sc, const void *mn, int64_t f16, int64_t K, \
+          int64_t G, const int64_t *rows, int64_t R, int64_t row0, OUT_T *out) {                         \
     const int64_t ng = K / G;                                                                            \
     _Pragma("omp parallel for schedule(guided)")                                                          \
     for (int64_t r = 0; r < R; r++) {                                                                    \
         const int64_t n = rows ? rows[r] : row0 + r;                                                     \
         const uint8_t *qr = qw + n * (K / 2);                                                            \
+        const uint32_t *qhr = qh ? qh + n * (K / 32) : NULL;                                             \
         OUT_T *o = out + r * K;                                                                          \
-        BF16_ROW_Q4(OUT_T, qr, n * ng, o)                                                                \
+        BF16_ROW_Q4(OUT_T, qr, qhr, n * ng, o)                                                           \
         for (int64_t g = 0; g < ng; g++) {                                                               \
             const float s = ld(sc, f16, n * ng + g), m = ld(mn, f16, n * ng + g);                        \
             for (int64_t b = g * (G / 32); b < (g + 1) * (G / 32); b++) {                                \
                 const uint8_t *qb = qr + b * 16;                                                         \
                 OUT_T *ob = o + b * 32;                                                                  \
                 for (int j = 0; j < 16; j++) {                                                           \
-                    ob[j] = CONV((float)(qb[j] & 15) * s + m);                                           \
-                    ob[16 + j] = CONV((float)(qb[j] >> 4) * s + m);                                      \
+                    ob[j] = CONV((float)((qb[j] & 15) | hbit(qhr, b, j)) * s + m);                       \
+                    ob[16 + j] = CONV((float)((qb[j] >> 4) | hbit(qhr, b, j + 16)) * s + m);             \
                 }                                                                                        \
             }                                                                                            \
         }                                                                                                \

@@ -1,6 +1,6 @@
 /* Low-bit matmuls with int8 activations and integer dot products (llama.cpp's approach): AVX-512 VNNI or AVX2.
  *
- * Same weight formats as qmatmul.c. Each row of x is quantized per block of 32 inputs:
+ * Same weight formats as qmatmul.c (q5 is q4 with its high-bit words: every q4 function takes qh, NULL for q4). Each row of x is quantized per block of 32 inputs:
  * dx = max|x| / 127, xq = round(x * 127 / max|x|) (ties to even). One vpdpbusd multiplies 64 unsigned
  * 4-bit (or |int8|) weights by 64 int8 activations and sums groups of 4 into 16 int32 lanes, so a block's
  * dot product is exact in integers; then y += scale_w * dx * dot, and for q4 y += min_w * sum(x) over the
@@ -57,10 +57,19 @@ static inline __m256 block_dot(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
+/* byte j = 16 where bit j of bits is set, else 0: q5's high bits for a block's 32 inputs */
+static inline __m256i hb32(uint32_t bits) {
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
+                                          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel), _mm256_set1_epi8(16));
+}
+
 #define DEF_Q4V(MB)                                                                                       \
 static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,     \
-                          int64_t K, const uint8_t *qr, const void *sc, const void *mn, int64_t f16,     \
-                          int64_t G, int64_t sidx, float *ys) {                                          \
+                          int64_t K, const uint8_t *qr, const uint32_t *qh, const void *sc,              \
+                          const void *mn, int64_t f16, int64_t G, int64_t sidx, float *ys) {             \
     const int64_t ng = K / G, bpg = G / 32, xs = K / 2, ds = K / 8;                                      \
     const __m128i m4 = _mm_set1_epi8(15);                                                                \
     __m256 acc[MB];                                                                                      \
@@ -69,7 +78,8 @@ static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv
         const float s = ldh(sc, f16, sidx + g);                                                          \
         for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {                                              \
             const __m128i raw = _mm_loadu_si128((const __m128i *)(qr + b * 16));                         \
-            const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4)); \
+            __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4)); \
+            if (qh) w = _mm256_or_si256(w, hb32(qh[b]));                                                 \
             for (int mm = 0; mm < MB; mm++) {                                                            \
                 const __m256i x = _mm256_loadu2_m128i((const __m128i *)(xhi + mm * xs + b * 16),         \
                                                       (const __m128i *)(xlo + mm * xs + b * 16));        \
@@ -173,8 +183,8 @@ static void quant_row_q4(const float *x, int64_t K, int64_t G, int8_t *lo, int8_
 #ifdef ROW_LANES
 #include "row_lanes.h" /* q4v_matmul and q8v_matmul, one weight row per lane */
 #else
-void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
-                int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
+void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint32_t *qh, const void *sc,
+                const void *mn, int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
     const int64_t ng = K / G;
     int8_t *xlo = (int8_t *)malloc((size_t)(M * K)), *xhi = xlo + M * K / 2;
     float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 8 + M * ng));
@@ -189,13 +199,14 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
             const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
             for (int64_t n = n0; n < n0 + NB && n < N; n++) {
                 const uint8_t *qr = qw + n * (K / 2);
+                const uint32_t *qhr = qh ? qh + n * (K / 32) : NULL;
                 const float b = bias ? bias[n] : 0.f;
                 float ys[8];
                 switch (mb) {
-                    case 8: q4v_rows_8(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
-                    case 4: q4v_rows_4(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
-                    case 2: q4v_rows_2(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
-                    default: q4v_rows_1(lo, hi, dv, xs, K, qr, sc, mn, f16, G, n * ng, ys); break;
+                    case 8: q4v_rows_8(lo, hi, dv, xs, K, qr, qhr, sc, mn, f16, G, n * ng, ys); break;
+                    case 4: q4v_rows_4(lo, hi, dv, xs, K, qr, qhr, sc, mn, f16, G, n * ng, ys); break;
+                    case 2: q4v_rows_2(lo, hi, dv, xs, K, qr, qhr, sc, mn, f16, G, n * ng, ys); break;
+                    default: q4v_rows_1(lo, hi, dv, xs, K, qr, qhr, sc, mn, f16, G, n * ng, ys); break;
                 }
                 for (int64_t mm = 0; mm < mb; mm++) y[(m0 + mm) * N + n] = ys[mm] + b;
             }
@@ -243,9 +254,9 @@ DEF_PERMUTED_MATMULS(q4v_matmul, q8v_matmul)
 #else  /* neither AVX-512 VNNI nor AVX2: callers use qmatmul.c */
 
 int qv_available(void) { return 0; }
-void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
-                int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
-    (void)x; (void)M; (void)K; (void)qw; (void)sc; (void)mn; (void)f16; (void)N; (void)G; (void)bias; (void)y;
+void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint32_t *qh, const void *sc,
+                const void *mn, int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
+    (void)x; (void)M; (void)K; (void)qw; (void)qh; (void)sc; (void)mn; (void)f16; (void)N; (void)G; (void)bias; (void)y;
 }
 void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const void *sc, int64_t f16,
                 int64_t N, int64_t G, const float *bias, float *y) {

@@ -183,14 +183,34 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
     free(xc);
 }
 
+/* q5's high bits onto the 16 rows' nibble columns of one block: lo[i] / hi[i] (lane j: row j's low / high
+ * nibbles of bytes 4i..4i+3, i.e. inputs 4i + t and 16 + 4i + t) get 16 where bit 4i + t / 16 + 4i + t of row
+ * j's word is set. A byte shuffle spreads the word's byte that holds those bits over the lane's 4 bytes, a
+ * test picks each byte's bit. Rows past nr read no memory (their words are 0). */
+static inline void add_high_bits(const uint32_t *qh, int64_t words, int64_t blk, int64_t nr, __m512i *lo, __m512i *hi) {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)words));
+    const __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16)((1u << nr) - 1), rows,
+                                                  (const void *)(qh + blk), 4);
+    const __m512i dword = _mm512_set4_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0);
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    for (int i = 0; i < 4; i++) {
+        const __m512i sel = _mm512_set1_epi32(i % 2 ? (int)0x80402010 : 0x08040201);
+        const __m512i lob = _mm512_shuffle_epi8(h, _mm512_add_epi8(dword, _mm512_set1_epi8((char)(i / 2))));
+        const __m512i hib = _mm512_shuffle_epi8(h, _mm512_add_epi8(dword, _mm512_set1_epi8((char)(2 + i / 2))));
+        lo[i] = _mm512_mask_add_epi8(lo[i], _mm512_test_epi8_mask(lob, sel), lo[i], sixteen);
+        hi[i] = _mm512_mask_add_epi8(hi[i], _mm512_test_epi8_mask(hib, sel), hi[i], sixteen);
+    }
+}
+
 /* q4 (byte j of a 32-input block: input j in the low nibble, j + 16 in the high one): the columns' nibbles
- * are the unsigned operands as they are; x in quant_row's q4 layout (xlo/xhi: each block's first and last 16
+ * are the unsigned operands as they are (q5: with add_high_bits); x in quant_row's q4 layout (xlo/xhi: each block's first and last 16
  * inputs). dxv: q4 layout (each block's dx 4 times); xsum[g]: group g's sum of the rounded x times dx, for
  * the min term, added per group after the blocks. */
 #define DEF_Q4L(MB)                                                                                       \
 static void q4l_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,     \
-                          int64_t K, const uint8_t *w, int64_t nr, const float *wsT, const float *mnT,   \
-                          int64_t G, __m512 *out) {                                                      \
+                          int64_t K, const uint8_t *w, const uint32_t *qh, int64_t nr, const float *wsT, \
+                          const float *mnT, int64_t G, __m512 *out) {                                    \
     const int64_t kb = K / 2, ng = K / G;                                                                \
     const __m512i m4 = _mm512_set1_epi8(15);                                                             \
     __m512 acc[MB];                                                                                      \
@@ -206,6 +226,7 @@ static void q4l_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv
                 lo[i] = _mm512_and_si512(c[4 * s + i], m4);                                              \
                 hi[i] = _mm512_and_si512(_mm512_srli_epi16(c[4 * s + i], 4), m4);                        \
             }                                                                                            \
+            if (qh) add_high_bits(qh, K / 32, blk, nr, lo, hi);                                          \
             const __m512 ws = _mm512_loadu_ps(wsT + blk * 32 / G * 16);                                  \
             for (int mm = 0; mm < MB; mm++) {                                                            \
                 const int8_t *xl = xlo + mm * kb + blk * 16, *xh = xhi + mm * kb + blk * 16;             \
@@ -237,8 +258,8 @@ DEF_Q4L(8)
 enum { ONE_ROW_PF_AHEAD = 8192 }; /* bytes: the one-row kernels' measured best before the row lanes (2-8 KB all helped) */
 
 static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum, int64_t K,
-                        const uint8_t *w, int64_t nr, const float *wsT, const float *mnT, int64_t G,
-                        int32_t *dots, __m512 *out) {
+                        const uint8_t *w, const uint32_t *qh, int64_t nr, const float *wsT, const float *mnT,
+                        int64_t G, int32_t *dots, __m512 *out) {
     const int64_t kb = K / 2, ng = K / G, nblk = K / 32;
     const __m512i m4 = _mm512_set1_epi8(15);
     for (int64_t j = 0; j < 16; j++) {
@@ -247,12 +268,20 @@ static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, 
             continue;
         }
         const uint8_t *qr = w + j * kb;
+        const uint32_t *hr = qh ? qh + j * nblk : NULL;
         for (int64_t b0 = 0; b0 < kb; b0 += 64) {
             const int full = kb - b0 >= 64;
             const __mmask64 k = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
             const __m512i raw = full ? _mm512_loadu_si512(qr + b0) : _mm512_maskz_loadu_epi8(k, qr + b0);
             _mm_prefetch((const char *)(qr + b0 + ONE_ROW_PF_AHEAD), _MM_HINT_T0);
-            const __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            if (hr) { /* q5: the 2 or 4 blocks' words -> masks of their low halves (lo) and high halves (hi) */
+                const __m128i hw = full ? _mm_loadu_si128((const __m128i *)(hr + b0 / 16))
+                                        : _mm_loadl_epi64((const __m128i *)(hr + b0 / 16));
+                const __m128i pk = _mm_shuffle_epi8(hw, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+                lo = _mm512_mask_add_epi8(lo, (__mmask64)_mm_cvtsi128_si64(pk), lo, _mm512_set1_epi8(16));
+                hi = _mm512_mask_add_epi8(hi, (__mmask64)_mm_extract_epi64(pk, 1), hi, _mm512_set1_epi8(16));
+            }
             const __m512i xl = full ? _mm512_loadu_si512(xlo + b0) : _mm512_maskz_loadu_epi8(k, xlo + b0);
             const __m512i xh = full ? _mm512_loadu_si512(xhi + b0) : _mm512_maskz_loadu_epi8(k, xhi + b0);
             __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
@@ -272,9 +301,9 @@ static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, 
     out[0] = acc;
 }
 
-/* y = x @ W^T for q4 W [N, K / 2 bytes] (K % 64 == 0; group 32, 64 or a multiple of 128). */
-void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const void *sc, const void *mn,
-                int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
+/* y = x @ W^T for q4 / q5 W [N, K / 2 bytes] (K % 64 == 0; group 32, 64 or a multiple of 128). */
+void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint32_t *qh, const void *sc,
+                const void *mn, int64_t f16, int64_t N, int64_t G, const float *bias, float *y) {
     const int64_t ng = K / G, kb = K / 2;
     int8_t *xlo = (int8_t *)malloc((size_t)(M * K)), *xhi = xlo + M * kb;
     float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 8 + M * ng));
@@ -294,13 +323,14 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const v
                 const int8_t *lo = xlo + m0 * kb, *hi = xhi + m0 * kb;
                 const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
                 const uint8_t *w = qw + n0 * kb;
+                const uint32_t *h = qh ? qh + n0 * (K / 32) : NULL;
                 __m512 out[8];
                 switch (M == 1 ? 0 : mb) {
-                    case 0: q4l_one_row(lo, hi, dv, xs, K, w, nr, wsT, mnT, G, dots, out); break;
-                    case 8: q4l_rows_8(lo, hi, dv, xs, K, w, nr, wsT, mnT, G, out); break;
-                    case 4: q4l_rows_4(lo, hi, dv, xs, K, w, nr, wsT, mnT, G, out); break;
-                    case 2: q4l_rows_2(lo, hi, dv, xs, K, w, nr, wsT, mnT, G, out); break;
-                    default: q4l_rows_1(lo, hi, dv, xs, K, w, nr, wsT, mnT, G, out); break;
+                    case 0: q4l_one_row(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, dots, out); break;
+                    case 8: q4l_rows_8(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+                    case 4: q4l_rows_4(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+                    case 2: q4l_rows_2(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+                    default: q4l_rows_1(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
                 }
                 store_outputs(out, mb, bias, y + m0 * N, N, n0, nr);
             }
