@@ -38,7 +38,7 @@ class GroupT(ctypes.Structure):
 class ModelT(ctypes.Structure):
     _fields_ = [("num_layers", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I),
                 ("inter", _I), ("block_size", _I), ("act", _I), ("eps", _F), ("layers", ctypes.POINTER(LayerT)),
-                ("attention", _P)]
+                ("attention", _P), ("final_norm", _P)]
 
 
 def available() -> bool:

@@ -41,6 +41,9 @@ class FusedDecode:
         self.layer_cls = layer_cls  # the one decoder layer class whose forward the C step computes
         # that class's norm attributes: before attention, on its output, before the MLP, on its output
         self.norms = norms
+        # the model's final norm runs in the C step where it is the layers' kind of RMS norm (`run` says so)
+        final = getattr(model, "norm", None)
+        self.final_norm = final if type(final) is RMSNorm and final.eps == model.arch.rms_norm_eps else None
         self._plan: _Plan | None = None
         self._refused = False  # a part of the model the C step does not compute
 
@@ -65,7 +68,8 @@ class FusedDecode:
                 and not any(ctx.attn[i].prefills or ctx.attn[i].short_rows is None for i in plan.group_firsts))
 
     def run(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """The hidden states after every layer, x (rows, hidden) -> (rows, hidden)."""
+        """The hidden states after every layer, x (rows, hidden) -> (rows, hidden), passed through the model's
+        final norm too where `final_norm` is set."""
         plan = self._plan
         x = x.contiguous().clone()
         groups = (GroupT * len(plan.group_firsts))(*(_group(ctx.attn[i]) for i in plan.group_firsts))
@@ -92,7 +96,8 @@ class FusedDecode:
         model = ModelT(num_layers=len(descs), hidden=m.arch.hidden_size, heads=attn.h, kv_heads=attn.hkv,
                        head_dim=attn.d, inter=mlp.inter, block_size=ctx.kv_caches[0][0].shape[1],
                        act=ACTS[mlp.act], eps=m.arch.rms_norm_eps, layers=layers,
-                       attention=decode_step.attention_address())
+                       attention=decode_step.attention_address(),
+                       final_norm=ptr(self.final_norm.weight) if self.final_norm is not None else None)
         group_firsts = [group_of_layer.index(g) for g in range(len(first_of))]
         return _Plan(model, layers, group_firsts, min(rows for _, rows in descs), key)
 

@@ -63,7 +63,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids: (N,) -> final hidden states (N, hidden)."""
         x = self.embed(input_ids)
         if self.fused is not None and self.fused.takes(x, ctx):
-            return self.norm(self.fused.run(x, ctx))
+            y = self.fused.run(x, ctx)
+            return y if self.fused.final_norm is not None else self.norm(y)
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
