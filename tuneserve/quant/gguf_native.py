@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tuneserve.kernels.quant_ops import pack_int4
+from tuneserve.kernels.quant_ops import high_bits, pack_int4, unpack_int4
 from tuneserve.quant.apply import replace_module
 from tuneserve.quant.linear import ConcatLinear, QuantEmbedding, QuantLinear
 from tuneserve.weights.gguf import GGUFCheckpoint, hf_name, unpermute_rope_rows
@@ -112,12 +112,9 @@ def _as_int8(part: dict) -> dict:
     so that the projection stays one matrix (one kernel call; the fused decode step takes no ConcatLinear)."""
     if part["bits"] != 5 or not np.array_equal(part["mins"], part["scales"] * part["scales"].dtype.type(-16)):
         return part
-    rows = part["q"].shape[0]
-    b = part["q"].reshape(rows, -1, 16)
-    lo = np.concatenate([b & 15, b >> 4], axis=-1).reshape(rows, -1)
-    hi = ((part["qhigh"].view(np.uint32)[..., None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(rows, -1)
-    q = (lo.astype(np.int16) | (hi.astype(np.int16) << 4)) - 16
-    return {"q": q.astype(np.int8), "scales": part["scales"], "mins": None, "qhigh": None, "bits": 8}
+    codes = unpack_int4(torch.from_numpy(np.ascontiguousarray(part["q"]))) | high_bits(torch.from_numpy(part["qhigh"]))
+    q = (codes.to(torch.int16) - 16).to(torch.int8).numpy()
+    return {"q": q, "scales": part["scales"], "mins": None, "qhigh": None, "bits": 8}
 
 
 def _to_module(parts: list[dict], like: nn.Module) -> nn.Module:
