@@ -1,5 +1,6 @@
-/* Shared by qmatmul.c and amx_matmul.c: a packed row's scales (fp32 or fp16), q5's fifth bits and, with
- * AVX-512 BF16, one q4 / q5 / q8 row dequantized to bf16 (HAVE_BF16_ROWS). The formats are qmatmul.c's. */
+/* Shared by qmatmul.c, qmatmul_vnni.c and amx_matmul.c: a packed row's scales (fp32 or fp16), q5's fifth bits
+ * (as 16s, per input or, with AVX2, as a block's 32 bytes) and, with AVX-512 BF16, one q4 / q5 / q8 row
+ * dequantized to bf16 (HAVE_BF16_ROWS). The formats are qmatmul.c's. */
 #ifndef TUNESERVE_BF16_ROWS_H
 #define TUNESERVE_BF16_ROWS_H
 
@@ -37,8 +38,19 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* q5: input j of block b (of a row whose high-bit words start at qh) has 16 added to its 4-bit code */
-static inline int hbit(const uint32_t *qh, int64_t b, int j) { return qh ? (int)((qh[b] >> j) & 1u) << 4 : 0; }
+/* q5: what input j of a block adds to its 4-bit code, given the block's high-bit word (0 for q4) */
+static inline int hbit(uint32_t word, int j) { return (int)((word >> j) & 1u) << 4; }
+
+#if defined(__AVX2__)
+/* byte j = hbit(word, j): a block's 32 inputs in order */
+static inline __m256i hb32(uint32_t word) {
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word),
+                                          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel), _mm256_set1_epi8(16));
+}
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_BF16_ROWS 1
@@ -48,8 +60,8 @@ static inline int hbit(const uint32_t *qh, int64_t b, int j) { return qh ? (int)
 static inline void st_bf16(uint16_t *o, __m512 v) { _mm256_storeu_si256((__m256i *)o, (__m256i)_mm512_cvtneps_pbh(v)); }
 
 /* qh: the row's q5 high-bit words, or NULL (q4) */
-static void q4_row_bf16(const uint8_t *qr, const uint32_t *qh, const void *sc, const void *mn, int64_t f16, int64_t K,
-                        int64_t G, int64_t sidx, uint16_t *o) {
+static inline void q4_row_bf16(const uint8_t *qr, const uint32_t *qh, const void *sc, const void *mn, int64_t f16,
+                               int64_t K, int64_t G, int64_t sidx, uint16_t *o) {
     const __m512i sixteen = _mm512_set1_epi32(16);
     for (int64_t g = 0; g < K / G; g++) {
         const __m512 s = _mm512_set1_ps(ld(sc, f16, sidx + g)), m = _mm512_set1_ps(ld(mn, f16, sidx + g));
@@ -66,8 +78,8 @@ static void q4_row_bf16(const uint8_t *qr, const uint32_t *qh, const void *sc, c
     }
 }
 
-static void q8_row_bf16(const int8_t *qr, const void *sc, int64_t f16, int64_t K, int64_t G, int64_t sidx,
-                        uint16_t *o) {
+static inline void q8_row_bf16(const int8_t *qr, const void *sc, int64_t f16, int64_t K, int64_t G, int64_t sidx,
+                               uint16_t *o) {
     for (int64_t k = 0; k < K; k += 16) {  /* G is a multiple of 16 */
         const __m512 s = _mm512_set1_ps(ld(sc, f16, sidx + k / G));
         const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + k)));

@@ -51,18 +51,13 @@ static inline float vsum(vacc_t v) { return _mm512_reduce_add_ps(_mm512_add_ps(v
 #include <immintrin.h>
 typedef struct { __m256 a, b; } vacc_t;
 static inline vacc_t VZERO(void) { vacc_t v = {_mm256_setzero_ps(), _mm256_setzero_ps()}; return v; }
-/* byte j = 16 where bit j of bits is set (j < 16), else 0: q5's high bits for 16 inputs */
-static inline __m128i hb16(uint32_t bits) {
-    const __m128i v = _mm_shuffle_epi8(_mm_cvtsi32_si128((int)bits), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
-    const __m128i sel = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
-    return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(v, sel), sel), _mm_set1_epi8(16));
-}
 static inline void q4_block(const uint8_t *qb, uint32_t hw, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)qb), m4 = _mm_set1_epi8(15);
     __m128i l = _mm_and_si128(raw, m4), h = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-    if (hw) {
-        l = _mm_or_si128(l, hb16(hw & 0xffffu));
-        h = _mm_or_si128(h, hb16(hw >> 16));
+    if (hw) { /* inputs 0-15 are l's bytes, 16-31 h's */
+        const __m256i add = hb32(hw);
+        l = _mm_or_si128(l, _mm256_castsi256_si128(add));
+        h = _mm_or_si128(h, _mm256_extracti128_si256(add, 1));
     }
     const __m256 sv = _mm256_set1_ps(s);
     const __m256 l0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l)), sv);
@@ -116,8 +111,8 @@ static inline vacc_t VZERO(void) { vacc_t z; memset(&z, 0, sizeof z); return z; 
 static inline void q4_block(const uint8_t *qb, uint32_t h, float s, const float *x, int64_t K, int mb, vacc_t *acc) {
     float lo[16], hi[16];
     for (int j = 0; j < 16; j++) {
-        lo[j] = (float)((qb[j] & 15) | (((h >> j) & 1u) << 4)) * s;
-        hi[j] = (float)((qb[j] >> 4) | (((h >> (j + 16)) & 1u) << 4)) * s;
+        lo[j] = (float)((qb[j] & 15) | hbit(h, j)) * s;
+        hi[j] = (float)((qb[j] >> 4) | hbit(h, j + 16)) * s;
     }
     for (int mm = 0; mm < mb; mm++)
         for (int j = 0; j < 16; j++) acc[mm].v[j] += x[mm * K + j] * lo[j] + x[mm * K + 16 + j] * hi[j];
@@ -215,10 +210,11 @@ void NAME(const uint8_t *qw, const uint32_t *qh, const void *sc, const void *mn,
             const float s = ld(sc, f16, n * ng + g), m = ld(mn, f16, n * ng + g);                        \
             for (int64_t b = g * (G / 32); b < (g + 1) * (G / 32); b++) {                                \
                 const uint8_t *qb = qr + b * 16;                                                         \
+                const uint32_t hw = qhr ? qhr[b] : 0u;                                                   \
                 OUT_T *ob = o + b * 32;                                                                  \
                 for (int j = 0; j < 16; j++) {                                                           \
-                    ob[j] = CONV((float)((qb[j] & 15) | hbit(qhr, b, j)) * s + m);                       \
-                    ob[16 + j] = CONV((float)((qb[j] >> 4) | hbit(qhr, b, j + 16)) * s + m);             \
+                    ob[j] = CONV((float)((qb[j] & 15) | hbit(hw, j)) * s + m);                           \
+                    ob[16 + j] = CONV((float)((qb[j] >> 4) | hbit(hw, j + 16)) * s + m);                 \
                 }                                                                                        \
             }                                                                                            \
         }                                                                                                \

@@ -22,13 +22,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16_rows.h" /* ld (a scale, fp16 or fp32) and hb32 (q5's high bits as bytes) */
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define HAVE_QV 1
-
-static inline float ldh(const void *p, int64_t f16, int64_t i) {
-    return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
 
 /* On AVX-512 the matmuls themselves are in row_lanes.h (included below, after the shared helpers). */
 #define ROW_LANES 1
@@ -42,10 +40,6 @@ static inline float ldh(const void *p, int64_t f16, int64_t i) {
 #include <immintrin.h>
 #define HAVE_QV 1
 
-static inline float ldh(const void *p, int64_t f16, int64_t i) {
-    return f16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 static inline float hsum8(__m256 v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -57,15 +51,6 @@ static inline __m256 block_dot(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
-/* byte j = 16 where bit j of bits is set, else 0: q5's high bits for a block's 32 inputs */
-static inline __m256i hb32(uint32_t bits) {
-    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits),
-                                          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel), _mm256_set1_epi8(16));
-}
-
 #define DEF_Q4V(MB)                                                                                       \
 static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,     \
                           int64_t K, const uint8_t *qr, const uint32_t *qh, const void *sc,              \
@@ -75,7 +60,7 @@ static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv
     __m256 acc[MB];                                                                                      \
     for (int mm = 0; mm < MB; mm++) acc[mm] = _mm256_setzero_ps();                                       \
     for (int64_t g = 0; g < ng; g++) {                                                                   \
-        const float s = ldh(sc, f16, sidx + g);                                                          \
+        const float s = ld(sc, f16, sidx + g);                                                          \
         for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {                                              \
             const __m128i raw = _mm_loadu_si128((const __m128i *)(qr + b * 16));                         \
             __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4)); \
@@ -89,7 +74,7 @@ static void q4v_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv
     }                                                                                                    \
     for (int mm = 0; mm < MB; mm++) {                                                                    \
         float t = hsum8(acc[mm]);                                                                        \
-        for (int64_t g = 0; g < ng; g++) t += ldh(mn, f16, sidx + g) * xsum[mm * ng + g];                \
+        for (int64_t g = 0; g < ng; g++) t += ld(mn, f16, sidx + g) * xsum[mm * ng + g];                \
         ys[mm] = t;                                                                                      \
     }                                                                                                    \
 }
@@ -101,8 +86,8 @@ DEF_Q4V(8)
 /* Per-lane weight scales of 32-input block b (lane l: inputs 4l..4l+3, so group 16 splits the lanes 4 + 4). */
 static inline __m256 wscale_q8(const void *sc, int64_t f16, int64_t sidx, int64_t G, int64_t b) {
     if (G == 16)
-        return _mm256_set_m128(_mm_set1_ps(ldh(sc, f16, sidx + 2 * b + 1)), _mm_set1_ps(ldh(sc, f16, sidx + 2 * b)));
-    return _mm256_set1_ps(ldh(sc, f16, sidx + b * 32 / G));
+        return _mm256_set_m128(_mm_set1_ps(ld(sc, f16, sidx + 2 * b + 1)), _mm_set1_ps(ld(sc, f16, sidx + 2 * b)));
+    return _mm256_set1_ps(ld(sc, f16, sidx + b * 32 / G));
 }
 
 #define DEF_Q8V(MB)                                                                                       \

@@ -80,7 +80,7 @@ static inline void transpose_scales(const void *sc, int64_t f16, int64_t n0, int
         return;
     }
     for (int64_t g = 0; g < ng; g++)
-        for (int64_t j = 0; j < 16; j++) wsT[g * 16 + j] = j < nr ? ldh(sc, f16, (n0 + j) * ng + g) : 0.f;
+        for (int64_t j = 0; j < 16; j++) wsT[g * 16 + j] = j < nr ? ld(sc, f16, (n0 + j) * ng + g) : 0.f;
 }
 
 /* Rows 0..mb-1 of y (stride N), columns n0..n0+nr-1, from the kernels' 16-lane outputs, plus the bias. */
