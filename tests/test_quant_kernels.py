@@ -40,6 +40,7 @@ CASES = [  # (bits, N, K, group, scale dtype)
     (8, 40, 640, 32, torch.float16), (8, 16, 512, 128, torch.float16),  # q8: whole 16-row blocks, fp16 scales gathered
     (5, 97, 32, 32, torch.float16), (5, 33, 96, 32, torch.float16), (5, 50, 576, 64, torch.float16),
     (5, 31, 256, 256, torch.float32), (5, 48, 896, 32, torch.float16), (5, 22, 320, 64, torch.float16),
+    (4, 18, 2112, 32, torch.float16), (8, 20, 1056, 16, torch.float16),  # scale rows past 64 bytes
 ]
 
 

@@ -21,22 +21,9 @@ static inline int32_t ld32(const int8_t *p) {
     return v;
 }
 
-/* 16 rows (nr valid, the rest zero) of `bytes` (64 or 32) bytes at stride K -> c[i], lane j = row j's bytes
- * 4i..4i+3 (as w + 128 with flip_signs). The 16 rows are 16 interleaved streams, which the hardware prefetcher left
- * at 1.55x the one-row kernel's time at 1 row of x from DRAM; the next 16 rows are contiguous, so they are
- * prefetched into L2 a line per row loaded (1.03-1.13x; into L1, or each row ahead, 1.15-1.35x; Xeon). */
-static inline void load_columns(const int8_t *w, int64_t K, int64_t k0, int64_t nr, int64_t bytes, int flip_signs,
-                                __m512i *c) {
-    __m512i r[16], a[16], b[16];
-    if (nr == 16 && bytes == 64) {
-        for (int j = 0; j < 16; j++) {
-            r[j] = _mm512_loadu_si512(w + j * K);
-            _mm_prefetch((const char *)(w + 16 * K + 15 * k0 + j * 64), _MM_HINT_T1); /* the next 16 rows */
-        }
-    } else {
-        const __mmask64 k = bytes == 64 ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
-        for (int j = 0; j < 16; j++) r[j] = j < nr ? _mm512_maskz_loadu_epi8(k, w + j * K) : _mm512_setzero_si512();
-    }
+/* r[j] = 16 dwords of row j -> c[i], lane j = dword i of row j: a 16 x 16 transpose of 4-byte cells. */
+static inline void transpose_dwords(const __m512i *r, __m512i *c) {
+    __m512i a[16], b[16];
     for (int i = 0; i < 8; i++) { /* within 128-bit quarters: rows 2i, 2i+1 interleaved */
         a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
         a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
@@ -47,40 +34,68 @@ static inline void load_columns(const int8_t *w, int64_t K, int64_t k0, int64_t 
         b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
         b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
     }
-    const __m512i flip = _mm512_set1_epi8(flip_signs ? (char)0x80 : 0);
     for (int q = 0; q < 4; q++) { /* 4 x 4 transpose of quarters: column 4L + q = quarter L of b[q], b[4+q], ... */
         const __m512i e0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0x44), e1 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0xEE);
         const __m512i e2 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0x44);
         const __m512i e3 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0xEE);
-        c[q] = _mm512_xor_si512(_mm512_shuffle_i32x4(e0, e2, 0x88), flip);
-        c[4 + q] = _mm512_xor_si512(_mm512_shuffle_i32x4(e0, e2, 0xDD), flip);
-        c[8 + q] = _mm512_xor_si512(_mm512_shuffle_i32x4(e1, e3, 0x88), flip);
-        c[12 + q] = _mm512_xor_si512(_mm512_shuffle_i32x4(e1, e3, 0xDD), flip);
+        c[q] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        c[4 + q] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        c[8 + q] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        c[12 + q] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
     }
 }
 
-/* wsT[g * 16 + j] = scale g of weight row n0 + j (0 past nr rows). A scalar loop here cost as much as the
- * weights' dot products at 1 row of x (one scale per 16 weights for Q6_K), so full blocks gather 16 rows'
- * scales at a time, fp16 ones two groups per 32-bit gather (in-row when the row has an even count). */
-static inline void transpose_scales(const void *sc, int64_t f16, int64_t n0, int64_t nr, int64_t ng, float *wsT) {
-    if (nr == 16 && (!f16 || ng % 2 == 0)) {
-        const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32((int)ng));
-        if (f16) {
-            const uint16_t *s = (const uint16_t *)sc + n0 * ng;
-            for (int64_t g = 0; g < ng; g += 2) {
-                const __m512i v = _mm512_i32gather_epi32(rows, (const void *)(s + g), 2);
-                _mm512_storeu_ps(wsT + g * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)));
-                _mm512_storeu_ps(wsT + (g + 1) * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))));
-            }
-        } else {
-            const float *s = (const float *)sc + n0 * ng;
-            for (int64_t g = 0; g < ng; g++) _mm512_storeu_ps(wsT + g * 16, _mm512_i32gather_ps(rows, s + g, 4));
+/* 16 rows (nr valid, the rest zero) of `bytes` (1..64) bytes at stride `stride` -> 16 registers of their
+ * transposed dwords (transpose_dwords); bytes past `bytes` read as zero and no memory past them is touched. */
+static inline void load_transposed(const uint8_t *p, int64_t stride, int64_t nr, int64_t bytes, __m512i *c) {
+    const __mmask64 k = bytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << bytes) - 1);
+    __m512i r[16];
+    for (int j = 0; j < 16; j++) r[j] = j < nr ? _mm512_maskz_loadu_epi8(k, p + j * stride) : _mm512_setzero_si512();
+    transpose_dwords(r, c);
+}
+
+/* 16 rows (nr valid, the rest zero) of `bytes` (64 or 32) bytes at stride K -> c[i], lane j = row j's bytes
+ * 4i..4i+3 (as w + 128 with flip_signs). The 16 rows are 16 interleaved streams, which the hardware prefetcher left
+ * at 1.55x the one-row kernel's time at 1 row of x from DRAM; the next 16 rows are contiguous, so they are
+ * prefetched into L2 a line per row loaded (1.03-1.13x; into L1, or each row ahead, 1.15-1.35x; Xeon). */
+static inline void load_columns(const int8_t *w, int64_t K, int64_t k0, int64_t nr, int64_t bytes, int flip_signs,
+                                __m512i *c) {
+    if (nr == 16 && bytes == 64) {
+        __m512i r[16];
+        for (int j = 0; j < 16; j++) {
+            r[j] = _mm512_loadu_si512(w + j * K);
+            _mm_prefetch((const char *)(w + 16 * K + 15 * k0 + j * 64), _MM_HINT_T1); /* the next 16 rows */
         }
-        return;
+        transpose_dwords(r, c);
+    } else {
+        load_transposed((const uint8_t *)w, K, nr, bytes, c);
     }
-    for (int64_t g = 0; g < ng; g++)
-        for (int64_t j = 0; j < 16; j++) wsT[g * 16 + j] = j < nr ? ld(sc, f16, (n0 + j) * ng + g) : 0.f;
+    if (flip_signs)
+        for (int i = 0; i < 16; i++) c[i] = _mm512_xor_si512(c[i], _mm512_set1_epi8((char)0x80));
+}
+
+/* wsT[g * 16 + j] = scale g of weight row n0 + j (0 past nr rows). The 16 rows' scales are contiguous
+ * (ng each), so 64 bytes of each row at a time are loaded and transposed in registers (dword i of a row:
+ * fp16 groups 2i and 2i + 1, or fp32 group i). Per-row gathers here took 20-26% of the q4 / q5 one-row
+ * matmul's time (Xeon); a scalar loop cost as much as the weights' dot products at 1 row of x. */
+static inline void transpose_scales(const void *sc, int64_t f16, int64_t n0, int64_t nr, int64_t ng, float *wsT) {
+    const int64_t esz = f16 ? 2 : 4, row = ng * esz;
+    const uint8_t *base = (const uint8_t *)sc + n0 * row;
+    for (int64_t c0 = 0; c0 < row; c0 += 64) {
+        __m512i c[16];
+        load_transposed(base + c0, row, nr, row - c0, c);
+        const int64_t g0 = c0 / esz, gn = (row - c0 < 64 ? row - c0 : 64) / esz; /* groups in this chunk */
+        for (int64_t i = 0; i < 16 && i * 4 / esz < gn; i++) {
+            if (f16) {
+                _mm512_storeu_ps(wsT + (g0 + 2 * i) * 16, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[i])));
+                if (2 * i + 1 < gn)
+                    _mm512_storeu_ps(wsT + (g0 + 2 * i + 1) * 16,
+                                     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(c[i], 16))));
+            } else {
+                _mm512_storeu_ps(wsT + (g0 + i) * 16, _mm512_castsi512_ps(c[i]));
+            }
+        }
+    }
 }
 
 /* Rows 0..mb-1 of y (stride N), columns n0..n0+nr-1, from the kernels' 16-lane outputs, plus the bias. */
@@ -251,55 +266,7 @@ DEF_Q4L(2)
 DEF_Q4L(4)
 DEF_Q4L(8)
 
-/* One row of x: the same integers and the same float steps as q4l_rows_1 (so the same bits), but the weight
- * rows are read one after another, prefetched 8 KB ahead, as one stream instead of 16 interleaved ones: SmolLM2
- * decoding alone took 1.08x the time per token with q4l_rows_1, 0.95x with this (alternating processes, Xeon).
- * Each row's block dot products go to dots[block * 16 + row]; then the blocks' FMAs run 16 rows at a time. */
-enum { ONE_ROW_PF_AHEAD = 8192 }; /* bytes: the one-row kernels' measured best before the row lanes (2-8 KB all helped) */
-
-static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum, int64_t K,
-                        const uint8_t *w, const uint32_t *qh, int64_t nr, const float *wsT, const float *mnT,
-                        int64_t G, int32_t *dots, __m512 *out) {
-    const int64_t kb = K / 2, ng = K / G, nblk = K / 32;
-    const __m512i m4 = _mm512_set1_epi8(15);
-    for (int64_t j = 0; j < 16; j++) {
-        if (j >= nr) {
-            for (int64_t b = 0; b < nblk; b++) dots[b * 16 + j] = 0;
-            continue;
-        }
-        const uint8_t *qr = w + j * kb;
-        const uint32_t *hr = qh ? qh + j * nblk : NULL;
-        for (int64_t b0 = 0; b0 < kb; b0 += 64) {
-            const int full = kb - b0 >= 64;
-            const __mmask64 k = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
-            const __m512i raw = full ? _mm512_loadu_si512(qr + b0) : _mm512_maskz_loadu_epi8(k, qr + b0);
-            _mm_prefetch((const char *)(qr + b0 + ONE_ROW_PF_AHEAD), _MM_HINT_T0);
-            __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-            if (hr) { /* q5: the 2 or 4 blocks' words -> masks of their low halves (lo) and high halves (hi) */
-                const __m128i hw = full ? _mm_loadu_si128((const __m128i *)(hr + b0 / 16))
-                                        : _mm_loadl_epi64((const __m128i *)(hr + b0 / 16));
-                const __m128i pk = _mm_shuffle_epi8(hw, _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-                lo = _mm512_mask_add_epi8(lo, (__mmask64)_mm_cvtsi128_si64(pk), lo, _mm512_set1_epi8(16));
-                hi = _mm512_mask_add_epi8(hi, (__mmask64)_mm_extract_epi64(pk, 1), hi, _mm512_set1_epi8(16));
-            }
-            const __m512i xl = full ? _mm512_loadu_si512(xlo + b0) : _mm512_maskz_loadu_epi8(k, xlo + b0);
-            const __m512i xh = full ? _mm512_loadu_si512(xhi + b0) : _mm512_maskz_loadu_epi8(k, xhi + b0);
-            __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
-            d = _mm512_add_epi32(d, _mm512_shuffle_epi32(d, _MM_PERM_BADC)); /* quarter q: block b0 / 16 + q */
-            d = _mm512_add_epi32(d, _mm512_shuffle_epi32(d, _MM_PERM_CDAB));
-            int32_t t[16];
-            _mm512_storeu_si512(t, d);
-            for (int64_t q = 0; q < (full ? 4 : 2); q++) dots[(b0 / 16 + q) * 16 + j] = t[4 * q];
-        }
-    }
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t blk = 0; blk < nblk; blk++) {
-        const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(wsT + blk * 32 / G * 16), _mm512_set1_ps(dxv[blk * 4]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(dots + blk * 16)), sc, acc);
-    }
-    for (int64_t g = 0; g < ng; g++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(mnT + g * 16), _mm512_set1_ps(xsum[g]), acc);
-    out[0] = acc;
-}
+#include "q4_one_row.h" /* q4v_one_row_matmul: M == 1 */
 
 /* y = x @ W^T for q4 / q5 W [N, K / 2 bytes] (K % 64 == 0; group 32, 64 or a multiple of 128). */
 void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const uint32_t *qh, const void *sc,
@@ -309,34 +276,35 @@ void q4v_matmul(const float *x, int64_t M, int64_t K, const uint8_t *qw, const u
     float *dxv = (float *)malloc(sizeof(float) * (size_t)(M * K / 8 + M * ng));
     float *xsum = dxv + M * K / 8;
     for (int64_t m = 0; m < M; m++) quant_row_q4(x + m * K, K, G, xlo + m * kb, xhi + m * kb, dxv + m * K / 8, xsum + m * ng);
-    #pragma omp parallel
-    {
-        float *wsT = (float *)malloc(sizeof(float) * (size_t)(32 * ng)), *mnT = wsT + 16 * ng;
-        int32_t *dots = M == 1 ? (int32_t *)malloc(sizeof(int32_t) * (size_t)(16 * K / 32)) : NULL;
-        #pragma omp for schedule(guided)
-        for (int64_t n0 = 0; n0 < N; n0 += 16) {
-            const int64_t nr = N - n0 < 16 ? N - n0 : 16;
-            transpose_scales(sc, f16, n0, nr, ng, wsT);
-            transpose_scales(mn, f16, n0, nr, ng, mnT);
-            for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
-                mb = chunk(M - m0);
-                const int8_t *lo = xlo + m0 * kb, *hi = xhi + m0 * kb;
-                const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
-                const uint8_t *w = qw + n0 * kb;
-                const uint32_t *h = qh ? qh + n0 * (K / 32) : NULL;
-                __m512 out[8];
-                switch (M == 1 ? 0 : mb) {
-                    case 0: q4l_one_row(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, dots, out); break;
-                    case 8: q4l_rows_8(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
-                    case 4: q4l_rows_4(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
-                    case 2: q4l_rows_2(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
-                    default: q4l_rows_1(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+    if (M == 1) {
+        q4v_one_row_matmul(xlo, xhi, dxv, xsum, K, qw, qh, sc, mn, f16, N, G, bias, y);
+    } else {
+        #pragma omp parallel
+        {
+            float *wsT = (float *)malloc(sizeof(float) * (size_t)(32 * ng)), *mnT = wsT + 16 * ng;
+            #pragma omp for schedule(guided)
+            for (int64_t n0 = 0; n0 < N; n0 += 16) {
+                const int64_t nr = N - n0 < 16 ? N - n0 : 16;
+                transpose_scales(sc, f16, n0, nr, ng, wsT);
+                transpose_scales(mn, f16, n0, nr, ng, mnT);
+                for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
+                    mb = chunk(M - m0);
+                    const int8_t *lo = xlo + m0 * kb, *hi = xhi + m0 * kb;
+                    const float *dv = dxv + m0 * K / 8, *xs = xsum + m0 * ng;
+                    const uint8_t *w = qw + n0 * kb;
+                    const uint32_t *h = qh ? qh + n0 * (K / 32) : NULL;
+                    __m512 out[8];
+                    switch (mb) {
+                        case 8: q4l_rows_8(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+                        case 4: q4l_rows_4(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+                        case 2: q4l_rows_2(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+                        default: q4l_rows_1(lo, hi, dv, xs, K, w, h, nr, wsT, mnT, G, out); break;
+                    }
+                    store_outputs(out, mb, bias, y + m0 * N, N, n0, nr);
                 }
-                store_outputs(out, mb, bias, y + m0 * N, N, n0, nr);
             }
+            free(wsT);
         }
-        free(wsT);
-        free(dots);
     }
     free(xlo);
     free(dxv);
