@@ -1,6 +1,7 @@
 """Paged attention: the portable path and the compiled kernel against a dense reference."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -84,3 +85,25 @@ def test_paged_attention_matches_dense(spec, window, sinks, kernel, monkeypatch)
         torch.testing.assert_close(out[row:row + n], ref, atol=1e-5, rtol=1e-4)
         row += n
     assert bool(calls) == (kernel == "auto")
+
+
+@pytest.mark.parametrize("d", [16, 64])
+def test_compiled_row_is_the_same_alone_and_in_a_batch(d, monkeypatch):
+    """Work items are (row, head): a decode row's output bits do not depend on the rows beside it."""
+    if A.libraries.paged_attention() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(sys.modules[__name__], "D", d)
+    q, k, v, kc, vc, seqs, _ = make_batch([(9, 1), (30, 1), (17, 1)])
+    assert q.shape[2] == d and A.short_attention_c_ok(q, kc)
+    meta = A.build_metadata(seqs, BS, torch.device("cpu"))
+    together = A.paged_attention(q, k, v, kc.clone(), vc.clone(), meta, scale=0.25)
+    for i, s in enumerate(seqs):
+        alone = A.paged_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], kc.clone(), vc.clone(),
+                                  A.build_metadata([s], BS, torch.device("cpu")), scale=0.25)
+        assert torch.equal(alone, together[i:i + 1])
+
+
+def test_compiled_kernel_takes_head_sizes_up_to_its_bound():
+    kc = torch.zeros(2, BS, 1, A.MAX_HEAD_DIM + 16)
+    assert A.short_attention_c_ok(torch.zeros(1, 300, A.MAX_HEAD_DIM), kc)  # any number of heads
+    assert not A.short_attention_c_ok(torch.zeros(1, 2, A.MAX_HEAD_DIM + 16), kc)

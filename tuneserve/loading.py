@@ -98,7 +98,7 @@ def _attention_path(layer: Attention, kernels: KernelConfig, dtype: str, device:
     if kernels.attention != "compiled":
         return kernels.label(kernels.attention)
     if not layer.compiled_attention:  # what Attention.bind_kernels refuses the kernel for
-        return "torch(soft-capping)" if layer.softcap else f"torch({layer.h}-heads)"
+        return "torch(soft-capping)" if layer.softcap else f"torch(head-size-{layer.d})"
     if device.type != "cpu":
         return f"torch({device.type})"
     return kernels.label("compiled") if dtype == "float32" else f"torch({dtype})"

@@ -262,15 +262,19 @@ def _visible_blocks(p: PrefillSeq, meta: AttentionMetadata) -> tuple[torch.Tenso
     return p.block_table[idx], kpos
 
 
+MAX_HEAD_DIM = 256  # csrc/paged_attention.c's MAX_D: a head's scaled query lives on the stack
+
+
 def compiled_available() -> bool:
     """Whether the compiled attention kernel is built here."""
     return libraries.paged_attention() is not None
 
 
 def short_attention_c_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the compiled CPU kernel takes these operands (CPU, fp32, at most 256 heads, contiguous q)."""
+    """Whether the compiled CPU kernel takes these operands (CPU, fp32, head size at most MAX_HEAD_DIM,
+    contiguous q)."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
-            and q.shape[1] <= 256 and q.is_contiguous())
+            and q.shape[2] <= MAX_HEAD_DIM and q.is_contiguous())
 
 
 def short_attention_c(q, out, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:

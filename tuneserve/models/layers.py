@@ -12,7 +12,7 @@ from torch import nn
 from tuneserve.config import ArchConfig, RopeScaling
 from tuneserve.kernels import quant_ops
 from tuneserve.kernels.activation_ops import act_fp32, gated_act_bf16
-from tuneserve.kernels.attention import AttentionMetadata, paged_attention
+from tuneserve.kernels.attention import MAX_HEAD_DIM, AttentionMetadata, paged_attention
 from tuneserve.kernels.config import KernelConfig
 from tuneserve.kernels.dense_ops import DenseLinear
 from tuneserve.models.rope import rope_frequencies
@@ -148,7 +148,7 @@ class Attention(nn.Module):
     def bind_kernels(self, config: KernelConfig) -> None:
         """Take config's attention choices; the kernel takes at most 256 query heads and no softcap (a
         softcapped layer attends on the portable torch path, kernels/attention.py)."""
-        self.compiled_attention = config.attention == "compiled" and self.h <= 256 and not self.softcap
+        self.compiled_attention = config.attention == "compiled" and self.d <= MAX_HEAD_DIM and not self.softcap
         self.prompt_attention = config.prompt_attention
 
     def prompt_bf16(self, rows: int) -> bool:
