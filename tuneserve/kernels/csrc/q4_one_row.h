@@ -75,14 +75,16 @@ static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, 
                         int64_t G, int32_t *dots, __m512 *out) {
     const int64_t ng = K / G, nblk = K / 32, nt = (nr + 15) / 16;
     for (int64_t t = 0; t < ONE_ROW_TILES; t++) /* tiles past nr: zeros (their chains run, unstored) */
-        q4_tile_dots(xlo, xhi, K, w + t * 16 * (K / 2), qh ? qh + t * 16 * nblk : NULL, nr - 16 * t, dots + t * 16 * nblk);
+        q4_tile_dots(xlo, xhi, K, w + t * 16 * (K / 2), qh ? qh + t * 16 * nblk : NULL, nr - 16 * t,
+                     dots + t * 16 * nblk);
     __m512 acc[ONE_ROW_TILES];
     for (int t = 0; t < ONE_ROW_TILES; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < nblk; blk++) {
         const __m512 dx = _mm512_set1_ps(dxv[blk * 4]);
         for (int t = 0; t < ONE_ROW_TILES; t++) {
             const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(wsT + t * 16 * ng + blk * 32 / G * 16), dx);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(dots + t * 16 * nblk + blk * 16)), sc, acc[t]);
+            const __m512i d = _mm512_loadu_si512(dots + t * 16 * nblk + blk * 16);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[t]);
         }
     }
     for (int64_t g = 0; g < ng; g++)
