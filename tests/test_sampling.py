@@ -127,3 +127,18 @@ def test_token_logprobs_rank_and_top():
     (t,) = token_logprobs(lp, torch.tensor([2]), [2])
     assert t.token_id == 2 and t.rank == 2 and [i for i, _ in t.top] == [1, 2]
     assert math.isclose(t.logprob, float(lp[0, 2]), rel_tol=1e-6)
+
+
+def test_sampled_rows_share_the_logits_only_where_nothing_masks_them():
+    """The runner samples from the head's rows without a copy where they are all of them in order; a grammar
+    masks its rows in place, so then (and for a subset) the rows are a copy and the logits, which the logprobs
+    are taken from, stay as the model gave them."""
+    from tuneserve.worker.model_runner import _rows_of
+
+    logits = torch.randn(3, 10)
+    assert _rows_of(logits, [0, 1, 2], masked=False) is logits
+    for rows, masked in (([0, 1, 2], True), ([0, 2], False), ([2, 1, 0], False)):
+        picked = _rows_of(logits, rows, masked)
+        assert torch.equal(picked, logits[rows])
+        picked.fill_(float("-inf"))
+        assert torch.isfinite(logits).all()

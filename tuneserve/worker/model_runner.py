@@ -185,7 +185,8 @@ class ModelRunner:
             for i, _ in plain:
                 faults.hit("sample", reqs[i].req_id)
             sampling = [self._sampling_row(reqs[i]) for i, _ in plain]
-            picked = logits[[row for _, row in plain]]
+            masked = any(reqs[i].grammar is not None for i, _ in plain)
+            picked = _rows_of(logits, [row for _, row in plain], masked)
             self._constrain(picked, [reqs[i] for i, _ in plain])
             chosen = sample(picked, sampling).tolist()
             for (i, _), tok in zip(plain, chosen):
@@ -298,6 +299,16 @@ class ModelRunner:
         outputs = TokenSpan(r.all_token_ids, r.prompt_len, _output_end(r), extra or ())
         return SamplingRow(r.params, self._generator(r, len(outputs)), TokenSpan(r.all_token_ids, 0, r.prompt_len),
                            outputs, self.eos_ids)
+
+
+def _rows_of(logits: torch.Tensor, rows: list[int], masked: bool) -> torch.Tensor:
+    """logits[rows] for sampling: logits itself where the rows are all of them in order and no grammar will
+    mask them in place (the logprobs are taken from the unmasked logits afterwards). At batch 1 the copy read
+    the head's freshly written row a second time, half of it from the other core: 0.16 ms of a SmolLM2 step
+    (10.3 ms, Xeon)."""
+    if not masked and rows == list(range(logits.shape[0])):
+        return logits
+    return logits[rows]
 
 
 def _output_end(r: ScheduledRequest) -> int:
