@@ -98,6 +98,16 @@ static inline void transpose_scales(const void *sc, int64_t f16, int64_t n0, int
     }
 }
 
+/* The next 16 rows' scales into L2 (the tile after n0's): load_columns prefetches the next tile's weights, and
+ * Q6_K's group-16 scales are an eighth of its int8 bytes (q8 at one row, K = 4864, group 16: 0.97x the time
+ * from DRAM, 0.92-0.96x from L3; Xeon). */
+static inline void prefetch_scales(const void *sc, int64_t f16, int64_t n1, int64_t N, int64_t ng) {
+    if (n1 >= N) return;
+    const int64_t row = ng * (f16 ? 2 : 4), bytes = (N - n1 < 16 ? N - n1 : 16) * row;
+    const char *s = (const char *)sc + n1 * row;
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(s + o, _MM_HINT_T1);
+}
+
 /* Rows 0..mb-1 of y (stride N), columns n0..n0+nr-1, from the kernels' 16-lane outputs, plus the bias. */
 static inline void store_outputs(const __m512 *out, int64_t mb, const float *bias, float *y, int64_t N, int64_t n0,
                                  int64_t nr) {
@@ -184,6 +194,7 @@ void q8v_matmul(const float *x, int64_t M, int64_t K, const int8_t *qw, const vo
         for (int64_t n0 = 0; n0 < N; n0 += 16) {
             const int64_t nr = N - n0 < 16 ? N - n0 : 16;
             transpose_scales(sc, f16, n0, nr, ng, wsT);
+            prefetch_scales(sc, f16, n0 + 16, N, ng);
             for (int64_t m0 = 0, mb; m0 < M; m0 += mb) {
                 mb = chunk(M - m0);
                 __m512 out[8];
