@@ -156,3 +156,32 @@ def test_llama_cpp_pp_tg_runs_every_test():
     rows = [r.to_dict() for r in llama_cpp.llama_pp_tg(str(pull("smollm2-135m")), plan, n_threads=1)]
     assert [(r["test"], r["batch"], r["threads"]) for r in rows] == [("pp64", 1, 1), ("tg4", 1, 1), ("tg4", 4, 1)]
     assert all(r["tok_s"] > 0 and r["reps"] == 2 for r in rows)
+
+
+def test_pp_tg_rounds_take_turns_on_new_prompts_and_merge_their_runs(monkeypatch):
+    """--rounds: each round runs every system once (engine, HF, llama.cpp) on that round's prompts; a row
+    holds every round's runs."""
+    from types import SimpleNamespace
+
+    from tuneserve.bench.peers import compare, pp_tg
+
+    calls = []
+
+    def fake(system):
+        def run(_first, plan, _threads):
+            calls.append((system, plan.seed, plan.prompts(0, 1, 4, 1000)[0]))
+            return [pp_tg.PpTgRow(system, "tg8", 1, 2, [10.0 + plan.seed])]
+        return run
+
+    monkeypatch.setattr(compare, "engine_pp_tg", fake("tuneserve"))
+    monkeypatch.setattr(compare.hf, "hf_pp_tg", fake("hf-transformers"))
+    monkeypatch.setattr(compare.llama_cpp, "llama_pp_tg", fake("llama.cpp"))
+    monkeypatch.setattr(compare.llama_cpp, "is_available", lambda: True)
+    ns = SimpleNamespace(rounds=2, hf_batch_sizes="1", llama_parallel="1")
+    rows = compare._pp_tg_rounds(ns, None, "m.gguf", pp_tg.PpTgPlan(tg_len=8, batches=(1,), reps=1), 2)
+    assert [(c[0], c[1]) for c in calls] == [("tuneserve", 0), ("hf-transformers", 0), ("llama.cpp", 0),
+                                             ("tuneserve", 1), ("hf-transformers", 1), ("llama.cpp", 1)]
+    assert calls[0][2] == calls[1][2] == calls[2][2] != calls[3][2]  # same prompts within a round, new across
+    assert [(r.system, r.runs) for r in rows] == [("tuneserve", [10.0, 11.0]), ("hf-transformers", [10.0, 11.0]),
+                                                  ("llama.cpp", [10.0, 11.0])]
+    assert rows[0].to_dict()["reps"] == 2

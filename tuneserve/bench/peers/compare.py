@@ -16,7 +16,7 @@ from typing import Any
 
 from tuneserve.bench.offline import add_workload_args, run_engine, warm_up
 from tuneserve.bench.peers import ceilings, hf, llama_cpp
-from tuneserve.bench.peers.pp_tg import PpTgPlan, add_ratios, engine_pp_tg
+from tuneserve.bench.peers.pp_tg import PpTgPlan, PpTgRow, add_ratios, engine_pp_tg, merge_rounds
 from tuneserve.bench.peers.result import PEERS_INSTALL_HINT, PeerResult, peer_threads
 from tuneserve.bench.records import table, torch_threads, write_json
 from tuneserve.bench.workloads import corpus_workload, ladder_workload
@@ -47,6 +47,8 @@ def main(ns: Any) -> int:
 def _compare(ns: Any, threads: int) -> int:
     from tuneserve.llm import LLM
 
+    if ns.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {ns.rounds}")
     args = EngineArgs.from_cli_args(ns)
     llm = LLM(**args.to_dict())
     path = llm.llm_engine.config.model.path
@@ -55,10 +57,10 @@ def _compare(ns: Any, threads: int) -> int:
     warm_up(llm)
     ladder = [int(b) for b in ns.ladder.split(",")] if ns.ladder else []
     plan = PpTgPlan(ns.pp, ns.tg, ns.tg_prompt, tuple(ladder) or (1,), ns.reps)
-    engine_rows = engine_pp_tg(llm, plan, threads)
+    pp_tg_rows = _pp_tg_rounds(ns, llm, path, plan, threads)
     if ns.pp_tg_only:
         del llm
-        return _pp_tg(ns, path, plan, threads, engine_rows, args)
+        return _pp_tg(ns, path, plan, threads, pp_tg_rows, args)
     tok = llm.get_tokenizer()
     work = corpus_workload(tok, ns.corpus, ns.num_prompts, ns.min_input, ns.max_input, ns.output_len,
                            ns.prompt_seed)
@@ -85,26 +87,39 @@ def _compare(ns: Any, threads: int) -> int:
         print(f"[tuneserve] llama.cpp skipped: {PEERS_INSTALL_HINT}", file=sys.stderr)
     _add_ratios(rows)
     print(peers_table(rows, f"bench peers: {args.model}, workload {work.name}, same run, {threads} threads each"))
-    return _pp_tg(ns, path, plan, threads, engine_rows, args, {"workload": work.name, "results": rows})
+    return _pp_tg(ns, path, plan, threads, pp_tg_rows, args, {"workload": work.name, "results": rows})
 
 
-def _pp_tg(ns: Any, path: str, plan: PpTgPlan, threads: int, engine_rows: list, args: EngineArgs,
+def _pp_tg_rounds(ns: Any, llm: Any, path: str, plan: PpTgPlan, threads: int) -> list[PpTgRow]:
+    """The engine's and the peers' pp/tg rows, the systems taking turns for --rounds rounds (pp_tg.py)."""
+    with_hf = bool([b for b in ns.hf_batch_sizes.split(",") if b])
+    with_llama = bool([b for b in ns.llama_parallel.split(",") if b]) and llama_cpp.is_available()
+    rounds = []
+    for i in range(ns.rounds):
+        p = plan.for_round(i)
+        rows = engine_pp_tg(llm, p, threads)
+        if with_hf:
+            rows += hf.hf_pp_tg(path, p, threads)
+        if with_llama:
+            rows += llama_cpp.llama_pp_tg(path, p, threads)
+        rounds.append(rows)
+    return merge_rounds(rounds)
+
+
+def _pp_tg(ns: Any, path: str, plan: PpTgPlan, threads: int, pp_tg_rows: list[PpTgRow], args: EngineArgs,
            record: dict | None = None) -> int:
-    """The peers' pp/tg rows next to the engine's: print the table, write the JSON record."""
-    rows = list(engine_rows)
-    if [b for b in ns.hf_batch_sizes.split(",") if b]:
-        rows += hf.hf_pp_tg(path, plan, threads)
-    if [b for b in ns.llama_parallel.split(",") if b] and llama_cpp.is_available():
-        rows += llama_cpp.llama_pp_tg(path, plan, threads)
-    out = [r.to_dict() for r in rows]
+    """The pp/tg table of every system: print it, write the JSON record."""
+    out = [r.to_dict() for r in pp_tg_rows]
     add_ratios(out)
     costs, limits = ceilings.gguf_costs(path), ceilings.measure(threads)
     ceilings.add_fractions(out, costs, limits, plan.pp_len, plan.prompt_len, plan.tg_len)
     print(table(out, PP_TG_COLUMNS, title=f"bench peers, llama-bench style: {args.model}, tok/s, mean of "
-                                          f"{plan.reps} runs, {threads} threads each, cpu: {cpu_name()}\n"
+                                          f"{plan.reps} runs x {ns.rounds} rounds (systems taking turns), "
+                                          f"{threads} threads each, cpu: {cpu_name()}\n"
                                           f"{limits.describe()}; bw_frac, compute_frac: the fraction of each "
                                           f"limit a row reaches (bench/peers/ceilings.py)"))
-    write_json(ns.json, {"engine_args": args.to_dict(), "threads": threads, "cpu": cpu_name(), **(record or {}),
+    write_json(ns.json, {"engine_args": args.to_dict(), "threads": threads, "rounds": ns.rounds, "cpu": cpu_name(),
+                         **(record or {}),
                          **ceilings.record(costs, limits), "pp_tg": out})
     return 0
 
@@ -141,6 +156,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tg", type=int, default=64, help="tokens generated per request in the tg tests")
     p.add_argument("--tg-prompt", type=int, default=64, help="prompt length before the tg tests")
     p.add_argument("--reps", type=int, default=3, help="repetitions of each pp/tg test")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="pp/tg rounds, the systems taking turns (each round: every system's reps, new prompts)")
     p.add_argument("--pp-tg-only", action="store_true", help="only the llama-bench style table")
     p.add_argument("--time-limit", type=float, default=None,
                    help="per peer config: start no new batch after this many seconds (no extrapolation)")

@@ -5,12 +5,16 @@
   token, the clock runs over the next T tokens of each: B * T / seconds. Decode only, with the sampling
   (greedy argmax) every engine has to do; llama-bench feeds random tokens instead of sampling.
 Each figure is the mean of `reps` runs on fresh random prompts (token ids drawn from the vocabulary: the
-speed does not depend on the text), with the spread; every system gets the same prompts and threads.
+speed does not depend on the text), with the spread; every system gets the same prompts and threads. With
+several rounds the systems take turns, each round on new prompts, and a row holds every round's runs: on a
+machine whose speed drifts over minutes (a shared VM) one system's block of runs would otherwise meet a
+different machine than the next one's.
 The engine side lives here; HF's and llama.cpp's in hf.py and llama_cpp.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import time
@@ -35,6 +39,10 @@ class PpTgPlan:
         """n random prompts of `length` ids for repetition rep (the same for every system)."""
         rng = random.Random(hash((self.seed, rep, n, length)))
         return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+    def for_round(self, i: int) -> PpTgPlan:
+        """The plan of round i: the same tests on prompts of their own (round 0 is this plan)."""
+        return dataclasses.replace(self, seed=self.seed + i)
 
     def tests(self) -> list[tuple[str, int]]:
         """(name, batch) of every measurement: pp first, then tg at each batch."""
@@ -92,6 +100,18 @@ def _engine_tg(eng: Any, prompts: list[list[int]], tg_len: int) -> float:
         if t0 is None and all(produced.values()):
             t0, start = _clock(), sum(produced.values())
     return (sum(produced.values()) - start) / (_clock() - t0)
+
+
+def merge_rounds(rounds: list[list[PpTgRow]]) -> list[PpTgRow]:
+    """One row per (system, test, batch), holding the runs of every round, in the order first seen."""
+    merged: dict[tuple[str, str, int], PpTgRow] = {}
+    for rows in rounds:
+        for r in rows:
+            key = (r.system, r.test, r.batch)
+            if key not in merged:
+                merged[key] = PpTgRow(r.system, r.test, r.batch, r.threads)
+            merged[key].runs.extend(r.runs)
+    return list(merged.values())
 
 
 def add_ratios(rows: list[dict[str, Any]], baseline: str = "llama.cpp") -> None:
