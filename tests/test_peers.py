@@ -159,8 +159,8 @@ def test_llama_cpp_pp_tg_runs_every_test():
 
 
 def test_pp_tg_rounds_take_turns_on_new_prompts_and_merge_their_runs(monkeypatch):
-    """--rounds: each round runs every system once (engine, HF, llama.cpp) on that round's prompts; a row
-    holds every round's runs."""
+    """--rounds: each round runs every system once (engine, HF, llama.cpp) on that round's prompts, then
+    measures the machine's limits; a row holds every round's runs, the limits are the rounds' mean."""
     from types import SimpleNamespace
 
     from tuneserve.bench.peers import compare, pp_tg
@@ -177,8 +177,11 @@ def test_pp_tg_rounds_take_turns_on_new_prompts_and_merge_their_runs(monkeypatch
     monkeypatch.setattr(compare.hf, "hf_pp_tg", fake("hf-transformers"))
     monkeypatch.setattr(compare.llama_cpp, "llama_pp_tg", fake("llama.cpp"))
     monkeypatch.setattr(compare.llama_cpp, "is_available", lambda: True)
+    measured = iter([compare.ceilings.Ceilings(10e9, 100e9, 2), compare.ceilings.Ceilings(20e9, 300e9, 2)])
+    monkeypatch.setattr(compare.ceilings, "measure", lambda threads: next(measured))
     ns = SimpleNamespace(rounds=2, hf_batch_sizes="1", llama_parallel="1")
-    rows = compare._pp_tg_rounds(ns, None, "m.gguf", pp_tg.PpTgPlan(tg_len=8, batches=(1,), reps=1), 2)
+    rows, limits = compare._pp_tg_rounds(ns, None, "m.gguf", pp_tg.PpTgPlan(tg_len=8, batches=(1,), reps=1), 2)
+    assert limits == compare.ceilings.Ceilings(15e9, 200e9, 2)  # measured in each round, their mean
     assert [(c[0], c[1]) for c in calls] == [("tuneserve", 0), ("hf-transformers", 0), ("llama.cpp", 0),
                                              ("tuneserve", 1), ("hf-transformers", 1), ("llama.cpp", 1)]
     assert calls[0][2] == calls[1][2] == calls[2][2] != calls[3][2]  # same prompts within a round, new across

@@ -77,6 +77,13 @@ def measure(threads: int) -> Ceilings:
     return Ceilings(measure_bandwidth(threads), measure_compute(threads), threads)
 
 
+def mean(limits: list[Ceilings]) -> Ceilings:
+    """The mean of limits measured once per round (bench peers --rounds): a fraction then compares a row's
+    mean over the rounds with the machine's mean over them."""
+    n = len(limits)
+    return Ceilings(sum(c.bandwidth for c in limits) / n, sum(c.compute for c in limits) / n, limits[0].threads)
+
+
 def gguf_costs(path: str) -> ModelCosts:
     """What one forward step reads and multiplies, from the GGUF file's tensors and metadata."""
     from tuneserve.weights.gguf import GGUFCheckpoint

@@ -57,10 +57,10 @@ def _compare(ns: Any, threads: int) -> int:
     warm_up(llm)
     ladder = [int(b) for b in ns.ladder.split(",")] if ns.ladder else []
     plan = PpTgPlan(ns.pp, ns.tg, ns.tg_prompt, tuple(ladder) or (1,), ns.reps)
-    pp_tg_rows = _pp_tg_rounds(ns, llm, path, plan, threads)
+    pp_tg = _pp_tg_rounds(ns, llm, path, plan, threads)
     if ns.pp_tg_only:
         del llm
-        return _pp_tg(ns, path, plan, threads, pp_tg_rows, args)
+        return _pp_tg(ns, path, plan, threads, pp_tg, args)
     tok = llm.get_tokenizer()
     work = corpus_workload(tok, ns.corpus, ns.num_prompts, ns.min_input, ns.max_input, ns.output_len,
                            ns.prompt_seed)
@@ -87,14 +87,16 @@ def _compare(ns: Any, threads: int) -> int:
         print(f"[tuneserve] llama.cpp skipped: {PEERS_INSTALL_HINT}", file=sys.stderr)
     _add_ratios(rows)
     print(peers_table(rows, f"bench peers: {args.model}, workload {work.name}, same run, {threads} threads each"))
-    return _pp_tg(ns, path, plan, threads, pp_tg_rows, args, {"workload": work.name, "results": rows})
+    return _pp_tg(ns, path, plan, threads, pp_tg, args, {"workload": work.name, "results": rows})
 
 
-def _pp_tg_rounds(ns: Any, llm: Any, path: str, plan: PpTgPlan, threads: int) -> list[PpTgRow]:
-    """The engine's and the peers' pp/tg rows, the systems taking turns for --rounds rounds (pp_tg.py)."""
+def _pp_tg_rounds(ns: Any, llm: Any, path: str, plan: PpTgPlan,
+                  threads: int) -> tuple[list[PpTgRow], ceilings.Ceilings]:
+    """The engine's and the peers' pp/tg rows, the systems taking turns for --rounds rounds (pp_tg.py), and
+    the machine's limits measured in every round too (their mean)."""
     with_hf = bool([b for b in ns.hf_batch_sizes.split(",") if b])
     with_llama = bool([b for b in ns.llama_parallel.split(",") if b]) and llama_cpp.is_available()
-    rounds = []
+    rounds, limits = [], []
     for i in range(ns.rounds):
         p = plan.for_round(i)
         rows = engine_pp_tg(llm, p, threads)
@@ -103,21 +105,23 @@ def _pp_tg_rounds(ns: Any, llm: Any, path: str, plan: PpTgPlan, threads: int) ->
         if with_llama:
             rows += llama_cpp.llama_pp_tg(path, p, threads)
         rounds.append(rows)
-    return merge_rounds(rounds)
+        limits.append(ceilings.measure(threads))
+    return merge_rounds(rounds), ceilings.mean(limits)
 
 
-def _pp_tg(ns: Any, path: str, plan: PpTgPlan, threads: int, pp_tg_rows: list[PpTgRow], args: EngineArgs,
-           record: dict | None = None) -> int:
-    """The pp/tg table of every system: print it, write the JSON record."""
+def _pp_tg(ns: Any, path: str, plan: PpTgPlan, threads: int, pp_tg: tuple[list[PpTgRow], ceilings.Ceilings],
+           args: EngineArgs, record: dict | None = None) -> int:
+    """The pp/tg table of every system (rows and limits from _pp_tg_rounds): print it, write the JSON record."""
+    pp_tg_rows, limits = pp_tg
     out = [r.to_dict() for r in pp_tg_rows]
     add_ratios(out)
-    costs, limits = ceilings.gguf_costs(path), ceilings.measure(threads)
+    costs = ceilings.gguf_costs(path)
     ceilings.add_fractions(out, costs, limits, plan.pp_len, plan.prompt_len, plan.tg_len)
     print(table(out, PP_TG_COLUMNS, title=f"bench peers, llama-bench style: {args.model}, tok/s, mean of "
                                           f"{plan.reps} runs x {ns.rounds} rounds (systems taking turns), "
                                           f"{threads} threads each, cpu: {cpu_name()}\n"
-                                          f"{limits.describe()}; bw_frac, compute_frac: the fraction of each "
-                                          f"limit a row reaches (bench/peers/ceilings.py)"))
+                                          f"{limits.describe()} (mean of the rounds); bw_frac, compute_frac: "
+                                          f"the fraction of each limit a row reaches (bench/peers/ceilings.py)"))
     write_json(ns.json, {"engine_args": args.to_dict(), "threads": threads, "rounds": ns.rounds, "cpu": cpu_name(),
                          **(record or {}),
                          **ceilings.record(costs, limits), "pp_tg": out})
