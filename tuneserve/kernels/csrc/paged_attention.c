@@ -2,8 +2,9 @@
  *
  * Reads K/V straight from the paged cache through each sequence's block table: no gather copy.
  * One work item = one query row's one head, so a single decode row spreads over the threads (one item per
- * row, all heads, left a batch-1 step on one thread: 1.6 ms of SmolLM2's 7.9 ms fused step, Xeon). A head's
- * numbers do not depend on which items share a thread, so a row's output is the same in any batch. Three
+ * row, all heads, left batch 1 on one thread: SmolLM2, 200 positions from L2, 48.7 -> 26.8 us a layer; in a
+ * decode step the K/V rows come from memory and that read dominates, Xeon). A head's numbers do not depend
+ * on which items share a thread, so a row's output is the same in any batch. Three
  * passes over the visible positions: scores and their max; the exp-weights (a plain loop the compiler
  * vectorizes); the weighted sum of V. Visible positions: kpos <= qpos, and with a window W also
  * kpos > qpos - W, except the first `sinks` positions which stay visible. The head size is a compile-time

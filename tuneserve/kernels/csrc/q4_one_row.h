@@ -9,14 +9,16 @@
  * from L3, 0.94x for Qwen2.5-Coder's batch-1 decode (in-process A/B, Xeon).
  */
 
-enum { ONE_ROW_PF_AHEAD = 8192 }; /* bytes: the one-row kernels' measured best before the row lanes (2-8 KB all helped) */
+/* bytes: the one-row kernels' measured best before the row lanes (2-8 KB all helped) */
+enum { ONE_ROW_PF_AHEAD = 8192 };
 
 /* One 64-byte chunk (4 blocks; 2 where `full` is 0) of row r's nibbles against x: 16 int32 lanes, quarter q
  * holding block q's 4 partial dot products. */
 static inline __m512i q4_chunk_dots(const uint8_t *qr, const uint32_t *hr, int64_t b0, int full, __m512i xl,
                                     __m512i xh, int64_t pf) {
     const __m512i m4 = _mm512_set1_epi8(15);
-    const __m512i raw = full ? _mm512_loadu_si512(qr + b0) : _mm512_maskz_loadu_epi8((__mmask64)0xffffffffu, qr + b0);
+    const __m512i raw = full ? _mm512_loadu_si512(qr + b0)
+                             : _mm512_maskz_loadu_epi8((__mmask64)0xffffffffu, qr + b0);
     _mm_prefetch((const char *)(qr + b0 + pf), _MM_HINT_T0);
     __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
     if (hr) { /* q5: the 2 or 4 blocks' words -> masks of their low halves (lo) and high halves (hi) */
@@ -48,9 +50,10 @@ static void q4_tile_dots(const int8_t *xlo, const int8_t *xhi, int64_t K, const 
             const __mmask64 k = full ? ~(__mmask64)0 : (__mmask64)0xffffffffu;
             const __m512i xl = _mm512_maskz_loadu_epi8(k, xlo + b0), xh = _mm512_maskz_loadu_epi8(k, xhi + b0);
             __m512i d[4];
-            for (int64_t r = 0; r < 4; r++)
-                d[r] = j + r < nr ? q4_chunk_dots(w + (j + r) * kb, qh ? qh + (j + r) * nblk : NULL, b0, full, xl, xh, pf)
-                                  : _mm512_setzero_si512();
+            for (int64_t r = 0; r < 4; r++) {
+                const uint32_t *hr = qh ? qh + (j + r) * nblk : NULL;
+                d[r] = j + r < nr ? q4_chunk_dots(w + (j + r) * kb, hr, b0, full, xl, xh, pf) : _mm512_setzero_si512();
+            }
             /* sum each quarter's 4 lanes, the 4 rows side by side: quarter q = block b0 / 16 + q, rows j..j+3 */
             const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
             const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
@@ -66,12 +69,10 @@ static void q4_tile_dots(const int8_t *xlo, const int8_t *xhi, int64_t K, const 
     }
 }
 
-/* One row of x against ONE_ROW_TILES tiles of 16 weight rows: the same integers and float steps as q4l_rows_1
- * (so the same bits), but each weight row is read whole, one after another, prefetched ahead, as one stream
- * instead of 16 interleaved ones (SmolLM2 decoding alone: 1.08x the time per token with q4l_rows_1, 0.95x with
- * this; alternating processes, Xeon). The tiles' block dot products come first (q4_tile_dots); then each
- * output's chain of FMAs (a block's, then a group's min term, in order) runs for the tiles side by side: one
- * tile's chain alone is 2 x K / 32 dependent FMAs, latency-bound (15% of the kernel's time in L2, Xeon). */
+/* One row of x against ONE_ROW_TILES tiles of 16 weight rows. The tiles' block dot products come first
+ * (q4_tile_dots); then each output's chain of FMAs (a block's, then a group's min term, in order, as
+ * q4l_rows_1's) runs for the tiles side by side: one tile's chain alone is 2 x K / 32 dependent FMAs,
+ * latency-bound (15% of the kernel's time in L2, Xeon). */
 enum { ONE_ROW_TILES = 4 };
 
 static void q4l_one_row(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum, int64_t K,
