@@ -75,32 +75,6 @@ static void linear(const linear_t *l, const float *x, int64_t m, float *y) {
         ((q8_fn)l->fn)(x, m, l->k, l->w, l->scales, l->f16, l->n, l->group, l->bias, y);
 }
 
-/* The first 32 KB of a quantized linear's weights, and their scales (and mins), into L2 at the two places
- * its two threads start reading (row 0, and the middle: guided scheduling's first chunk is half the rows),
- * issued one op ahead so the reads are under way while that op runs. Each call starts a new stream the
- * prefetchers have not seen. SmolLM2 (matrices of 0.2-1.1 MB) at batch 1: 1.06x the tokens/s with 16 KB, 64 KB
- * 1.03x of that; Qwen2.5-Coder (up to 5 MB) the same with 32 KB (in-process A/Bs, Xeon). */
-enum { PREFETCH_SPAN = 32768 };
-
-static void prefetch_linear(const linear_t *l) {
-    if (l->kind == LIN_F32) return;
-    const int64_t row = l->kind == LIN_Q4 ? l->k / 2 : l->k, es = l->f16 ? 2 : 4, srow = l->k / l->group * es;
-    const int64_t starts[2] = {0, l->n / 2};
-    for (int s = 0; s < 2; s++) {
-        const char *w = (const char *)l->w + starts[s] * row, *sc = (const char *)l->scales + starts[s] * srow;
-        const int64_t wspan = PREFETCH_SPAN < (l->n - starts[s]) * row ? PREFETCH_SPAN : (l->n - starts[s]) * row;
-        const int64_t sspan = wspan / row * srow;
-        for (int64_t o = 0; o < wspan; o += 64) __builtin_prefetch(w + o, 0, 2);
-        for (int64_t o = 0; o < sspan; o += 64) {
-            __builtin_prefetch(sc + o, 0, 2);
-            if (l->mins) __builtin_prefetch((const char *)l->mins + starts[s] * srow + o, 0, 2);
-        }
-        if (l->qh) /* q5's high-bit words: 4 bytes per 32 inputs of a row */
-            for (int64_t o = 0; o < wspan / row * (l->k / 8); o += 64)
-                __builtin_prefetch((const char *)l->qh + starts[s] * (l->k / 8) + o, 0, 2);
-    }
-}
-
 /* y = x / rms(x) * w over n values (torch's rms_norm: mean of squares in fp32, then rsqrt) */
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *y) {
     float ss = 0.f;
@@ -157,28 +131,23 @@ static void attention_inputs(const model_t *m, const layer_t *l, const group_t *
     }
 }
 
-/* one layer over x; `next` (the following layer, or NULL) has its first matrix prefetched during the MLP */
-static void layer_forward(const model_t *m, const layer_t *l, const layer_t *next, const group_t *g,
-                          const int64_t *pos, int64_t rows, float *x, float *h, float *big, float *q, float *attn) {
+static void layer_forward(const model_t *m, const layer_t *l, const group_t *g, const int64_t *pos,
+                          int64_t rows, float *x, float *h, float *big, float *q, float *attn) {
     const int64_t hid = m->hidden, inter = m->inter;
     for (int64_t r = 0; r < rows; r++) rms_norm(x + r * hid, l->in_norm, hid, m->eps, h + r * hid);
     linear(&l->qkv, h, rows, big);
-    prefetch_linear(&l->o);
     attention_inputs(m, l, g, pos, rows, big, q);
     m->attention(q, attn, l->k_cache, l->v_cache, g->rows, g->qpos, g->row_seq, g->block_table, g->max_blocks,
                  g->num_rows, m->heads, m->kv_heads, m->head_dim, m->block_size, g->window, g->sinks, l->scale);
-    prefetch_linear(&l->gate_up);
     linear(&l->o, attn, rows, h);
     add_normed(x, h, l->attn_out_norm, rows, hid, m->eps);
     for (int64_t r = 0; r < rows; r++) rms_norm(x + r * hid, l->post_norm, hid, m->eps, h + r * hid);
-    prefetch_linear(&l->down);
     linear(&l->gate_up, h, rows, big);
     for (int64_t r = 0; r < rows; r++) {  /* gate|up -> act(gate) * up, over the gate half, then packed */
         float *gr = big + r * 2 * inter, *out = gr;  /* element i is written after both its reads */
         for (int64_t i = 0; i < inter; i++) out[i] = act(gr[i], m->act) * gr[inter + i];
     }
     for (int64_t r = 1; r < rows; r++) memmove(big + r * inter, big + r * 2 * inter, sizeof(float) * inter);
-    if (next) prefetch_linear(&next->qkv);
     linear(&l->down, big, rows, h);
     add_normed(x, h, l->mlp_out_norm, rows, hid, m->eps);
 }
@@ -198,16 +167,12 @@ int64_t decode_step(const model_t *m, const group_t *groups, const int64_t *posi
     } else {
         for (int64_t i = 0; i < m->num_layers; i++) {
             const layer_t *l = m->layers + i;
-            const layer_t *next = i + 1 < m->num_layers ? l + 1 : NULL;
-            layer_forward(m, l, next, groups + l->group, positions, rows, x, h, big, q, attn);
+            layer_forward(m, l, groups + l->group, positions, rows, x, h, big, q, attn);
         }
         /* here, not as a torch op after the call: that op took ~0.3 ms a step (SmolLM2 batch 1, Xeon) where the
          * same norm alone takes 0.03; in C it is a few microseconds */
         if (m->final_norm)
-            for (int64_t r = 0; r < rows; r++) {
-                float *xr = x + r * m->hidden;
-                rms_norm(xr, m->final_norm, m->hidden, m->eps, xr);
-            }
+            for (int64_t r = 0; r < rows; r++) rms_norm(x + r * m->hidden, m->final_norm, m->hidden, m->eps, x + r * m->hidden);
     }
     free(h);
     free(big);
