@@ -146,7 +146,7 @@ class Attention(nn.Module):
         self.qkv_biased = arch.attention_bias
 
     def bind_kernels(self, config: KernelConfig) -> None:
-        """Take config's attention choices; the kernel takes at most 256 query heads and no softcap (a
+        """Take config's attention choices; the kernel takes head sizes up to MAX_HEAD_DIM and no softcap (a
         softcapped layer attends on the portable torch path, kernels/attention.py)."""
         self.compiled_attention = config.attention == "compiled" and self.d <= MAX_HEAD_DIM and not self.softcap
         self.prompt_attention = config.prompt_attention

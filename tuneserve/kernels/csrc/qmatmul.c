@@ -29,9 +29,11 @@ static inline void q4_block(const uint8_t *qb, uint32_t h, float s, const float 
     const __m128i raw = _mm_loadu_si128((const __m128i *)qb), m4 = _mm_set1_epi8(15);
     const __m512 sv = _mm512_set1_ps(s);
     const __m512i sixteen = _mm512_set1_epi32(16);
-    const __m512i l = _mm512_cvtepu8_epi32(_mm_and_si128(raw, m4)), u = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mask_add_epi32(l, (__mmask16)h, l, sixteen)), sv);
-    const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_mask_add_epi32(u, (__mmask16)(h >> 16), u, sixteen)), sv);
+    const __m512i l = _mm512_cvtepu8_epi32(_mm_and_si128(raw, m4));
+    const __m512i u = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+    const __m512i l5 = _mm512_mask_add_epi32(l, (__mmask16)h, l, sixteen);  /* q5: inputs 0-15's bits */
+    const __m512i u5 = _mm512_mask_add_epi32(u, (__mmask16)(h >> 16), u, sixteen);  /* and 16-31's */
+    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(l5), sv), hi = _mm512_mul_ps(_mm512_cvtepi32_ps(u5), sv);
     for (int mm = 0; mm < mb; mm++) {
         acc[mm].a = _mm512_fmadd_ps(_mm512_loadu_ps(x + mm * K), lo, acc[mm].a);
         acc[mm].b = _mm512_fmadd_ps(_mm512_loadu_ps(x + mm * K + 16), hi, acc[mm].b);

@@ -1,6 +1,7 @@
 /* Low-bit matmuls with int8 activations and integer dot products (llama.cpp's approach): AVX-512 VNNI or AVX2.
  *
- * Same weight formats as qmatmul.c (q5 is q4 with its high-bit words: every q4 function takes qh, NULL for q4). Each row of x is quantized per block of 32 inputs:
+ * Same weight formats as qmatmul.c (q5 is q4 with its high-bit words: every q4 function takes qh, NULL for
+ * q4). Each row of x is quantized per block of 32 inputs:
  * dx = max|x| / 127, xq = round(x * 127 / max|x|) (ties to even). One vpdpbusd multiplies 64 unsigned
  * 4-bit (or |int8|) weights by 64 int8 activations and sums groups of 4 into 16 int32 lanes, so a block's
  * dot product is exact in integers; then y += scale_w * dx * dot, and for q4 y += min_w * sum(x) over the

@@ -230,8 +230,8 @@ static inline void add_high_bits(const uint32_t *qh, int64_t words, int64_t blk,
 }
 
 /* q4 (byte j of a 32-input block: input j in the low nibble, j + 16 in the high one): the columns' nibbles
- * are the unsigned operands as they are (q5: with add_high_bits); x in quant_row's q4 layout (xlo/xhi: each block's first and last 16
- * inputs). dxv: q4 layout (each block's dx 4 times); xsum[g]: group g's sum of the rounded x times dx, for
+ * are the unsigned operands as they are (q5: with add_high_bits); x in quant_row's q4 layout (xlo/xhi: each
+ * block's first and last 16 inputs). dxv: q4 layout (each block's dx 4 times); xsum[g]: group g's sum of the rounded x times dx, for
  * the min term, added per group after the blocks. */
 #define DEF_Q4L(MB)                                                                                       \
 static void q4l_rows_##MB(const int8_t *xlo, const int8_t *xhi, const float *dxv, const float *xsum,     \
